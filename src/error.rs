@@ -1,0 +1,182 @@
+//! [`GatewayError`]: every answer the gateway makes itself, and the one place that turns it into
+//! a response.
+//!
+//! The body has the seeds' `V1PromptModelError` fields (`type`, `title`, `status`, `detail`,
+//! `code` where the seed defines one, `errors[]` for validation) plus an OpenAI-style
+//! `error: {message, type, code}` object so that OpenAI SDKs raise the right exception with a
+//! useful message. A 5xx body never carries internal details: those go to the log, where the
+//! outer layer writes them from the [`ErrorSource`] response extension.
+
+use http::{header, HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+use crate::body::{self, BoxError, GatewayBody};
+
+/// Variants are grouped by who is at fault; the metric label is the variant's snake_case name.
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum GatewayError {
+    // --- the client's request ---
+    #[error("no route for {path}")]
+    NotFound { path: String },
+    #[error("method not allowed; this path accepts {allow}")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    BadRequest(String),
+
+    // --- the upstream ---
+    #[error("upstream unreachable")]
+    UpstreamUnreachable(#[source] BoxError),
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("upstream connection failed")]
+    UpstreamBroken(#[source] BoxError),
+
+    // --- the gateway itself ---
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// What the access log should say about a gateway-made error whose details the client must not
+/// see. Carried as a response extension so that turning an error into a response has no side
+/// effects.
+#[derive(Debug, Clone)]
+pub struct ErrorSource(pub String);
+
+impl GatewayError {
+    /// The metric and log label of this error.
+    pub fn reason(&self) -> &'static str {
+        self.into()
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamBroken(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error.type` for this class of error.
+    fn openai_type(&self) -> &'static str {
+        match self {
+            GatewayError::NotFound { .. } => "not_found_error",
+            GatewayError::MethodNotAllowed { .. }
+            | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::BadRequest(_) => "invalid_request_error",
+            GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamTimeout
+            | GatewayError::UpstreamBroken(_)
+            | GatewayError::Internal(_) => "api_error",
+        }
+    }
+
+    /// The full chain of causes, for the log only.
+    fn log_detail(&self) -> String {
+        let mut detail = self.to_string();
+        if let GatewayError::Internal(why) = self {
+            detail = format!("{detail}: {why}");
+        }
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            detail.push_str(": ");
+            detail.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        detail
+    }
+
+    /// The only place that picks a status code and shapes an error body.
+    pub fn into_response(self) -> Response<GatewayBody> {
+        let status = self.status();
+        let title = status.canonical_reason().unwrap_or("Error");
+        let detail = self.to_string();
+        let code = self.reason();
+        let payload = json!({
+            "type": "about:blank",
+            "title": title,
+            "status": status.as_u16(),
+            "detail": detail,
+            "error": {
+                "message": detail,
+                "type": self.openai_type(),
+                "code": code,
+            },
+        });
+        let mut response = Response::new(body::full(payload.to_string()));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let GatewayError::MethodNotAllowed { allow } = &self {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        response
+            .extensions_mut()
+            .insert(ErrorSource(self.log_detail()));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_json(response: Response<GatewayBody>) -> serde_json::Value {
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("full body")
+            .to_bytes();
+        serde_json::from_slice(&bytes).expect("error body is JSON")
+    }
+
+    #[tokio::test]
+    async fn error_body_has_problem_and_openai_fields() {
+        let response = GatewayError::NotFound {
+            path: "/nope".into(),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let body = body_json(response).await;
+        assert_eq!(body["status"], 404);
+        assert_eq!(body["title"], "Not Found");
+        assert_eq!(body["error"]["type"], "not_found_error");
+        assert_eq!(body["error"]["code"], "not_found");
+        assert_eq!(body["detail"], "no route for /nope");
+    }
+
+    #[tokio::test]
+    async fn upstream_details_stay_out_of_the_body() {
+        let cause: BoxError = "dns error: secret-host.internal".into();
+        let response = GatewayError::UpstreamUnreachable(cause).into_response();
+        let logged = response
+            .extensions()
+            .get::<ErrorSource>()
+            .expect("log detail attached")
+            .0
+            .clone();
+        assert!(
+            logged.contains("secret-host"),
+            "log keeps the cause: {logged}"
+        );
+        let body = body_json(response).await.to_string();
+        assert!(
+            !body.contains("secret-host"),
+            "body leaks the cause: {body}"
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! Typed request extensions: the contract between layers. A layer reads only what an outer layer
+//! put here, and adds only what it owns.
+//!
+//! | extension        | added by  | read by                     |
+//! |------------------|-----------|-----------------------------|
+//! | [`RequestStart`] | observe   | proxy (overhead metric)     |
+//! | [`RequestTags`]  | observe   | inner layers fill it; observe reads it for metrics and the access log |
+//! | [`Endpoint`]     | route     | proxy (route also notes it in the tags) |
+
+use std::sync::{Arc, OnceLock};
+
+use tokio::time::Instant;
+
+/// When the gateway received the request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestStart(pub Instant);
+
+/// Facts inner layers learn about a request that the outer observe layer reports: set once,
+/// read when the response ends.
+#[derive(Debug, Default)]
+pub struct RequestTags {
+    /// The API operation, once routed.
+    pub endpoint: OnceLock<Endpoint>,
+    /// The configured name of the caller's key.
+    pub key: OnceLock<Arc<str>>,
+    /// The model label: a model the key may use, or `other` (bounded, never raw client input).
+    pub model: OnceLock<Arc<str>>,
+}
+
+pub type SharedTags = Arc<RequestTags>;
+
+/// The API operation a request addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Models,
+}
+
+impl Endpoint {
+    /// The path under the upstream base URL, and the `endpoint` metric label.
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Models => "/v1/models",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Models => "models",
+        }
+    }
+}

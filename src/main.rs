@@ -1,0 +1,162 @@
+//! The `tollgate` command: parse arguments, load the config, set up logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tollgate::config::{Config, DEFAULT_CONFIG};
+use tollgate::Server;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Reverse proxy and policy gateway for OpenAI-compatible model endpoints"
+)]
+struct Cli {
+    /// Log format: human-readable text, or one JSON object per line for machines.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file; without it, the embedded default config (config/tollgate.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and print what it would enforce.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Check { config } => check(&config),
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, String> {
+    match path {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
+        None => Config::parse(DEFAULT_CONFIG, "<embedded config/tollgate.toml>")
+            .map_err(|e| e.to_string()),
+    }
+}
+
+fn serve(path: Option<PathBuf>) -> ExitCode {
+    let config = match load(path.as_ref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("tollgate: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tollgate: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let server = Server::bind(config).await?;
+        server.run(shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("tollgate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &PathBuf) -> ExitCode {
+    let config = match load(Some(path)) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("tollgate: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = &config.server;
+    let upstream = &config.upstream;
+    println!("{}: ok", path.display());
+    println!("  listen            {}", server.listen);
+    println!(
+        "  admin_listen      {}  (/metrics, /healthz, /readyz)",
+        server.admin_listen
+    );
+    println!("  max_body_bytes    {}", server.max_body_bytes);
+    println!("  shutdown_timeout  {:?}", server.shutdown_timeout);
+    println!("  upstream          {}", upstream.base_url());
+    println!(
+        "  credential        {}",
+        match (&upstream.api_key, &upstream.api_key_source) {
+            (Some(_), Some(source)) => format!("from {source} (set)"),
+            (None, Some(source)) => format!("from {source} (NOT SET)"),
+            _ => "none: requests go upstream without Authorization".into(),
+        }
+    );
+    println!(
+        "  timeouts          connect {:?}, response headers {:?}, idle between frames {:?}",
+        upstream.connect_timeout, upstream.response_header_timeout, upstream.idle_timeout
+    );
+    for warning in config.warnings() {
+        println!("warning: {warning}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut stream) => {
+                stream.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

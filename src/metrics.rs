@@ -1,0 +1,108 @@
+//! The gateway's Prometheus metrics, registered into a registry this struct owns (so that tests
+//! each get their own), and rendered in the text format for the admin port.
+//!
+//! Label values are bounded: `key` is a configured key name or `unauthenticated`, `model` a model
+//! the key may use or `other`, `endpoint` and `status` come from fixed sets. A client can never
+//! grow the metric set.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// Buckets for whole requests: from a cached short answer to a long generation.
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Buckets for the gateway's own added time: tens of microseconds when healthy.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub overhead_seconds: Histogram,
+    pub upstream_errors_total: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_requests_total",
+                "Requests answered, by key, model, endpoint and HTTP status.",
+            ),
+            &["key", "model", "endpoint", "status"],
+        )
+        .expect("static metric definition is valid");
+        let request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Time from receiving a request to the last byte of its response.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["key", "model", "endpoint"],
+        )
+        .expect("static metric definition is valid");
+        let overhead_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_overhead_seconds",
+                "Time the gateway itself adds before the upstream sees the request.",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
+        )
+        .expect("static metric definition is valid");
+        let upstream_errors_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_upstream_errors_total",
+                "Upstream failures by kind (connect, timeout, broken, body_idle_timeout, body_error, retried).",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition is valid");
+
+        for collector in [
+            Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration_seconds.clone()),
+            Box::new(overhead_seconds.clone()),
+            Box::new(upstream_errors_total.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("each metric is registered once into a fresh registry");
+        }
+
+        Metrics {
+            registry,
+            requests_total,
+            request_duration_seconds,
+            overhead_seconds,
+            upstream_errors_total,
+        }
+    }
+
+    /// Counts one upstream failure of the given kind.
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors_total.with_label_values(&[kind]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let families = self.registry.gather();
+        if let Err(err) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(%err, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,176 @@
+//! Reads the request body into one `Bytes`, capped at `server.max_body_bytes`.
+//!
+//! The body is needed whole by the layers after this one (validation, quota estimates), and a
+//! buffered body can be sent again if the upstream drops a pooled connection before answering.
+//!
+//! Edge cases:
+//! - A `Content-Length` above the cap is refused with 413 before a byte of the body is read.
+//! - A chunked body is counted as it arrives and refused with 413 the moment it passes the cap,
+//!   so the gateway never holds more than the cap in memory.
+//! - A client that breaks off while sending its body gets a 400 (if it is still there to read it).
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{header, Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower::{Layer, Service};
+
+use crate::body::{BoxError, GatewayBody};
+use crate::error::GatewayError;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RequestBodyLayer {
+    limit: usize,
+}
+
+impl RequestBodyLayer {
+    pub fn new(limit: usize) -> Self {
+        RequestBodyLayer { limit }
+    }
+}
+
+impl<S> Layer<S> for RequestBodyLayer {
+    type Service = RequestBody<S>;
+
+    fn layer(&self, inner: S) -> RequestBody<S> {
+        RequestBody {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestBody<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S, B> Service<Request<B>> for RequestBody<S>
+where
+    S: Service<Request<Bytes>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<GatewayBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // Take the service that poll_ready made ready; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let limit = self.limit;
+        Box::pin(async move {
+            let request = match read_capped(request, limit).await {
+                Ok(request) => request,
+                Err(error) => return Ok(error.into_response()),
+            };
+            inner.call(request).await
+        })
+    }
+}
+
+async fn read_capped<B>(request: Request<B>, limit: usize) -> Result<Request<Bytes>, GatewayError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<LengthLimitError>() => {
+            return Err(GatewayError::PayloadTooLarge { limit })
+        }
+        Err(error) => {
+            return Err(GatewayError::BadRequest(format!(
+                "could not read the request body: {error}"
+            )))
+        }
+    };
+    Ok(Request::from_parts(parts, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Full, StreamBody};
+    use tower::ServiceExt;
+
+    fn echo_len() -> impl Service<
+        Request<Bytes>,
+        Response = Response<GatewayBody>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+           + Send
+           + 'static {
+        tower::service_fn(|request: Request<Bytes>| async move {
+            Ok::<_, Infallible>(Response::new(crate::body::full(
+                request.body().len().to_string(),
+            )))
+        })
+    }
+
+    async fn text(response: Response<GatewayBody>) -> String {
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[tokio::test]
+    async fn body_within_the_cap_reaches_the_inner_service() {
+        let svc = RequestBodyLayer::new(10).layer(echo_len());
+        let response = svc
+            .oneshot(Request::new(Full::new(Bytes::from_static(b"0123456789"))))
+            .await
+            .expect("infallible");
+        assert_eq!(response.status(), 200);
+        assert_eq!(text(response).await, "10");
+    }
+
+    #[tokio::test]
+    async fn declared_length_over_the_cap_is_refused_unread() {
+        let svc = RequestBodyLayer::new(10).layer(echo_len());
+        let request = Request::builder()
+            .header(header::CONTENT_LENGTH, "11")
+            .body(Full::new(Bytes::from_static(b"0123456789a")))
+            .expect("request");
+        let response = svc.oneshot(request).await.expect("infallible");
+        assert_eq!(response.status(), 413);
+    }
+
+    #[tokio::test]
+    async fn chunked_body_is_cut_at_the_cap() {
+        let chunks = (0..5)
+            .map(|_| Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"abcd"))));
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        let svc = RequestBodyLayer::new(10).layer(echo_len());
+        let response = svc.oneshot(Request::new(body)).await.expect("infallible");
+        assert_eq!(response.status(), 413);
+    }
+}

@@ -1,0 +1,156 @@
+//! The client listener and its connections: HTTP/1.1 and h2c on one port (hyper-util's `auto`
+//! builder), keep-alive, TCP_NODELAY, and graceful shutdown — stop accepting, let in-flight
+//! requests and streams finish for up to `server.shutdown_timeout`, then close what is left.
+//!
+//! The admin listener runs beside it until the client side has drained, so that metrics can be
+//! scraped during a shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+use crate::admin::Admin;
+use crate::body::BoxError;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::stack::build_stack;
+
+/// A bound, not yet running, gateway: both listeners are open, so their addresses are known
+/// (useful with port 0 in tests).
+pub struct Server {
+    config: Config,
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> Result<Server, BoxError> {
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+        let admin_listener = TcpListener::bind(config.server.admin_listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.server.admin_listen))?;
+        Ok(Server {
+            config,
+            metrics: Arc::new(Metrics::new()),
+            listener,
+            admin_listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin_listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BoxError> {
+        let stack = build_stack(&self.config, self.metrics.clone())?;
+        let admin = Admin {
+            metrics: self.metrics.clone(),
+            upstream: self.config.upstream.clone(),
+        };
+        let admin_addr = self.admin_addr()?;
+        let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin));
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.server.header_read_timeout);
+        builder.http2().timer(TokioTimer::new());
+
+        tracing::info!(
+            listen = %self.listener.local_addr()?,
+            admin = %admin_addr,
+            upstream = %self.config.upstream.base_url(),
+            "tollgate serving"
+        );
+
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (stream, _peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            tracing::warn!(%error, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
+                    // Each SSE event must leave at once, not wait for a delayed ACK (Nagle).
+                    if let Err(error) = stream.set_nodelay(true) {
+                        tracing::debug!(%error, "cannot set TCP_NODELAY");
+                    }
+                    let service = TowerToHyperService::new(stack.clone());
+                    let connection = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(error = %error, "client connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+
+        drop(self.listener);
+        let deadline = self.config.server.shutdown_timeout;
+        tracing::info!(
+            ?deadline,
+            "shutting down: no new connections; waiting for in-flight requests"
+        );
+        match tokio::time::timeout(deadline, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("all connections finished"),
+            Err(_) => tracing::warn!(
+                ?deadline,
+                "shutdown deadline passed; closing the connections still open"
+            ),
+        }
+        admin_task.abort();
+        Ok(())
+    }
+}
+
+async fn serve_admin(listener: TcpListener, admin: Admin) {
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| admin.clone().handle(request));
+            let result = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(error) = result {
+                tracing::debug!(%error, "admin connection ended with an error");
+            }
+        });
+    }
+}

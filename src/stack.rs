@@ -1,0 +1,76 @@
+//! The only place the request stack is assembled.
+//!
+//! Layers, outermost first, and the request extensions each adds (+) or reads (?):
+//!
+//! 1. `SetRequestId`     + `x-request-id` header: the client's, or a new UUID
+//! 2. `PropagateRequestId` copies `x-request-id` onto every response
+//! 3. `Observe`          + [`RequestStart`], [`RequestTags`]; writes the access log and request
+//!    metrics when the response body ends
+//! 4. `CatchPanic`       a panic below becomes a 500 in the error shape, not a dropped connection
+//! 5. `Route`            + [`Endpoint`] (and `RequestTags::endpoint`); 404/405 otherwise
+//! 6. `RequestBody`      reads the body whole, capped (413), into `Request<Bytes>`
+//! 7. `Proxy`            ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
+//!
+//! [`RequestStart`]: crate::extensions::RequestStart
+//! [`RequestTags`]: crate::extensions::RequestTags
+//! [`Endpoint`]: crate::extensions::Endpoint
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use tower::{Service, ServiceBuilder};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::body::{BoxError, GatewayBody};
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::observe::ObserveLayer;
+use crate::proxy::Proxy;
+use crate::request_body::RequestBodyLayer;
+use crate::route::RouteLayer;
+
+/// Builds the gateway's request stack for `config`, recording into `metrics`.
+pub fn build_stack(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<
+    impl Service<
+            Request<Incoming>,
+            Response = Response<impl Body<Data = Bytes, Error = BoxError> + Send + 'static>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static,
+    BoxError,
+> {
+    let proxy = Proxy::new(&config.upstream, metrics.clone())?;
+    Ok(ServiceBuilder::new()
+        // First, so that even the access log and error answers carry the id.
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // Outside everything that can answer, so every answer is logged and counted once.
+        .layer(ObserveLayer::new(metrics))
+        // Inside Observe, so a panic's 500 is still logged and counted.
+        .layer(CatchPanicLayer::custom(panic_response))
+        // Before any work on the body: unknown paths cost nothing.
+        .layer(RouteLayer)
+        .layer(RequestBodyLayer::new(config.server.max_body_bytes))
+        .service(proxy))
+}
+
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response<GatewayBody> {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    GatewayError::Internal(format!("panic while handling the request: {what}")).into_response()
+}

@@ -1,0 +1,98 @@
+//! The upstream's response body on its way to the client: frames pass through untouched (the
+//! same `Bytes`, no copy), with an idle timeout between frames and upstream failures counted.
+//!
+//! A timeout on the response headers does not cover the body: an SSE stream that stalls after
+//! its headers would otherwise hold the client, the connection and its permits forever.
+//!
+//! Edge cases:
+//! - The idle timer is not reset on every frame (a timer-wheel operation per chunk); the time of
+//!   the last frame is noted, and when the timer fires early it is re-armed from that time.
+//! - Dropping this body drops the upstream body, which closes the upstream request: a client that
+//!   leaves cancels the generation upstream.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::BoxError;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream sent nothing for {0:?} mid-response")]
+pub struct IdleTimeout(Duration);
+
+pin_project! {
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        idle: Sleep,
+        idle_timeout: Duration,
+        last_frame: Instant,
+        metrics: Arc<Metrics>,
+    }
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, idle_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        let now = Instant::now();
+        UpstreamBody {
+            inner,
+            idle: tokio::time::sleep_until(now + idle_timeout),
+            idle_timeout,
+            last_frame: now,
+            metrics,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                *this.last_frame = Instant::now();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                this.metrics.upstream_error("body_error");
+                Poll::Ready(Some(Err(error.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => loop {
+                if this.idle.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let deadline = *this.last_frame + *this.idle_timeout;
+                if Instant::now() >= deadline {
+                    this.metrics.upstream_error("body_idle_timeout");
+                    return Poll::Ready(Some(Err(IdleTimeout(*this.idle_timeout).into())));
+                }
+                // A frame came since the timer was armed: wait out the rest from that frame.
+                this.idle.as_mut().reset(deadline);
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,157 @@
+//! Shared test helpers: a gateway started in-process on free ports, pointed at a
+//! [`upstream::MockUpstream`], and small HTTP client helpers.
+
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tollgate::{Config, Server};
+
+/// A config for tests: both listeners on free ports, the upstream at `upstream_url`, plus
+/// `extra_server` lines in `[server]`, `extra_upstream` lines in `[upstream]`, and `tail` after.
+pub fn config_toml(
+    upstream_url: &str,
+    extra_server: &str,
+    extra_upstream: &str,
+    tail: &str,
+) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra_server}\n\
+         [upstream]\nurl = \"{upstream_url}\"\n{extra_upstream}\n{tail}\n"
+    )
+}
+
+/// A gateway running in this process until dropped or shut down.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestGateway {
+    /// A gateway in front of `upstream_url` with default settings.
+    pub async fn start(upstream_url: &str) -> TestGateway {
+        TestGateway::start_toml(&config_toml(upstream_url, "", "", "")).await
+    }
+
+    pub async fn start_toml(toml: &str) -> TestGateway {
+        let config = Config::parse(toml, "test.toml").expect("test config is valid");
+        TestGateway::start_config(config).await
+    }
+
+    pub async fn start_config(config: Config) -> TestGateway {
+        let server = Server::bind(config)
+            .await
+            .expect("gateway binds free ports");
+        let addr = server.local_addr().expect("bound address");
+        let admin_addr = server.admin_addr().expect("bound admin address");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            server.run(shutdown).await.expect("gateway runs");
+        });
+        TestGateway {
+            addr,
+            admin_addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// `http://ADDR` of the client port.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// Starts a graceful shutdown and returns the task that finishes when it is done.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("shutdown begun once")
+    }
+
+    /// The admin port's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin_url()))
+            .await
+            .expect("metrics reachable")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A client that never pools across tests and never follows redirects.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client builds")
+}
+
+/// A chat request body.
+pub fn chat_body(stream: bool, include_usage: bool) -> String {
+    let options = if include_usage {
+        r#","stream_options":{"include_usage":true}"#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"model":"mock-model","messages":[{{"role":"system","content":"You are terse."}},{{"role":"user","content":"Say hello to the gateway"}}],"stream":{stream}{options}}}"#
+    )
+}
+
+/// A legacy completions request body.
+pub fn completions_body(stream: bool) -> String {
+    format!(
+        r#"{{"model":"mock-model","prompt":"The capital of France is","max_tokens":5,"stream":{stream}}}"#
+    )
+}
+
+/// The status, selected headers and the whole body of one POST.
+pub async fn post(
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, bytes::Bytes) {
+    let mut request = client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("request sent");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.expect("whole body");
+    (status, headers, bytes)
+}
+
+/// A free local port with nothing listening on it.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    port
+}

@@ -1,0 +1,126 @@
+//! The `tollgate` binary itself: config checking, and signals on a real process.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::upstream::MockUpstream;
+use crate::common::{self, chat_body};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    file.write_all(text.as_bytes()).expect("write config");
+    file
+}
+
+#[test]
+fn check_accepts_the_shipped_config_and_names_key_and_line_of_errors() {
+    let shipped = Command::new(BIN)
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/tollgate.toml"),
+        ])
+        .output()
+        .expect("run check");
+    assert!(
+        shipped.status.success(),
+        "shipped config passes: {shipped:?}"
+    );
+    let out = String::from_utf8_lossy(&shipped.stdout);
+    assert!(
+        out.contains("upstream          http://127.0.0.1:8000"),
+        "{out}"
+    );
+
+    let bad = write_config("[server]\nlisten = \"127.0.0.1:1\"\n\n[upstream]\nurl = \"http://a\"\nconect_timeout = \"1s\"\n");
+    let output = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(bad.path())
+        .output()
+        .expect("run check");
+    assert!(!output.status.success(), "a bad config exits non-zero");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains(":6: upstream.conect_timeout"),
+        "key and line named: {err}"
+    );
+
+    let missing = Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent/tollgate.toml"])
+        .output()
+        .expect("run serve");
+    assert!(!missing.status.success(), "a missing config exits non-zero");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config"));
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_running_stream_then_exits_cleanly() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let port = common::closed_port();
+    let admin_port = common::closed_port();
+    let config = write_config(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_timeout = \"10s\"\n[upstream]\nurl = \"{}\"\n",
+        upstream.url()
+    ));
+    let child = Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gateway");
+
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let client = common::client();
+    let mut ready = false;
+    for _ in 0..100 {
+        if client
+            .get(format!("http://127.0.0.1:{admin_port}/healthz"))
+            .send()
+            .await
+            .is_ok()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "gateway came up");
+
+    let response = client
+        .post(&url)
+        .header("x-mock-chunks", "8")
+        .header("x-mock-chunk-delay-ms", "100")
+        .body(chat_body(true, false))
+        .send()
+        .await
+        .expect("stream starts");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(status.success());
+    let body = response
+        .bytes()
+        .await
+        .expect("stream finishes after SIGTERM");
+    assert!(
+        String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"),
+        "stream complete"
+    );
+
+    let exit = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("gateway exits");
+    assert!(exit.status.success(), "clean exit after drain: {exit:?}");
+    let log = String::from_utf8_lossy(&exit.stdout);
+    assert!(
+        log.contains("\"target\":\"tollgate::access\""),
+        "JSON access log written: {log}"
+    );
+    assert!(log.contains("SIGTERM received"), "{log}");
+}

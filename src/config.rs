@@ -8,9 +8,13 @@
 //! - Secrets never live in the file: `upstream.api_key_env` names an environment variable and
 //!   `upstream.api_key_file` a file; the value is held in a [`Secret`] that never prints.
 
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -31,6 +35,38 @@ pub struct ConfigError(String);
 struct RawConfig {
     server: RawServer,
     upstream: RawUpstream,
+    /// Named sets of limits that keys refer to with `policy = "name"`.
+    #[serde(default)]
+    policies: BTreeMap<String, RawLimits>,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+}
+
+/// Limits a policy sets; a key may set the same fields to override its policy.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    concurrency: Option<Spanned<u32>>,
+    rate: Option<Spanned<RawRate>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    requests: u32,
+    #[serde(with = "humantime_serde")]
+    per: Duration,
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    name: Spanned<String>,
+    sha256: Spanned<String>,
+    policy: Option<Spanned<String>>,
+    concurrency: Option<Spanned<u32>>,
+    rate: Option<Spanned<RawRate>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +152,32 @@ mod defaults {
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    pub keys: Vec<KeyConfig>,
+}
+
+/// One client key: who it is, and what it may do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyConfig {
+    /// The label in metrics and logs.
+    pub name: Arc<str>,
+    /// SHA-256 of the bearer token; the token itself is never stored.
+    pub sha256: [u8; 32],
+    pub limits: Limits,
+}
+
+/// A key's limits after its policy and its own overrides are merged. `None` is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub concurrency: Option<NonZeroU32>,
+    pub rate: Option<RateLimit>,
+}
+
+/// GCRA: `requests` per `per` as a steady rate, with up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: NonZeroU32,
+    pub per: Duration,
+    pub burst: NonZeroU32,
 }
 
 #[derive(Debug, Clone)]
@@ -192,7 +254,7 @@ impl Config {
     /// Parses and validates config text; `origin` names it in error messages.
     pub fn parse(source: &str, origin: &str) -> Result<Config, ConfigError> {
         let raw = parse_raw(source, origin)?;
-        let at = |span: std::ops::Range<usize>, key: &str, msg: String| {
+        let at = |span: Range<usize>, key: &str, msg: String| {
             ConfigError(format!(
                 "{origin}:{}: {key}: {msg}",
                 line_of(source, span.start)
@@ -266,7 +328,10 @@ impl Config {
             (None, None) => (None, None),
         };
 
+        let keys = resolve_keys(&raw.policies, raw.keys, &at)?;
+
         Ok(Config {
+            keys,
             server: ServerConfig {
                 listen: raw.server.listen,
                 admin_listen: raw.server.admin_listen,
@@ -293,6 +358,12 @@ impl Config {
     /// Problems that do not stop the gateway but that an operator should hear about.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        if self.keys.is_empty() {
+            warnings.push(
+                "no [[keys]] configured: every request is refused with 401; make one with `tollgate keygen --name NAME`"
+                    .to_owned(),
+            );
+        }
         if let (None, Some(source)) = (&self.upstream.api_key, &self.upstream.api_key_source) {
             warnings.push(format!(
                 "upstream credential missing: {source} is not set; requests reach the upstream without Authorization"
@@ -300,6 +371,147 @@ impl Config {
         }
         warnings
     }
+}
+
+/// Builds each key's limits from its policy and its own fields, and checks names and hashes.
+fn resolve_keys(
+    policies: &BTreeMap<String, RawLimits>,
+    raw_keys: Vec<RawKey>,
+    at: &impl Fn(Range<usize>, &str, String) -> ConfigError,
+) -> Result<Vec<KeyConfig>, ConfigError> {
+    for (name, policy) in policies {
+        let prefix = format!("policies.{name}");
+        validate_limits(policy, &prefix, at)?;
+    }
+    let mut names = HashSet::new();
+    let mut hashes = HashSet::new();
+    let mut keys = Vec::with_capacity(raw_keys.len());
+    for (i, raw) in raw_keys.into_iter().enumerate() {
+        let path = |field: &str| format!("keys[{i}].{field}");
+        let name = raw.name.get_ref().as_str();
+        if !is_valid_key_name(name) {
+            return Err(at(
+                raw.name.span(),
+                &path("name"),
+                format!("{name:?}: use 1-64 letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        if name == crate::observe::UNAUTHENTICATED {
+            return Err(at(
+                raw.name.span(),
+                &path("name"),
+                format!("{name:?} is reserved for requests without a valid key"),
+            ));
+        }
+        if !names.insert(name.to_owned()) {
+            return Err(at(
+                raw.name.span(),
+                &path("name"),
+                format!("duplicate key name {name:?}"),
+            ));
+        }
+        let sha256 = parse_sha256(raw.sha256.get_ref())
+            .map_err(|msg| at(raw.sha256.span(), &path("sha256"), msg))?;
+        if !hashes.insert(sha256) {
+            return Err(at(
+                raw.sha256.span(),
+                &path("sha256"),
+                "the same hash is already used by another key".to_owned(),
+            ));
+        }
+        let mut merged = match &raw.policy {
+            Some(policy) => policies.get(policy.get_ref()).cloned().ok_or_else(|| {
+                let known: Vec<&str> = policies.keys().map(String::as_str).collect();
+                at(
+                    policy.span(),
+                    &path("policy"),
+                    format!(
+                        "no policy named {:?} (defined: {known:?})",
+                        policy.get_ref()
+                    ),
+                )
+            })?,
+            None => RawLimits::default(),
+        };
+        if raw.concurrency.is_some() {
+            merged.concurrency = raw.concurrency;
+        }
+        if raw.rate.is_some() {
+            merged.rate = raw.rate;
+        }
+        let limits = validate_limits(&merged, &format!("keys[{i}]"), at)?;
+        keys.push(KeyConfig {
+            name: Arc::from(name),
+            sha256,
+            limits,
+        });
+    }
+    Ok(keys)
+}
+
+fn validate_limits(
+    raw: &RawLimits,
+    prefix: &str,
+    at: &impl Fn(Range<usize>, &str, String) -> ConfigError,
+) -> Result<Limits, ConfigError> {
+    let concurrency = match &raw.concurrency {
+        Some(value) => Some(NonZeroU32::new(*value.get_ref()).ok_or_else(|| {
+            at(
+                value.span(),
+                &format!("{prefix}.concurrency"),
+                "must be at least 1 (leave it out for no limit)".into(),
+            )
+        })?),
+        None => None,
+    };
+    let rate = match &raw.rate {
+        Some(spanned) => {
+            let rate = spanned.get_ref();
+            let key = format!("{prefix}.rate");
+            let requests = NonZeroU32::new(rate.requests)
+                .ok_or_else(|| at(spanned.span(), &key, "requests must be at least 1".into()))?;
+            if rate.per.is_zero() {
+                return Err(at(
+                    spanned.span(),
+                    &key,
+                    "per must be longer than 0s".into(),
+                ));
+            }
+            let burst = match rate.burst {
+                Some(burst) => NonZeroU32::new(burst)
+                    .ok_or_else(|| at(spanned.span(), &key, "burst must be at least 1".into()))?,
+                None => requests,
+            };
+            Some(RateLimit {
+                requests,
+                per: rate.per,
+                burst,
+            })
+        }
+        None => None,
+    };
+    Ok(Limits { concurrency, rate })
+}
+
+/// Key names become metric labels and log fields: keep them plain.
+pub fn is_valid_key_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
+    let mut digest = [0u8; 32];
+    if text.starts_with(crate::keys::TOKEN_PREFIX) {
+        return Err(
+            "this looks like a key itself; put its SHA-256 here (tollgate keygen prints it)".into(),
+        );
+    }
+    hex::decode_to_slice(text, &mut digest)
+        .map_err(|_| "must be 64 hex digits: the SHA-256 of the key".to_owned())?;
+    Ok(digest)
 }
 
 fn parse_raw(source: &str, origin: &str) -> Result<RawConfig, ConfigError> {
@@ -425,6 +637,90 @@ mod tests {
         assert_eq!(config.upstream.idle_timeout, Duration::from_secs(120));
         assert_eq!(config.upstream.base_path, "/openai");
         assert_eq!(config.upstream.base_url(), "https://h/openai");
+    }
+
+    const HASH_A: &str = "a665a45920422f9d417e4867efdc4fb8a04a1f3fff1fa07e998e86f7f7a27ae3";
+    const HASH_B: &str = "b3a8e0e1f9ab1bfe3a36f231f676f78bb30a519d2b21e6c530c0eee8ebb4a5d0";
+
+    fn with_keys(tail: &str) -> Result<Config, ConfigError> {
+        parse(&format!("[server]\n[upstream]\nurl = \"http://a\"\n{tail}"))
+    }
+
+    #[test]
+    fn keys_take_their_policy_and_override_it() {
+        let config = with_keys(&format!(
+            "[policies.free]\nconcurrency = 2\nrate = {{ requests = 60, per = \"1m\", burst = 5 }}\n\
+             [[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\npolicy = \"free\"\n\
+             [[keys]]\nname = \"b\"\nsha256 = \"{HASH_B}\"\npolicy = \"free\"\nconcurrency = 9\n"
+        ))
+        .expect("keys parse");
+        let rate = RateLimit {
+            requests: NonZeroU32::new(60).expect("nonzero"),
+            per: Duration::from_secs(60),
+            burst: NonZeroU32::new(5).expect("nonzero"),
+        };
+        assert_eq!(
+            config.keys[0].limits.concurrency.map(NonZeroU32::get),
+            Some(2)
+        );
+        assert_eq!(config.keys[0].limits.rate, Some(rate));
+        assert_eq!(
+            config.keys[1].limits.concurrency.map(NonZeroU32::get),
+            Some(9),
+            "key overrides policy"
+        );
+        assert_eq!(
+            config.keys[1].limits.rate,
+            Some(rate),
+            "policy fills what the key leaves out"
+        );
+    }
+
+    #[test]
+    fn burst_defaults_to_the_request_count() {
+        let config = with_keys(&format!(
+            "[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\nrate = {{ requests = 10, per = \"1s\" }}\n"
+        ))
+        .expect("parses");
+        assert_eq!(config.keys[0].limits.rate.map(|r| r.burst.get()), Some(10));
+    }
+
+    #[test]
+    fn duplicate_names_and_hashes_are_errors_with_lines() {
+        let err = with_keys(&format!(
+            "[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\n[[keys]]\nname = \"a\"\nsha256 = \"{HASH_B}\"\n"
+        ))
+        .expect_err("duplicate name");
+        assert!(
+            err.to_string()
+                .contains("test.toml:8: keys[1].name: duplicate"),
+            "{err}"
+        );
+        let err = with_keys(&format!(
+            "[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\n[[keys]]\nname = \"b\"\nsha256 = \"{HASH_A}\"\n"
+        ))
+        .expect_err("duplicate hash");
+        assert!(
+            err.to_string().contains("test.toml:9: keys[1].sha256"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_key_fields_are_explained() {
+        for (tail, expected) in [
+            ("[[keys]]\nname = \"a\"\nsha256 = \"tg-abc\"\n".to_owned(), "looks like a key itself"),
+            ("[[keys]]\nname = \"a\"\nsha256 = \"abc\"\n".to_owned(), "64 hex digits"),
+            (format!("[[keys]]\nname = \"a b\"\nsha256 = \"{HASH_A}\"\n"), "keys[0].name"),
+            (format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\npolicy = \"gold\"\n"), "no policy named \"gold\""),
+            (format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\nconcurrency = 0\n"), "keys[0].concurrency"),
+            (format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\nrate = {{ requests = 1, per = \"0s\" }}\n"), "per must be longer"),
+            (format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\nrate = {{ requests = 1, per = \"1s\", brust = 2 }}\n"), "brust"),
+            (format!("[[keys]]\nname = \"unauthenticated\"\nsha256 = \"{HASH_A}\"\n"), "reserved"),
+        ] {
+            let err = with_keys(&tail).expect_err(expected);
+            assert!(err.to_string().contains(expected), "{expected:?} not in {err}");
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! useful message. A 5xx body never carries internal details: those go to the log, where the
 //! outer layer writes them from the [`ErrorSource`] response extension.
 
+use std::time::Duration;
+
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
@@ -25,6 +27,21 @@ pub enum GatewayError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     BadRequest(String),
+
+    // --- authentication and limits ---
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    MissingApiKey,
+    #[error("malformed Authorization header: expected `Bearer <key>`")]
+    MalformedApiKey,
+    #[error("invalid API key")]
+    InvalidApiKey,
+    #[error("rate limit exceeded: {limit}; retry in {}s", retry_after_secs(*.retry_after))]
+    RateLimitExceeded {
+        limit: String,
+        retry_after: Duration,
+    },
+    #[error("too many requests in flight for this key (limit {limit}); retry when one finishes")]
+    ConcurrencyLimitExceeded { limit: u32 },
 
     // --- the upstream ---
     #[error("upstream unreachable")]
@@ -57,6 +74,11 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::MissingApiKey
+            | GatewayError::MalformedApiKey
+            | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::RateLimitExceeded { .. }
+            | GatewayError::ConcurrencyLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamBroken(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -72,6 +94,11 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::BadRequest(_) => "invalid_request_error",
+            GatewayError::MissingApiKey
+            | GatewayError::MalformedApiKey
+            | GatewayError::InvalidApiKey => "authentication_error",
+            GatewayError::RateLimitExceeded { .. }
+            | GatewayError::ConcurrencyLimitExceeded { .. } => "rate_limit_error",
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout
             | GatewayError::UpstreamBroken(_)
@@ -117,15 +144,38 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let GatewayError::MethodNotAllowed { allow } = &self {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        let headers = response.headers_mut();
+        match &self {
+            GatewayError::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            GatewayError::MissingApiKey
+            | GatewayError::MalformedApiKey
+            | GatewayError::InvalidApiKey => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            GatewayError::RateLimitExceeded { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
+            }
+            GatewayError::ConcurrencyLimitExceeded { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response
             .extensions_mut()
             .insert(ErrorSource(self.log_detail()));
         response
+    }
+}
+
+/// `Retry-After` is whole seconds: round up, so that a client that waits that long succeeds.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let whole = wait.as_secs();
+    if wait.subsec_nanos() > 0 || whole == 0 {
+        whole + 1
+    } else {
+        whole
     }
 }
 
@@ -157,6 +207,18 @@ mod tests {
         assert_eq!(body["error"]["type"], "not_found_error");
         assert_eq!(body["error"]["code"], "not_found");
         assert_eq!(body["detail"], "no route for /nope");
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(
+            retry_after_secs(Duration::ZERO),
+            1,
+            "never 0: that invites a busy loop"
+        );
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(5_500)), 6);
     }
 
     #[tokio::test]

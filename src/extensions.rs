@@ -6,6 +6,7 @@
 //! | [`RequestStart`] | observe   | proxy (overhead metric)     |
 //! | [`RequestTags`]  | observe   | inner layers fill it; observe reads it for metrics and the access log |
 //! | [`Endpoint`]     | route     | proxy (route also notes it in the tags) |
+//! | [`Principal`]    | auth      | rate_limit (auth also notes the key name in the tags) |
 
 use std::sync::{Arc, OnceLock};
 
@@ -55,3 +56,7 @@ impl Endpoint {
         }
     }
 }
+
+/// The authenticated caller: its key's entry in the live key table.
+#[derive(Clone)]
+pub struct Principal(pub Arc<crate::keys::KeyEntry>);

@@ -4,13 +4,18 @@
 //! of it or a piece those steps share.
 
 pub mod admin;
+pub mod auth;
 pub mod body;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod extensions;
+pub mod keys;
 pub mod metrics;
 pub mod observe;
 pub mod proxy;
+pub mod rate_limit;
+pub mod reload;
 pub mod request_body;
 pub mod route;
 pub mod server;
@@ -18,5 +23,5 @@ pub mod stack;
 pub mod upstream_body;
 
 pub use config::Config;
-pub use server::Server;
+pub use server::{Server, ServerOptions};
 pub use stack::build_stack;

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tollgate::config::{Config, DEFAULT_CONFIG};
-use tollgate::Server;
+use tollgate::config::{is_valid_key_name, Config, DEFAULT_CONFIG};
+use tollgate::keys::{generate_token, hash_token};
+use tollgate::{Server, ServerOptions};
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +41,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make a new random key: print it once, and the [[keys]] entry that holds only its hash.
+    Keygen {
+        /// The key's name: its label in metrics and logs.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +55,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Check { config } => check(&config),
+        Command::Keygen { name } => keygen(&name),
     }
 }
 
@@ -77,8 +85,12 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let options = ServerOptions {
+        config_path: path,
+        ..ServerOptions::default()
+    };
     let result = runtime.block_on(async {
-        let server = Server::bind(config).await?;
+        let server = Server::bind_with(config, options).await?;
         server.run(shutdown_signal()).await
     });
     match result {
@@ -122,9 +134,51 @@ fn check(path: &PathBuf) -> ExitCode {
         "  timeouts          connect {:?}, response headers {:?}, idle between frames {:?}",
         upstream.connect_timeout, upstream.response_header_timeout, upstream.idle_timeout
     );
+    println!("  keys              {}", config.keys.len());
+    for key in &config.keys {
+        let concurrency = key
+            .limits
+            .concurrency
+            .map_or("unlimited".to_owned(), |c| c.to_string());
+        let rate = key.limits.rate.map_or("unlimited".to_owned(), |r| {
+            format!(
+                "{} per {} (burst {})",
+                r.requests,
+                humantime::format_duration(r.per),
+                r.burst
+            )
+        });
+        println!(
+            "    {:<20} concurrency {concurrency}, rate {rate}",
+            key.name
+        );
+    }
     for warning in config.warnings() {
         println!("warning: {warning}");
     }
+    ExitCode::SUCCESS
+}
+
+/// The token goes to stderr (the terminal), the `[[keys]]` entry to stdout, so that
+/// `tollgate keygen --name x >> tollgate.toml` stores the hash and never the key.
+fn keygen(name: &str) -> ExitCode {
+    if !is_valid_key_name(name) {
+        eprintln!("tollgate: key name {name:?}: use 1-64 letters, digits, '-', '_' or '.'");
+        return ExitCode::FAILURE;
+    }
+    let token = match generate_token() {
+        Ok(token) => token,
+        Err(_) => {
+            eprintln!("tollgate: the system random source failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    let digest = hex::encode(hash_token(token.as_bytes()));
+    eprintln!("key for {name} (shown once; hand it to the client, store it nowhere):");
+    eprintln!("{token}");
+    println!("[[keys]]");
+    println!("name = \"{name}\"");
+    println!("sha256 = \"{digest}\"");
     ExitCode::SUCCESS
 }
 

@@ -6,7 +6,8 @@
 //! grow the metric set.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Buckets for whole requests: from a cached short answer to a long generation.
@@ -26,6 +27,8 @@ pub struct Metrics {
     pub request_duration_seconds: HistogramVec,
     pub overhead_seconds: Histogram,
     pub upstream_errors_total: IntCounterVec,
+    pub rejections_total: IntCounterVec,
+    pub inflight_requests: IntGaugeVec,
 }
 
 impl Metrics {
@@ -65,11 +68,30 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
 
+        let rejections_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_rejections_total",
+                "Requests the gateway refused itself, by key and reason.",
+            ),
+            &["key", "reason"],
+        )
+        .expect("static metric definition is valid");
+        let inflight_requests = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_inflight_requests",
+                "Requests in flight per key, counted until the response's last byte.",
+            ),
+            &["key"],
+        )
+        .expect("static metric definition is valid");
+
         for collector in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration_seconds.clone()),
             Box::new(overhead_seconds.clone()),
             Box::new(upstream_errors_total.clone()),
+            Box::new(rejections_total.clone()),
+            Box::new(inflight_requests.clone()),
         ] {
             registry
                 .register(collector)
@@ -82,7 +104,16 @@ impl Metrics {
             request_duration_seconds,
             overhead_seconds,
             upstream_errors_total,
+            rejections_total,
+            inflight_requests,
         }
+    }
+
+    /// Counts one request the gateway refused.
+    pub fn rejection(&self, key: &str, reason: &str) {
+        self.rejections_total
+            .with_label_values(&[key, reason])
+            .inc();
     }
 
     /// Counts one upstream failure of the given kind.

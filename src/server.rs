@@ -7,9 +7,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -18,8 +20,11 @@ use tokio::net::TcpListener;
 
 use crate::admin::Admin;
 use crate::body::BoxError;
+use crate::clock::Clock;
 use crate::config::Config;
+use crate::keys::{KeyStore, SharedKeys};
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::stack::build_stack;
 
 /// A bound, not yet running, gateway: both listeners are open, so their addresses are known
@@ -27,24 +32,57 @@ use crate::stack::build_stack;
 pub struct Server {
     config: Config,
     metrics: Arc<Metrics>,
+    keys: SharedKeys,
+    reloader: Option<Arc<Reloader>>,
     listener: TcpListener,
     admin_listener: TcpListener,
 }
 
+/// How a server is set up besides its config.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// The file the config came from: reloaded on SIGHUP and when it changes.
+    pub config_path: Option<PathBuf>,
+    /// The clock the rate limiters read (a manual one in tests).
+    pub clock: Clock,
+}
+
 impl Server {
     pub async fn bind(config: Config) -> Result<Server, BoxError> {
+        Server::bind_with(config, ServerOptions::default()).await
+    }
+
+    pub async fn bind_with(config: Config, options: ServerOptions) -> Result<Server, BoxError> {
         let listener = TcpListener::bind(config.server.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
         let admin_listener = TcpListener::bind(config.server.admin_listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.admin_listen))?;
+        let metrics = Arc::new(Metrics::new());
+        let store = KeyStore::build(&config.keys, None, &options.clock, &metrics);
+        let keys: SharedKeys = Arc::new(ArcSwap::from_pointee(store));
+        let reloader = options.config_path.map(|path| {
+            Arc::new(Reloader::new(
+                path,
+                keys.clone(),
+                metrics.clone(),
+                config.clone(),
+            ))
+        });
         Ok(Server {
             config,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            keys,
+            reloader,
             listener,
             admin_listener,
         })
+    }
+
+    /// Reloads the config file, as SIGHUP does; `None` when the config did not come from a file.
+    pub fn reloader(&self) -> Option<Arc<Reloader>> {
+        self.reloader.clone()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -57,7 +95,11 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BoxError> {
-        let stack = build_stack(&self.config, self.metrics.clone())?;
+        let stack = build_stack(&self.config, self.keys.clone(), self.metrics.clone())?;
+        let reload_task = self
+            .reloader
+            .clone()
+            .map(|reloader| tokio::spawn(reloader.watch()));
         let admin = Admin {
             metrics: self.metrics.clone(),
             upstream: self.config.upstream.clone(),
@@ -126,6 +168,9 @@ impl Server {
             ),
         }
         admin_task.abort();
+        if let Some(task) = reload_task {
+            task.abort();
+        }
         Ok(())
     }
 }

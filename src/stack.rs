@@ -8,12 +8,15 @@
 //!    metrics when the response body ends
 //! 4. `CatchPanic`       a panic below becomes a 500 in the error shape, not a dropped connection
 //! 5. `Route`            + [`Endpoint`] (and `RequestTags::endpoint`); 404/405 otherwise
-//! 6. `RequestBody`      reads the body whole, capped (413), into `Request<Bytes>`
-//! 7. `Proxy`            ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
+//! 6. `Authenticate`     + [`Principal`] (and `RequestTags::key`); 401 otherwise
+//! 7. `RateLimit`        ? [`Principal`]; in-flight slot and request rate, 429 otherwise
+//! 8. `RequestBody`      reads the body whole, capped (413), into `Request<Bytes>`
+//! 9. `Proxy`            ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
 //!
 //! [`RequestStart`]: crate::extensions::RequestStart
 //! [`RequestTags`]: crate::extensions::RequestTags
 //! [`Endpoint`]: crate::extensions::Endpoint
+//! [`Principal`]: crate::extensions::Principal
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -27,18 +30,23 @@ use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
+use crate::auth::auth_layer;
 use crate::body::{BoxError, GatewayBody};
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::keys::SharedKeys;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
 use crate::proxy::Proxy;
+use crate::rate_limit::RateLimitLayer;
 use crate::request_body::RequestBodyLayer;
 use crate::route::RouteLayer;
 
-/// Builds the gateway's request stack for `config`, recording into `metrics`.
+/// Builds the gateway's request stack for `config`, with the live key table `keys` (whose clock
+/// the limiters read), recording into `metrics`.
 pub fn build_stack(
     config: &Config,
+    keys: SharedKeys,
     metrics: Arc<Metrics>,
 ) -> Result<
     impl Service<
@@ -52,16 +60,21 @@ pub fn build_stack(
     BoxError,
 > {
     let proxy = Proxy::new(&config.upstream, metrics.clone())?;
+    let clock = keys.load().clock().clone();
     Ok(ServiceBuilder::new()
         // First, so that even the access log and error answers carry the id.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
         // Outside everything that can answer, so every answer is logged and counted once.
-        .layer(ObserveLayer::new(metrics))
+        .layer(ObserveLayer::new(metrics.clone()))
         // Inside Observe, so a panic's 500 is still logged and counted.
         .layer(CatchPanicLayer::custom(panic_response))
         // Before any work on the body: unknown paths cost nothing.
         .layer(RouteLayer)
+        // Before limits: an unknown caller must not spend anyone's allowance.
+        .layer(auth_layer(keys, metrics.clone()))
+        // Before the body is read: a refused request costs no buffering.
+        .layer(RateLimitLayer::new(clock, metrics))
         .layer(RequestBodyLayer::new(config.server.max_body_bytes))
         .service(proxy))
 }

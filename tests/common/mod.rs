@@ -8,10 +8,21 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tollgate::{Config, Server};
+use tollgate::clock::Clock;
+use tollgate::{Config, Server, ServerOptions};
+
+/// The key every test config has (name `test`, no limits), and that [`client`] sends.
+pub const TEST_KEY: &str = "tg-test-key";
+
+/// A `[[keys]]` entry for `token`, with extra lines (limits, policy).
+pub fn key_entry(name: &str, token: &str, extra: &str) -> String {
+    let sha256 = hex::encode(tollgate::keys::hash_token(token.as_bytes()));
+    format!("[[keys]]\nname = \"{name}\"\nsha256 = \"{sha256}\"\n{extra}\n")
+}
 
 /// A config for tests: both listeners on free ports, the upstream at `upstream_url`, plus
-/// `extra_server` lines in `[server]`, `extra_upstream` lines in `[upstream]`, and `tail` after.
+/// `extra_server` lines in `[server]`, `extra_upstream` lines in `[upstream]`, the key `test`,
+/// and `tail` after it (more keys, policies).
 pub fn config_toml(
     upstream_url: &str,
     extra_server: &str,
@@ -20,7 +31,8 @@ pub fn config_toml(
 ) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra_server}\n\
-         [upstream]\nurl = \"{upstream_url}\"\n{extra_upstream}\n{tail}\n"
+         [upstream]\nurl = \"{upstream_url}\"\n{extra_upstream}\n{}\n{tail}\n",
+        key_entry("test", TEST_KEY, "")
     )
 }
 
@@ -28,6 +40,7 @@ pub fn config_toml(
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    reloader: Option<std::sync::Arc<tollgate::reload::Reloader>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -44,9 +57,24 @@ impl TestGateway {
     }
 
     pub async fn start_config(config: Config) -> TestGateway {
-        let server = Server::bind(config)
+        TestGateway::start_with(config, ServerOptions::default()).await
+    }
+
+    /// A gateway whose config comes from a file (reloadable) and whose limiters read `clock`.
+    pub async fn start_file(path: &std::path::Path, clock: Clock) -> TestGateway {
+        let config = Config::load(path).expect("test config file is valid");
+        let options = ServerOptions {
+            config_path: Some(path.to_owned()),
+            clock,
+        };
+        TestGateway::start_with(config, options).await
+    }
+
+    pub async fn start_with(config: Config, options: ServerOptions) -> TestGateway {
+        let server = Server::bind_with(config, options)
             .await
             .expect("gateway binds free ports");
+        let reloader = server.reloader();
         let addr = server.local_addr().expect("bound address");
         let admin_addr = server.admin_addr().expect("bound admin address");
         let (tx, rx) = oneshot::channel::<()>();
@@ -59,9 +87,18 @@ impl TestGateway {
         TestGateway {
             addr,
             admin_addr,
+            reloader,
             shutdown: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// Reloads the config file now, as SIGHUP would.
+    pub fn reload(&self) -> Result<tollgate::reload::ReloadSummary, tollgate::config::ConfigError> {
+        self.reloader
+            .as_ref()
+            .expect("gateway started from a file")
+            .reload()
     }
 
     /// `http://ADDR` of the client port.
@@ -79,6 +116,21 @@ impl TestGateway {
             let _ = tx.send(());
         }
         self.task.take().expect("shutdown begun once")
+    }
+
+    /// Waits until `/metrics` contains `needle` (for effects that follow a client's disconnect,
+    /// which the gateway sees only when it next touches the connection). Bounded by `timeout`.
+    pub async fn wait_for_metric(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.metrics().await.contains(needle) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The admin port's `/metrics` text.
@@ -100,9 +152,16 @@ impl Drop for TestGateway {
     }
 }
 
-/// A client that never pools across tests and never follows redirects.
+/// A client that sends [`TEST_KEY`] unless a request sets its own `Authorization`, and never
+/// follows redirects.
 pub fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_static("Bearer tg-test-key"),
+    );
     reqwest::Client::builder()
+        .default_headers(headers)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(20))
         .build()

@@ -62,8 +62,9 @@ async fn sigterm_drains_a_running_stream_then_exits_cleanly() {
     let port = common::closed_port();
     let admin_port = common::closed_port();
     let config = write_config(&format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_timeout = \"10s\"\n[upstream]\nurl = \"{}\"\n",
-        upstream.url()
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_timeout = \"10s\"\n[upstream]\nurl = \"{}\"\n{}",
+        upstream.url(),
+        common::key_entry("test", common::TEST_KEY, "")
     ));
     let child = Command::new(BIN)
         .args(["--log-format", "json", "serve", "--config"])
@@ -123,4 +124,101 @@ async fn sigterm_drains_a_running_stream_then_exits_cleanly() {
         "JSON access log written: {log}"
     );
     assert!(log.contains("SIGTERM received"), "{log}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_keys_in_a_running_process() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let port = common::closed_port();
+    let admin_port = common::closed_port();
+    let config_for = |name: &str, token: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n[upstream]\nurl = \"{}\"\n{}",
+            upstream.url(),
+            common::key_entry(name, token, "")
+        )
+    };
+    let config = write_config(&config_for("old1", "tg-old1"));
+    let reference = write_config(&config_for("old1", "tg-old1"));
+    // Keep the same length and modification time, so that only the signal can trigger a reload.
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gateway");
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let status_with = |token: &'static str| {
+        let request = client
+            .post(&url)
+            .header("authorization", format!("Bearer {token}"))
+            .body(chat_body(false, false))
+            .send();
+        async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    let mut up = false;
+    for _ in 0..100 {
+        if status_with("tg-old1").await == 200 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "gateway serves the old key");
+
+    std::fs::write(config.path(), config_for("new1", "tg-new1")).expect("rewrite config");
+    let touched = Command::new("touch")
+        .arg("-r")
+        .arg(reference.path())
+        .arg(config.path())
+        .status()
+        .expect("touch");
+    assert!(touched.success());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        status_with("tg-new1").await,
+        401,
+        "no reload without the signal"
+    );
+
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("send SIGHUP");
+    assert!(hup.success());
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if status_with("tg-new1").await == 200 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reloaded, "SIGHUP applied the new key");
+    assert_eq!(
+        status_with("tg-old1").await,
+        401,
+        "the removed key is refused"
+    );
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let output = tokio::task::spawn_blocking(move || {
+        let _ = child.wait();
+        let mut log = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut out, &mut log);
+        }
+        log
+    })
+    .await
+    .expect("join");
+    assert!(output.contains("config reloaded"), "{output}");
+    assert!(
+        output.contains("SIGHUP"),
+        "reload was triggered by the signal: {output}"
+    );
 }

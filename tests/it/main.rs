@@ -4,5 +4,6 @@
 mod common;
 
 mod binary;
+mod keys;
 mod openai_client;
 mod proxy;

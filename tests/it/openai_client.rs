@@ -16,7 +16,7 @@ fn client_for(gateway: &TestGateway) -> Client<OpenAIConfig> {
     Client::with_config(
         OpenAIConfig::new()
             .with_api_base(format!("{}/openai/v1", gateway.url()))
-            .with_api_key("tg-client-key"),
+            .with_api_key(crate::common::TEST_KEY),
     )
 }
 

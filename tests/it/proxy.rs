@@ -102,9 +102,8 @@ async fn headers_follow_the_rules_both_ways() {
     let response = common::client()
         .post(format!("{}{CHAT}", gateway.url()))
         .header("content-type", "application/json")
-        .header("authorization", "Bearer client-key-must-not-travel")
-        .header("api-key", "client-key-2")
-        .header("x-api-key", "client-key-3")
+        .header("api-key", common::TEST_KEY)
+        .header("x-api-key", common::TEST_KEY)
         .header("connection", "keep-alive, x-hop")
         .header("x-hop", "dropped")
         .header("keep-alive", "timeout=5")
@@ -517,8 +516,14 @@ async fn graceful_shutdown_lets_a_running_stream_finish() {
 async fn h2c_clients_are_served() {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let gateway = TestGateway::start(&upstream.url()).await;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "authorization",
+        reqwest::header::HeaderValue::from_static("Bearer tg-test-key"),
+    );
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
+        .default_headers(headers)
         .build()
         .expect("h2c client");
     for body in [chat_body(false, false), chat_body(true, true)] {
@@ -563,8 +568,8 @@ async fn metrics_and_health_are_on_the_admin_port_only() {
 
     let metrics = gateway.metrics().await;
     for needle in [
-        "tollgate_requests_total{endpoint=\"chat_completions\",key=\"unauthenticated\",model=\"other\",status=\"200\"} 2",
-        "tollgate_request_duration_seconds_count{endpoint=\"chat_completions\",key=\"unauthenticated\",model=\"other\"} 2",
+        "tollgate_requests_total{endpoint=\"chat_completions\",key=\"test\",model=\"other\",status=\"200\"} 2",
+        "tollgate_request_duration_seconds_count{endpoint=\"chat_completions\",key=\"test\",model=\"other\"} 2",
         "tollgate_overhead_seconds_count 2",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");

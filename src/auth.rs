@@ -1,0 +1,134 @@
+//! Authentication: the presented key → the [`Principal`] extension, or 401.
+//!
+//! The key is read from `Authorization: Bearer <key>`, or from `api-key:` / `x-api-key:` (which
+//! some clients send). It is hashed and looked up in the live key table; it is never logged,
+//! echoed in an error, or forwarded (the proxy removes all three headers).
+//!
+//! Edge cases: an `Authorization` header with another scheme, or `Bearer` with nothing after it, is
+//! "malformed", not "missing"; a key removed by a reload is refused from the next request on.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap, Request, Response};
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
+
+use crate::body::GatewayBody;
+use crate::error::GatewayError;
+use crate::extensions::{Principal, SharedTags};
+use crate::keys::SharedKeys;
+use crate::metrics::Metrics;
+use crate::observe::UNAUTHENTICATED;
+
+#[derive(Clone)]
+pub struct Authenticate {
+    keys: SharedKeys,
+    metrics: Arc<Metrics>,
+}
+
+/// The auth layer: tower-http's request validation with our key lookup.
+pub fn auth_layer(
+    keys: SharedKeys,
+    metrics: Arc<Metrics>,
+) -> ValidateRequestHeaderLayer<Authenticate> {
+    ValidateRequestHeaderLayer::custom(Authenticate { keys, metrics })
+}
+
+impl<B> ValidateRequest<B> for Authenticate {
+    type ResponseBody = GatewayBody;
+
+    fn validate(&mut self, request: &mut Request<B>) -> Result<(), Response<GatewayBody>> {
+        let entry = presented_key(request.headers())
+            .and_then(|token| {
+                self.keys
+                    .load()
+                    .lookup(token)
+                    .cloned()
+                    .ok_or(GatewayError::InvalidApiKey)
+            })
+            .map_err(|error| {
+                self.metrics.rejection(UNAUTHENTICATED, error.reason());
+                error.into_response()
+            })?;
+        if let Some(tags) = request.extensions().get::<SharedTags>() {
+            // Set once per request: the auth layer runs once.
+            let _ = tags.key.set(entry.name.clone());
+        }
+        request.extensions_mut().insert(Principal(entry));
+        Ok(())
+    }
+}
+
+/// The key bytes the client presented.
+fn presented_key(headers: &HeaderMap) -> Result<&[u8], GatewayError> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value.as_bytes();
+        let (scheme, rest) = match value.iter().position(|&b| b == b' ') {
+            Some(space) => (&value[..space], &value[space + 1..]),
+            None => (value, &value[value.len()..]),
+        };
+        let token = rest.trim_ascii();
+        if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() {
+            return Err(GatewayError::MalformedApiKey);
+        }
+        return Ok(token);
+    }
+    for name in ["x-api-key", "api-key"] {
+        if let Some(value) = headers.get(name) {
+            let token = value.as_bytes().trim_ascii();
+            if token.is_empty() {
+                return Err(GatewayError::MalformedApiKey);
+            }
+            return Ok(token);
+        }
+    }
+    Err(GatewayError::MissingApiKey)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn with(name: &'static str, value: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(name, HeaderValue::from_static(value));
+        headers
+    }
+
+    #[test]
+    fn bearer_and_api_key_headers_are_read() {
+        assert_eq!(
+            presented_key(&with("authorization", "Bearer tg-1")).ok(),
+            Some(&b"tg-1"[..])
+        );
+        assert_eq!(
+            presented_key(&with("authorization", "bearer  tg-1 ")).ok(),
+            Some(&b"tg-1"[..])
+        );
+        assert_eq!(
+            presented_key(&with("x-api-key", "tg-2")).ok(),
+            Some(&b"tg-2"[..])
+        );
+        assert_eq!(
+            presented_key(&with("api-key", "tg-3")).ok(),
+            Some(&b"tg-3"[..])
+        );
+    }
+
+    #[test]
+    fn missing_and_malformed_are_told_apart() {
+        assert!(matches!(
+            presented_key(&HeaderMap::new()),
+            Err(GatewayError::MissingApiKey)
+        ));
+        for bad in ["Basic dXNlcjpwYXNz", "Bearer", "Bearer   ", "tg-1"] {
+            assert!(
+                matches!(
+                    presented_key(&with("authorization", bad)),
+                    Err(GatewayError::MalformedApiKey)
+                ),
+                "{bad:?} is malformed"
+            );
+        }
+    }
+}

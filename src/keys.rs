@@ -1,0 +1,307 @@
+//! The live key table: bearer token → the key's name, limits and limiter state.
+//!
+//! Tokens are looked up by their SHA-256 in a hash map, so the cost of a lookup does not grow with
+//! the number of keys, and the table holds no token. On reload a new table is built and swapped in
+//! atomically; a key whose name and rate are unchanged keeps its limiter (and so its state), and
+//! every key keeps its in-flight count by name, so streams running across a reload are still
+//! counted against the new limits.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use prometheus::IntGauge;
+use ring::rand::SecureRandom;
+
+use crate::clock::Clock;
+use crate::config::{KeyConfig, Limits, RateLimit};
+use crate::metrics::Metrics;
+
+/// What every key `tollgate keygen` makes starts with, so that a leaked one is recognisable.
+pub const TOKEN_PREFIX: &str = "tg-";
+
+/// The SHA-256 of a bearer token.
+pub fn hash_token(token: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// A new random key: `tg-` and 192 random bits in hex.
+pub fn generate_token() -> Result<String, ring::error::Unspecified> {
+    let mut secret = [0u8; 24];
+    ring::rand::SystemRandom::new().fill(&mut secret)?;
+    Ok(format!("{TOKEN_PREFIX}{}", hex::encode(secret)))
+}
+
+pub type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
+
+/// One configured key, as the request layers see it.
+pub struct KeyEntry {
+    pub name: Arc<str>,
+    pub limits: Limits,
+    /// Present when the key has a rate limit.
+    pub limiter: Option<Arc<Limiter>>,
+    pub inflight: Arc<Inflight>,
+}
+
+/// The table the auth layer reads; replaced whole on reload.
+pub struct KeyStore {
+    by_hash: HashMap<[u8; 32], Arc<KeyEntry>>,
+    by_name: HashMap<Arc<str>, Arc<KeyEntry>>,
+    clock: Clock,
+}
+
+pub type SharedKeys = Arc<ArcSwap<KeyStore>>;
+
+impl KeyStore {
+    /// Builds the table for `keys`, carrying over limiter state and in-flight counts from
+    /// `previous` where a key of the same name is in both.
+    pub fn build(
+        keys: &[KeyConfig],
+        previous: Option<&KeyStore>,
+        clock: &Clock,
+        metrics: &Metrics,
+    ) -> KeyStore {
+        let mut by_hash = HashMap::with_capacity(keys.len());
+        let mut by_name = HashMap::with_capacity(keys.len());
+        for key in keys {
+            let old = previous.and_then(|store| store.by_name.get(&key.name));
+            let limiter = match (key.limits.rate, old) {
+                (None, _) => None,
+                (Some(rate), Some(old)) if old.limits.rate == Some(rate) => old.limiter.clone(),
+                (Some(rate), _) => Some(Arc::new(new_limiter(rate, clock))),
+            };
+            let inflight = match old {
+                Some(old) => old.inflight.clone(),
+                None => Arc::new(Inflight {
+                    count: AtomicU32::new(0),
+                    gauge: metrics.inflight_requests.with_label_values(&[&key.name]),
+                }),
+            };
+            let entry = Arc::new(KeyEntry {
+                name: key.name.clone(),
+                limits: key.limits.clone(),
+                limiter,
+                inflight,
+            });
+            by_hash.insert(key.sha256, entry.clone());
+            by_name.insert(key.name.clone(), entry);
+        }
+        KeyStore {
+            by_hash,
+            by_name,
+            clock: clock.clone(),
+        }
+    }
+
+    /// The key a bearer token belongs to.
+    pub fn lookup(&self, token: &[u8]) -> Option<&Arc<KeyEntry>> {
+        self.by_hash.get(&hash_token(token))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Key names in this table, for reload summaries.
+    pub fn names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.by_name.keys()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<KeyEntry>> {
+        self.by_name.get(name)
+    }
+}
+
+fn new_limiter(rate: RateLimit, clock: &Clock) -> Limiter {
+    // One request's worth of the window replenishes every `per / requests`.
+    let period = rate.per / rate.requests.get();
+    let quota = Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+        .allow_burst(rate.burst);
+    RateLimiter::direct_with_clock(quota, clock.clone())
+        .with_middleware::<StateInformationMiddleware>()
+}
+
+/// Requests of one key in flight now: counted from admission until the response's last byte is
+/// sent or the client leaves.
+pub struct Inflight {
+    count: AtomicU32,
+    gauge: IntGauge,
+}
+
+impl Inflight {
+    /// Admits one more request unless `limit` are already in flight.
+    pub fn try_acquire(self: &Arc<Self>, limit: Option<NonZeroU32>) -> Option<InflightGuard> {
+        let admitted = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| match limit {
+                Some(limit) if now >= limit.get() => None,
+                _ => now.checked_add(1),
+            });
+        admitted.ok().map(|_| {
+            self.gauge.inc();
+            InflightGuard(self.clone())
+        })
+    }
+
+    pub fn current(&self) -> u32 {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+/// Releases its request's in-flight slot when dropped.
+pub struct InflightGuard(Arc<Inflight>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn key(name: &str, token: &str, limits: Limits) -> KeyConfig {
+        KeyConfig {
+            name: Arc::from(name),
+            sha256: hash_token(token.as_bytes()),
+            limits,
+        }
+    }
+
+    fn rate(requests: u32, per_secs: u64, burst: u32) -> Limits {
+        Limits {
+            concurrency: None,
+            rate: Some(RateLimit {
+                requests: NonZeroU32::new(requests).expect("nonzero"),
+                per: Duration::from_secs(per_secs),
+                burst: NonZeroU32::new(burst).expect("nonzero"),
+            }),
+        }
+    }
+
+    #[test]
+    fn generated_tokens_are_prefixed_random_and_hashable() {
+        let a = generate_token().expect("random");
+        let b = generate_token().expect("random");
+        assert!(a.starts_with("tg-") && a.len() == 3 + 48, "{a}");
+        assert_ne!(a, b, "tokens differ");
+        assert_ne!(hash_token(a.as_bytes()), hash_token(b.as_bytes()));
+    }
+
+    #[test]
+    fn lookup_finds_by_token_only() {
+        let metrics = Metrics::new();
+        let store = KeyStore::build(
+            &[key("a", "tg-a", Limits::default())],
+            None,
+            &Clock::manual(),
+            &metrics,
+        );
+        assert_eq!(store.lookup(b"tg-a").map(|k| &*k.name), Some("a"));
+        assert!(store.lookup(b"tg-b").is_none(), "unknown token");
+        assert!(store.lookup(b"a").is_none(), "a name is not a token");
+    }
+
+    #[test]
+    fn gcra_admits_the_burst_then_the_steady_rate() {
+        let metrics = Metrics::new();
+        let clock = Clock::manual();
+        let store = KeyStore::build(&[key("a", "t", rate(60, 60, 3))], None, &clock, &metrics);
+        let limiter = store
+            .get("a")
+            .and_then(|k| k.limiter.clone())
+            .expect("limited");
+        for i in 0..3 {
+            assert!(limiter.check().is_ok(), "burst request {i} admitted");
+        }
+        assert!(limiter.check().is_err(), "burst exhausted");
+        clock.advance(Duration::from_millis(999));
+        assert!(limiter.check().is_err(), "not yet one period later");
+        clock.advance(Duration::from_millis(1));
+        assert!(limiter.check().is_ok(), "one more after one period (1 s)");
+        assert!(limiter.check().is_err(), "and only one");
+    }
+
+    #[test]
+    fn reload_keeps_state_of_unchanged_keys_and_resets_changed_ones() {
+        let metrics = Metrics::new();
+        let clock = Clock::manual();
+        let first = KeyStore::build(
+            &[
+                key("a", "ta", rate(1, 60, 1)),
+                key("b", "tb", rate(1, 60, 1)),
+            ],
+            None,
+            &clock,
+            &metrics,
+        );
+        for name in ["a", "b"] {
+            let limiter = first
+                .get(name)
+                .and_then(|k| k.limiter.clone())
+                .expect("limited");
+            assert!(limiter.check().is_ok(), "{name} first request");
+        }
+        let held = first.get("a").expect("a").inflight.try_acquire(None);
+        let second = KeyStore::build(
+            &[
+                key("a", "ta", rate(1, 60, 1)),
+                key("b", "tb", rate(2, 60, 2)),
+            ],
+            Some(&first),
+            &clock,
+            &metrics,
+        );
+        let a = second.get("a").expect("a kept");
+        assert!(
+            a.limiter.as_ref().expect("limited").check().is_err(),
+            "unchanged key keeps its state"
+        );
+        assert_eq!(a.inflight.current(), 1, "in-flight count carried over");
+        drop(held);
+        assert_eq!(a.inflight.current(), 0, "released into the same counter");
+        let b = second.get("b").expect("b kept");
+        assert!(
+            b.limiter.as_ref().expect("limited").check().is_ok(),
+            "changed rate starts afresh"
+        );
+    }
+
+    #[test]
+    fn inflight_is_capped_and_released_on_drop() {
+        let metrics = Metrics::new();
+        let store = KeyStore::build(
+            &[key("a", "t", Limits::default())],
+            None,
+            &Clock::manual(),
+            &metrics,
+        );
+        let inflight = store.get("a").expect("a").inflight.clone();
+        let limit = NonZeroU32::new(2);
+        let one = inflight.try_acquire(limit).expect("first");
+        let _two = inflight.try_acquire(limit).expect("second");
+        assert!(inflight.try_acquire(limit).is_none(), "third refused");
+        drop(one);
+        assert!(inflight.try_acquire(limit).is_some(), "slot freed by drop");
+    }
+}

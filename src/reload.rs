@@ -1,0 +1,166 @@
+//! Reloading the config without a restart: on SIGHUP, and when the config file changes.
+//!
+//! What a reload changes: the keys and their limits, for new requests (in-flight requests and
+//! streams run on undisturbed). A key removed is refused from the next request; a key whose name
+//! and rate are unchanged keeps its limiter state. Anything else that changed (listeners,
+//! upstream, timeouts) needs a restart and is logged as such. An invalid new config is refused
+//! with its reason logged, and the running config stays in force.
+//!
+//! The file is watched by polling its modification time and length every
+//! [`FILE_POLL_INTERVAL`]: no platform notify machinery, and editors that replace the file by
+//! rename are seen like any other write.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use crate::config::{Config, ConfigError};
+use crate::keys::{KeyStore, SharedKeys};
+use crate::metrics::Metrics;
+
+pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a successful reload did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub keys: usize,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+pub struct Reloader {
+    path: PathBuf,
+    keys: SharedKeys,
+    metrics: Arc<Metrics>,
+    /// The config in force, to tell what a new one changes.
+    current: Mutex<Config>,
+}
+
+impl Reloader {
+    pub fn new(path: PathBuf, keys: SharedKeys, metrics: Arc<Metrics>, current: Config) -> Self {
+        Reloader {
+            path,
+            keys,
+            metrics,
+            current: Mutex::new(current),
+        }
+    }
+
+    /// Reads the config file again and applies it, or leaves everything as it was.
+    pub fn reload(&self) -> Result<ReloadSummary, ConfigError> {
+        let new = Config::load(&self.path)?;
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for what in needs_restart(&current, &new) {
+            tracing::warn!("config reload: {what} changed; it takes effect only after a restart");
+        }
+        let old_store = self.keys.load();
+        let store = KeyStore::build(
+            &new.keys,
+            Some(&old_store),
+            old_store.clock(),
+            &self.metrics,
+        );
+        let mut summary = ReloadSummary {
+            keys: store.len(),
+            added: store
+                .names()
+                .filter(|name| old_store.get(name).is_none())
+                .map(|name| name.to_string())
+                .collect(),
+            removed: old_store
+                .names()
+                .filter(|name| store.get(name).is_none())
+                .map(|name| name.to_string())
+                .collect(),
+        };
+        summary.added.sort();
+        summary.removed.sort();
+        self.keys.store(Arc::new(store));
+        current.keys = new.keys;
+        Ok(summary)
+    }
+
+    /// Reloads and logs the outcome; an error keeps the running config.
+    pub fn reload_and_log(&self, trigger: &str) {
+        match self.reload() {
+            Ok(summary) => tracing::info!(
+                trigger,
+                keys = summary.keys,
+                added = ?summary.added,
+                removed = ?summary.removed,
+                "config reloaded"
+            ),
+            Err(error) => tracing::error!(
+                trigger,
+                %error,
+                "config reload refused; the running config stays in force"
+            ),
+        }
+    }
+
+    /// Runs until the process ends: reloads on SIGHUP and when the file changes.
+    pub async fn watch(self: Arc<Self>) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP; reload on file change only");
+                None
+            }
+        };
+        let mut seen = file_stamp(&self.path);
+        let mut poll = tokio::time::interval(FILE_POLL_INTERVAL);
+        loop {
+            let hangup_received = async {
+                match hangup.as_mut() {
+                    Some(stream) => stream.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = hangup_received => {
+                    seen = file_stamp(&self.path);
+                    self.reload_and_log("SIGHUP");
+                }
+                _ = poll.tick() => {
+                    let stamp = file_stamp(&self.path);
+                    if stamp != seen {
+                        seen = stamp;
+                        self.reload_and_log("file changed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Modification time and length: enough to notice a write or a replacement.
+fn file_stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if current.server.listen != new.server.listen {
+        changed.push("server.listen");
+    }
+    if current.server.admin_listen != new.server.admin_listen {
+        changed.push("server.admin_listen");
+    }
+    if current.server.max_body_bytes != new.server.max_body_bytes {
+        changed.push("server.max_body_bytes");
+    }
+    if current.upstream.base_url() != new.upstream.base_url()
+        || current.upstream.api_key != new.upstream.api_key
+        || current.upstream.connect_timeout != new.upstream.connect_timeout
+        || current.upstream.response_header_timeout != new.upstream.response_header_timeout
+        || current.upstream.idle_timeout != new.upstream.idle_timeout
+    {
+        changed.push("[upstream]");
+    }
+    changed
+}

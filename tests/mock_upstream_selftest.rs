@@ -804,5 +804,31 @@ async fn h2c_prior_knowledge() {
         Version::HTTP_2,
         "recorded version"
     );
+
+    // abort-after over h2: the events before the abort still arrive.
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{}{CHAT}", mock.url()))
+        .header("x-mock-fault", "abort-after=2")
+        .body(Full::new(Bytes::from(chat_body(true, false).to_string())))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("h2 send");
+    let mut body = resp.into_body();
+    let mut received = Vec::new();
+    let error = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                received.extend_from_slice(frame.data_ref().map_or(&b""[..], |d| &d[..]))
+            }
+            Some(Err(e)) => break Some(e),
+            None => break None,
+        }
+    };
+    assert!(error.is_some(), "an aborted h2 body must end with an error");
+    assert_eq!(
+        sse_events(&received).len(),
+        2,
+        "2 events before the h2 abort"
+    );
     task.abort();
 }

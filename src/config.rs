@@ -46,6 +46,8 @@ struct RawConfig {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
+    models: Option<Vec<String>>,
+    max_tokens: Option<Spanned<u32>>,
     concurrency: Option<Spanned<u32>>,
     rate: Option<Spanned<RawRate>>,
 }
@@ -65,6 +67,8 @@ struct RawKey {
     name: Spanned<String>,
     sha256: Spanned<String>,
     policy: Option<Spanned<String>>,
+    models: Option<Vec<String>>,
+    max_tokens: Option<Spanned<u32>>,
     concurrency: Option<Spanned<u32>>,
     rate: Option<Spanned<RawRate>>,
 }
@@ -168,6 +172,10 @@ pub struct KeyConfig {
 /// A key's limits after its policy and its own overrides are merged. `None` is unlimited.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
+    /// Models the key may ask for: exact names, `prefix*` patterns, or `*`. `None`: any.
+    pub models: Option<Vec<String>>,
+    /// Cap on `max_tokens` / `max_completion_tokens`.
+    pub max_tokens: Option<NonZeroU32>,
     pub concurrency: Option<NonZeroU32>,
     pub rate: Option<RateLimit>,
 }
@@ -433,6 +441,12 @@ fn resolve_keys(
             })?,
             None => RawLimits::default(),
         };
+        if raw.models.is_some() {
+            merged.models = raw.models;
+        }
+        if raw.max_tokens.is_some() {
+            merged.max_tokens = raw.max_tokens;
+        }
         if raw.concurrency.is_some() {
             merged.concurrency = raw.concurrency;
         }
@@ -490,7 +504,27 @@ fn validate_limits(
         }
         None => None,
     };
-    Ok(Limits { concurrency, rate })
+    let max_tokens = match &raw.max_tokens {
+        Some(value) => Some(NonZeroU32::new(*value.get_ref()).ok_or_else(|| {
+            at(
+                value.span(),
+                &format!("{prefix}.max_tokens"),
+                "must be at least 1 (leave it out for no cap)".into(),
+            )
+        })?),
+        None => None,
+    };
+    // `["*"]` and no list at all mean the same; keep one spelling.
+    let models = raw
+        .models
+        .clone()
+        .filter(|models| !models.iter().any(|m| m == "*"));
+    Ok(Limits {
+        models,
+        max_tokens,
+        concurrency,
+        rate,
+    })
 }
 
 /// Key names become metric labels and log fields: keep them plain.

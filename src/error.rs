@@ -27,6 +27,19 @@ pub enum GatewayError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     BadRequest(String),
+    #[error("the request body does not match the API schema ({total} problem(s)); see errors[]")]
+    InvalidBody {
+        errors: Box<Vec<FieldError>>,
+        total: usize,
+    },
+    #[error("model {model:?} is not available to this key")]
+    ModelNotFound { model: String },
+    #[error("{field} = {requested} exceeds this key's cap of {cap} tokens")]
+    MaxTokensExceeded {
+        field: &'static str,
+        requested: u64,
+        cap: u32,
+    },
 
     // --- authentication and limits ---
     #[error("missing API key: send `Authorization: Bearer <key>`")]
@@ -56,6 +69,17 @@ pub enum GatewayError {
     Internal(String),
 }
 
+/// One problem in a request body, as the seeds' `ErrorDetail`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FieldError {
+    /// Where: `body.messages[2].role`.
+    pub location: String,
+    /// What was expected.
+    pub message: String,
+    /// What came (truncated when large).
+    pub value: serde_json::Value,
+}
+
 /// What the access log should say about a gateway-made error whose details the client must not
 /// see. Carried as a response extension so that turning an error into a response has no side
 /// effects.
@@ -73,7 +97,10 @@ impl GatewayError {
             GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BadRequest(_)
+            | GatewayError::InvalidBody { .. }
+            | GatewayError::ModelNotFound { .. }
+            | GatewayError::MaxTokensExceeded { .. } => StatusCode::BAD_REQUEST,
             GatewayError::MissingApiKey
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
@@ -93,7 +120,10 @@ impl GatewayError {
             GatewayError::NotFound { .. } => "not_found_error",
             GatewayError::MethodNotAllowed { .. }
             | GatewayError::PayloadTooLarge { .. }
-            | GatewayError::BadRequest(_) => "invalid_request_error",
+            | GatewayError::BadRequest(_)
+            | GatewayError::InvalidBody { .. }
+            | GatewayError::ModelNotFound { .. }
+            | GatewayError::MaxTokensExceeded { .. } => "invalid_request_error",
             GatewayError::MissingApiKey
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => "authentication_error",
@@ -121,13 +151,22 @@ impl GatewayError {
         detail
     }
 
+    /// The seeds' own `code` values, where one applies.
+    fn seed_code(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::ModelNotFound { .. } => Some("model-not-found"),
+            GatewayError::MaxTokensExceeded { .. } => Some("max-tokens-exceeded"),
+            _ => None,
+        }
+    }
+
     /// The only place that picks a status code and shapes an error body.
     pub fn into_response(self) -> Response<GatewayBody> {
         let status = self.status();
         let title = status.canonical_reason().unwrap_or("Error");
-        let detail = self.to_string();
+        let mut detail = self.to_string();
         let code = self.reason();
-        let payload = json!({
+        let mut payload = json!({
             "type": "about:blank",
             "title": title,
             "status": status.as_u16(),
@@ -136,8 +175,23 @@ impl GatewayError {
                 "message": detail,
                 "type": self.openai_type(),
                 "code": code,
+                "param": null,
             },
         });
+        if let Some(seed_code) = self.seed_code() {
+            payload["code"] = seed_code.into();
+        }
+        if let GatewayError::InvalidBody { errors, .. } = &self {
+            // The SDK message names the first problem, so that it is useful on its own.
+            if let Some(first) = errors.first() {
+                detail = format!("{detail}; first: {}: {}", first.location, first.message);
+                payload["detail"] = detail.clone().into();
+                payload["error"]["message"] = detail.into();
+                payload["error"]["param"] =
+                    first.location.trim_start_matches("body.").to_owned().into();
+            }
+            payload["errors"] = serde_json::to_value(errors).unwrap_or_default();
+        }
         let mut response = Response::new(body::full(payload.to_string()));
         *response.status_mut() = status;
         response.headers_mut().insert(

@@ -6,7 +6,8 @@
 //! | [`RequestStart`] | observe   | proxy (overhead metric)     |
 //! | [`RequestTags`]  | observe   | inner layers fill it; observe reads it for metrics and the access log |
 //! | [`Endpoint`]     | route     | proxy (route also notes it in the tags) |
-//! | [`Principal`]    | auth      | rate_limit (auth also notes the key name in the tags) |
+//! | [`Principal`]    | auth      | rate_limit, policy (auth also notes the key name in the tags) |
+//! | [`ParsedRequest`]| validate  | policy, and later accounting (policy notes the model label in the tags) |
 
 use std::sync::{Arc, OnceLock};
 
@@ -60,3 +61,44 @@ impl Endpoint {
 /// The authenticated caller: its key's entry in the live key table.
 #[derive(Clone)]
 pub struct Principal(pub Arc<crate::keys::KeyEntry>);
+
+/// The request body, parsed and checked against the schema, with the fields later layers use.
+#[derive(Debug)]
+pub struct ParsedRequest {
+    pub json: serde_json::Value,
+    pub model: String,
+    pub stream: bool,
+    /// `stream_options.include_usage` as the client sent it.
+    pub include_usage: bool,
+    /// The larger of `max_tokens` and `max_completion_tokens`, when either is set.
+    pub max_tokens: Option<u64>,
+}
+
+impl ParsedRequest {
+    pub fn new(json: serde_json::Value) -> ParsedRequest {
+        let model = json
+            .get("model")
+            .and_then(|m| m.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let stream = json
+            .get("stream")
+            .and_then(|s| s.as_bool())
+            .unwrap_or(false);
+        let include_usage = json
+            .pointer("/stream_options/include_usage")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let max_tokens = ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .filter_map(|field| json.get(field).and_then(|v| v.as_u64()))
+            .max();
+        ParsedRequest {
+            json,
+            model,
+            stream,
+            include_usage,
+            max_tokens,
+        }
+    }
+}

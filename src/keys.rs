@@ -190,12 +190,12 @@ mod tests {
 
     fn rate(requests: u32, per_secs: u64, burst: u32) -> Limits {
         Limits {
-            concurrency: None,
             rate: Some(RateLimit {
                 requests: NonZeroU32::new(requests).expect("nonzero"),
                 per: Duration::from_secs(per_secs),
                 burst: NonZeroU32::new(burst).expect("nonzero"),
             }),
+            ..Limits::default()
         }
     }
 

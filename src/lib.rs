@@ -13,6 +13,7 @@ pub mod extensions;
 pub mod keys;
 pub mod metrics;
 pub mod observe;
+pub mod policy;
 pub mod proxy;
 pub mod rate_limit;
 pub mod reload;
@@ -21,6 +22,7 @@ pub mod route;
 pub mod server;
 pub mod stack;
 pub mod upstream_body;
+pub mod validate;
 
 pub use config::Config;
 pub use server::{Server, ServerOptions};

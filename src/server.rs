@@ -26,6 +26,7 @@ use crate::keys::{KeyStore, SharedKeys};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::stack::build_stack;
+use crate::validate::Schemas;
 
 /// A bound, not yet running, gateway: both listeners are open, so their addresses are known
 /// (useful with port 0 in tests).
@@ -33,6 +34,7 @@ pub struct Server {
     config: Config,
     metrics: Arc<Metrics>,
     keys: SharedKeys,
+    schemas: Arc<Schemas>,
     reloader: Option<Arc<Reloader>>,
     listener: TcpListener,
     admin_listener: TcpListener,
@@ -70,10 +72,12 @@ impl Server {
                 config.clone(),
             ))
         });
+        let schemas = Arc::new(Schemas::compile()?);
         Ok(Server {
             config,
             metrics,
             keys,
+            schemas,
             reloader,
             listener,
             admin_listener,
@@ -95,7 +99,12 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BoxError> {
-        let stack = build_stack(&self.config, self.keys.clone(), self.metrics.clone())?;
+        let stack = build_stack(
+            &self.config,
+            self.keys.clone(),
+            self.schemas.clone(),
+            self.metrics.clone(),
+        )?;
         let reload_task = self
             .reloader
             .clone()

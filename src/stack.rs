@@ -11,12 +11,16 @@
 //! 6. `Authenticate`     + [`Principal`] (and `RequestTags::key`); 401 otherwise
 //! 7. `RateLimit`        ? [`Principal`]; in-flight slot and request rate, 429 otherwise
 //! 8. `RequestBody`      reads the body whole, capped (413), into `Request<Bytes>`
-//! 9. `Proxy`            ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
+//! 9. `ValidateBody`     ? [`Endpoint`]; + [`ParsedRequest`]; JSON and schema, 400 otherwise
+//! 10. `EnforcePolicy`   ? [`Principal`], ? [`ParsedRequest`]; models and max_tokens cap, 400
+//!     otherwise (and `RequestTags::model`)
+//! 11. `Proxy`           ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
 //!
 //! [`RequestStart`]: crate::extensions::RequestStart
 //! [`RequestTags`]: crate::extensions::RequestTags
 //! [`Endpoint`]: crate::extensions::Endpoint
 //! [`Principal`]: crate::extensions::Principal
+//! [`ParsedRequest`]: crate::extensions::ParsedRequest
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -37,16 +41,19 @@ use crate::error::GatewayError;
 use crate::keys::SharedKeys;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
+use crate::policy::policy_layer;
 use crate::proxy::Proxy;
 use crate::rate_limit::RateLimitLayer;
 use crate::request_body::RequestBodyLayer;
 use crate::route::RouteLayer;
+use crate::validate::{validate_layer, Schemas};
 
 /// Builds the gateway's request stack for `config`, with the live key table `keys` (whose clock
 /// the limiters read), recording into `metrics`.
 pub fn build_stack(
     config: &Config,
     keys: SharedKeys,
+    schemas: Arc<Schemas>,
     metrics: Arc<Metrics>,
 ) -> Result<
     impl Service<
@@ -74,8 +81,11 @@ pub fn build_stack(
         // Before limits: an unknown caller must not spend anyone's allowance.
         .layer(auth_layer(keys, metrics.clone()))
         // Before the body is read: a refused request costs no buffering.
-        .layer(RateLimitLayer::new(clock, metrics))
+        .layer(RateLimitLayer::new(clock, metrics.clone()))
         .layer(RequestBodyLayer::new(config.server.max_body_bytes))
+        .layer(validate_layer(schemas))
+        // After validation: the policy reads the parsed body.
+        .layer(policy_layer(metrics))
         .service(proxy))
 }
 

@@ -95,6 +95,7 @@ async fn sigterm_drains_a_running_stream_then_exits_cleanly() {
         .post(&url)
         .header("x-mock-chunks", "8")
         .header("x-mock-chunk-delay-ms", "100")
+        .header("content-type", "application/json")
         .body(chat_body(true, false))
         .send()
         .await
@@ -154,6 +155,7 @@ async fn sighup_reloads_keys_in_a_running_process() {
         let request = client
             .post(&url)
             .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
             .body(chat_body(false, false))
             .send();
         async move { request.await.map(|r| r.status().as_u16()).unwrap_or(0) }

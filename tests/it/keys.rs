@@ -101,7 +101,10 @@ async fn requests_without_a_valid_key_get_401_and_never_reach_the_upstream() {
         ),
     ];
     for (what, auth, code) in cases {
-        let mut request = client.post(&url).body(chat_body(false, false));
+        let mut request = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(chat_body(false, false));
         if let Some((name, value)) = auth {
             request = request.header(name, value);
         }
@@ -132,6 +135,7 @@ async fn requests_without_a_valid_key_get_401_and_never_reach_the_upstream() {
         let response = client
             .post(&url)
             .header(name, common::TEST_KEY)
+            .header("content-type", "application/json")
             .body(chat_body(false, false))
             .send()
             .await
@@ -285,6 +289,7 @@ async fn concurrency_slots_are_released_on_end_disconnect_and_upstream_failure()
             .header("authorization", "Bearer tg-c")
             .header("x-mock-chunks", chunks)
             .header("x-mock-chunk-delay-ms", "25")
+            .header("content-type", "application/json")
             .body(chat_body(true, false))
             .send()
     };
@@ -339,6 +344,7 @@ async fn concurrency_slots_are_released_on_end_disconnect_and_upstream_failure()
             .header("authorization", "Bearer tg-c")
             .header("x-mock-fault", fault)
             .timeout(Duration::from_millis(1500))
+            .header("content-type", "application/json")
             .body(chat_body(true, false))
             .send()
             .await;
@@ -395,6 +401,7 @@ async fn reload_adds_removes_and_changes_keys_without_dropping_streams() {
             .header("authorization", format!("Bearer {token}"))
             .header("x-mock-chunks", "10")
             .header("x-mock-chunk-delay-ms", "30")
+            .header("content-type", "application/json")
             .body(chat_body(true, false))
             .send()
             .await

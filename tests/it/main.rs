@@ -7,3 +7,4 @@ mod binary;
 mod keys;
 mod openai_client;
 mod proxy;
+mod validate;

@@ -110,6 +110,7 @@ async fn headers_follow_the_rules_both_ways() {
         .header("proxy-authorization", "Basic abc")
         .header("x-custom", "kept")
         .header("host", "evil.example")
+        .header("content-type", "application/json")
         .body(chat_body(false, false))
         .send()
         .await
@@ -173,6 +174,7 @@ async fn headers_follow_the_rules_both_ways() {
     let response = common::client()
         .post(format!("{}{CHAT}", gateway.url()))
         .header("x-request-id", "client-chosen-id")
+        .header("content-type", "application/json")
         .body(chat_body(false, false))
         .send()
         .await
@@ -362,6 +364,7 @@ async fn an_upstream_that_closes_after_every_stream_never_fails_a_request() {
         };
         let response = client
             .post(format!("{}{CHAT}", gateway.url()))
+            .header("content-type", "application/json")
             .body(body)
             .send()
             .await
@@ -383,6 +386,7 @@ async fn each_chunk_reaches_the_client_before_the_next_is_produced() {
         .post(format!("{}{CHAT}", gateway.url()))
         .header("x-mock-chunks", "3")
         .header("x-mock-chunk-delay-ms", "700")
+        .header("content-type", "application/json")
         .body(chat_body(true, false))
         .send()
         .await
@@ -428,6 +432,7 @@ async fn a_client_that_leaves_mid_stream_cancels_the_upstream_request() {
         .post(format!("{}{CHAT}", gateway.url()))
         .header("x-mock-chunks", "100")
         .header("x-mock-chunk-delay-ms", "50")
+        .header("content-type", "application/json")
         .body(chat_body(true, false))
         .send()
         .await
@@ -461,6 +466,7 @@ async fn stalled_and_broken_streams_end_as_errors_for_the_client() {
         let response = common::client()
             .post(format!("{}{CHAT}", gateway.url()))
             .header("x-mock-fault", fault)
+            .header("content-type", "application/json")
             .body(chat_body(true, false))
             .send()
             .await
@@ -487,6 +493,7 @@ async fn graceful_shutdown_lets_a_running_stream_finish() {
         .post(format!("{}{CHAT}", gateway.url()))
         .header("x-mock-chunks", "10")
         .header("x-mock-chunk-delay-ms", "100")
+        .header("content-type", "application/json")
         .body(chat_body(true, false))
         .send()
         .await
@@ -506,6 +513,7 @@ async fn graceful_shutdown_lets_a_running_stream_finish() {
         .expect("server task ends cleanly");
     let refused = reqwest::Client::new()
         .post(format!("{}{CHAT}", gateway.url()))
+        .header("content-type", "application/json")
         .body(chat_body(false, false))
         .send()
         .await;
@@ -535,6 +543,7 @@ async fn h2c_clients_are_served() {
         .await;
         let response = client
             .post(format!("{}{CHAT}", gateway.url()))
+            .header("content-type", "application/json")
             .body(body)
             .send()
             .await

@@ -1,0 +1,152 @@
+//! The key's policy on the request itself: which models it may ask for (400 `model-not-found`),
+//! and how many tokens it may ask for at most (400 `max-tokens-exceeded`, checked against both
+//! `max_tokens` and `max_completion_tokens`).
+//!
+//! It also settles the request's `model` metric label: the model when the key's allow-list names
+//! it exactly, `other` otherwise — so clients cannot grow the metric set with made-up names.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
+
+use crate::body::GatewayBody;
+use crate::config::Limits;
+use crate::error::GatewayError;
+use crate::extensions::{ParsedRequest, Principal, SharedTags};
+use crate::metrics::Metrics;
+
+pub fn policy_layer(metrics: Arc<Metrics>) -> ValidateRequestHeaderLayer<EnforcePolicy> {
+    ValidateRequestHeaderLayer::custom(EnforcePolicy { metrics })
+}
+
+#[derive(Clone)]
+pub struct EnforcePolicy {
+    metrics: Arc<Metrics>,
+}
+
+impl ValidateRequest<Bytes> for EnforcePolicy {
+    type ResponseBody = GatewayBody;
+
+    fn validate(&mut self, request: &mut Request<Bytes>) -> Result<(), Response<GatewayBody>> {
+        let (Some(Principal(key)), Some(parsed)) = (
+            request.extensions().get::<Principal>(),
+            request.extensions().get::<Arc<ParsedRequest>>(),
+        ) else {
+            // No body to judge (GET /v1/models).
+            return Ok(());
+        };
+        if let Err(error) = check(&key.limits, parsed) {
+            self.metrics.rejection(&key.name, error.reason());
+            return Err(error.into_response());
+        }
+        if let (Some(tags), Some(label)) = (
+            request.extensions().get::<SharedTags>(),
+            model_label(&key.limits, &parsed.model),
+        ) {
+            // Set once per request: the policy layer runs once.
+            let _ = tags.model.set(Arc::from(label));
+        }
+        Ok(())
+    }
+}
+
+fn check(limits: &Limits, parsed: &ParsedRequest) -> Result<(), GatewayError> {
+    if let Some(models) = &limits.models {
+        if !models.iter().any(|pattern| matches(pattern, &parsed.model)) {
+            return Err(GatewayError::ModelNotFound {
+                model: parsed.model.clone(),
+            });
+        }
+    }
+    if let Some(cap) = limits.max_tokens {
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let Some(requested) = parsed.json.get(field).and_then(|v| v.as_u64()) {
+                if requested > u64::from(cap.get()) {
+                    return Err(GatewayError::MaxTokensExceeded {
+                        field,
+                        requested,
+                        cap: cap.get(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `*` matches everything, `prefix*` a prefix, anything else exactly.
+fn matches(pattern: &str, model: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => model.starts_with(prefix),
+        None => pattern == model,
+    }
+}
+
+/// The model as a metric label, when the key's allow-list names it exactly.
+fn model_label<'a>(limits: &Limits, model: &'a str) -> Option<&'a str> {
+    limits
+        .models
+        .as_ref()
+        .filter(|models| models.iter().any(|m| m == model))
+        .map(|_| model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn parsed(json: serde_json::Value) -> ParsedRequest {
+        ParsedRequest::new(json)
+    }
+
+    #[test]
+    fn allow_list_takes_exact_names_and_prefixes() {
+        let limits = Limits {
+            models: Some(vec!["gpt-4o".into(), "llama-*".into()]),
+            ..Limits::default()
+        };
+        for (model, ok) in [
+            ("gpt-4o", true),
+            ("gpt-4o-mini", false),
+            ("llama-3-8b", true),
+            ("other", false),
+        ] {
+            let result = check(&limits, &parsed(serde_json::json!({"model": model})));
+            assert_eq!(result.is_ok(), ok, "{model}");
+        }
+        assert_eq!(model_label(&limits, "gpt-4o"), Some("gpt-4o"));
+        assert_eq!(
+            model_label(&limits, "llama-3-8b"),
+            None,
+            "patterns do not make labels"
+        );
+    }
+
+    #[test]
+    fn the_cap_applies_to_both_fields() {
+        let limits = Limits {
+            max_tokens: NonZeroU32::new(100),
+            ..Limits::default()
+        };
+        assert!(check(
+            &limits,
+            &parsed(serde_json::json!({"model": "m", "max_tokens": 100}))
+        )
+        .is_ok());
+        for field in ["max_tokens", "max_completion_tokens"] {
+            let err = check(
+                &limits,
+                &parsed(serde_json::json!({"model": "m", field: 101})),
+            )
+            .expect_err("over the cap");
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
+        assert!(
+            check(&limits, &parsed(serde_json::json!({"model": "m"}))).is_ok(),
+            "no request, no cap breach"
+        );
+    }
+}

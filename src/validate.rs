@@ -1,0 +1,352 @@
+//! Request body validation against the API's own schemas (`schemas/openapi.json`, embedded),
+//! producing the [`ParsedRequest`] extension the later layers read.
+//!
+//! Steps, each refused with 400 in the documented shape: the `Content-Type` must be JSON; the
+//! body must parse (serde_json: invalid UTF-8, bad syntax and nesting deeper than 128 are parse
+//! errors, never a panic); it must be an object; it must match the route's component
+//! (`CreateChatCompletionBody` / `CreateCompletionBody`). Schema errors list each problem with its
+//! `location` in the seed's style (`body.messages[2].role`), a `message` saying what was expected,
+//! and the `value` that came (truncated).
+//!
+//! The validators are compiled once at start. Valid bodies take the fast path (`is_valid`); the
+//! error walk runs only for invalid ones. The body bytes are never re-serialised: what the upstream
+//! gets is what the client sent.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request, Response};
+use jsonschema::{Draft, Resource, ValidationError, Validator};
+use serde_json::Value;
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
+
+use crate::body::GatewayBody;
+use crate::error::{FieldError, GatewayError};
+use crate::extensions::{Endpoint, ParsedRequest};
+
+/// The OpenAPI document the request schemas come from.
+pub const OPENAPI_DOCUMENT: &str = include_str!("../schemas/openapi.json");
+const DOCUMENT_URI: &str = "urn:tollgate:openapi";
+/// Errors listed in one answer; more are summarised in the detail.
+const MAX_LISTED_ERRORS: usize = 10;
+/// A value longer than this (as JSON) is shown truncated.
+const MAX_VALUE_CHARS: usize = 200;
+
+/// The compiled request validators, one per endpoint with a body.
+pub struct Schemas {
+    chat: Validator,
+    completions: Validator,
+}
+
+impl Schemas {
+    /// Compiles the embedded document's request components.
+    pub fn compile() -> Result<Schemas, String> {
+        let document: Value = serde_json::from_str(OPENAPI_DOCUMENT)
+            .map_err(|e| format!("schemas/openapi.json is not JSON: {e}"))?;
+        let component = |name: &str| -> Result<Validator, String> {
+            let resource = Resource::from_contents(document.clone());
+            jsonschema::options()
+                .with_draft(Draft::Draft202012)
+                .with_resource(DOCUMENT_URI, resource)
+                .build(&serde_json::json!({
+                    "$ref": format!("{DOCUMENT_URI}#/components/schemas/{name}")
+                }))
+                .map_err(|e| format!("schemas/openapi.json: component {name}: {e}"))
+        };
+        Ok(Schemas {
+            chat: component("CreateChatCompletionBody")?,
+            completions: component("CreateCompletionBody")?,
+        })
+    }
+
+    fn for_endpoint(&self, endpoint: Endpoint) -> Option<&Validator> {
+        match endpoint {
+            Endpoint::ChatCompletions => Some(&self.chat),
+            Endpoint::Completions => Some(&self.completions),
+            Endpoint::Models => None,
+        }
+    }
+
+    /// Parses and checks a body for `endpoint`.
+    pub fn check(&self, endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, GatewayError> {
+        let json: Value = serde_json::from_slice(body).map_err(|e| {
+            GatewayError::BadRequest(format!("the request body is not valid JSON: {e}"))
+        })?;
+        if !json.is_object() {
+            return Err(GatewayError::BadRequest(format!(
+                "the request body must be a JSON object, not {}",
+                json_type(&json)
+            )));
+        }
+        if let Some(validator) = self.for_endpoint(endpoint) {
+            if !validator.is_valid(&json) {
+                let mut errors = Vec::new();
+                let mut total = 0usize;
+                for error in validator.iter_errors(&json) {
+                    total += 1;
+                    if errors.len() < MAX_LISTED_ERRORS {
+                        errors.push(field_error(&json, &error));
+                    }
+                }
+                return Err(GatewayError::InvalidBody {
+                    errors: Box::new(errors),
+                    total,
+                });
+            }
+        }
+        Ok(ParsedRequest::new(json))
+    }
+}
+
+/// The validation layer: tower-http's request validation with our schema check.
+pub fn validate_layer(schemas: Arc<Schemas>) -> ValidateRequestHeaderLayer<ValidateBody> {
+    ValidateRequestHeaderLayer::custom(ValidateBody { schemas })
+}
+
+#[derive(Clone)]
+pub struct ValidateBody {
+    schemas: Arc<Schemas>,
+}
+
+impl ValidateRequest<Bytes> for ValidateBody {
+    type ResponseBody = GatewayBody;
+
+    fn validate(&mut self, request: &mut Request<Bytes>) -> Result<(), Response<GatewayBody>> {
+        let Some(&endpoint) = request.extensions().get::<Endpoint>() else {
+            return Err(
+                GatewayError::Internal("validation reached unrouted".into()).into_response()
+            );
+        };
+        if endpoint == Endpoint::Models {
+            return Ok(());
+        }
+        check_content_type(request, endpoint).map_err(GatewayError::into_response)?;
+        let parsed = self
+            .schemas
+            .check(endpoint, request.body())
+            .map_err(GatewayError::into_response)?;
+        request.extensions_mut().insert(Arc::new(parsed));
+        Ok(())
+    }
+}
+
+/// JSON, as `application/json` or any `+json` type. The seed also lists
+/// `application/octet-stream` for chat; such a body must still be JSON.
+fn check_content_type(request: &Request<Bytes>, endpoint: Endpoint) -> Result<(), GatewayError> {
+    let Some(value) = request.headers().get(header::CONTENT_TYPE) else {
+        return Err(GatewayError::BadRequest(
+            "missing Content-Type: send `Content-Type: application/json`".into(),
+        ));
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    let seed_binary =
+        endpoint == Endpoint::ChatCompletions && essence == "application/octet-stream";
+    if json || seed_binary {
+        Ok(())
+    } else {
+        Err(GatewayError::BadRequest(format!(
+            "unsupported Content-Type {:?}: send `Content-Type: application/json`",
+            value.to_str().unwrap_or("<not text>")
+        )))
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// One schema error as the client sees it.
+fn field_error(root: &Value, error: &ValidationError<'_>) -> FieldError {
+    use jsonschema::error::ValidationErrorKind;
+    let pointer = error.instance_path().as_str();
+    let (location, value) = match error.kind() {
+        ValidationErrorKind::Required { property } => {
+            let name = property.as_str().unwrap_or("?");
+            (format!("{}.{name}", location(root, pointer)), Value::Null)
+        }
+        _ => (location(root, pointer), shown_value(error.instance())),
+    };
+    FieldError {
+        location,
+        message: error.masked().to_string(),
+        value,
+    }
+}
+
+/// A JSON pointer into `root` written the seed's way: `body.messages[2].role`. Whether a segment
+/// is an index or a property name is decided by the value it walks through, so an object key
+/// that looks like a number (`logit_bias."50256"`) stays a property.
+pub fn location(root: &Value, pointer: &str) -> String {
+    let mut out = String::from("body");
+    let mut node = Some(root);
+    for raw in pointer.split('/').skip(1) {
+        let segment = raw.replace("~1", "/").replace("~0", "~");
+        match node {
+            Some(Value::Array(items)) => {
+                out.push('[');
+                out.push_str(&segment);
+                out.push(']');
+                node = segment.parse::<usize>().ok().and_then(|i| items.get(i));
+            }
+            other => {
+                let plain = !segment.is_empty()
+                    && segment
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$');
+                if plain {
+                    out.push('.');
+                    out.push_str(&segment);
+                } else {
+                    out.push_str(&format!("[{}]", Value::String(segment.clone())));
+                }
+                node = other.and_then(|v| v.get(&segment));
+            }
+        }
+    }
+    out
+}
+
+/// The offending value, or a truncated rendering of it when it is large.
+fn shown_value(value: &Value) -> Value {
+    match value {
+        Value::String(s) if s.chars().count() > MAX_VALUE_CHARS => Value::String(format!(
+            "{}…",
+            s.chars().take(MAX_VALUE_CHARS).collect::<String>()
+        )),
+        Value::Array(_) | Value::Object(_) => {
+            let text = value.to_string();
+            if text.chars().count() > MAX_VALUE_CHARS {
+                Value::String(format!(
+                    "{}…",
+                    text.chars().take(MAX_VALUE_CHARS).collect::<String>()
+                ))
+            } else {
+                value.clone()
+            }
+        }
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schemas() -> Schemas {
+        Schemas::compile().expect("the embedded document compiles")
+    }
+
+    #[test]
+    fn locations_follow_the_seed_style() {
+        let root = json!({"messages": [{"role": "x"}, {"content": [1, 2]}], "logit_bias": {"50256": "x"}, "a/b": 1});
+        assert_eq!(location(&root, ""), "body");
+        assert_eq!(location(&root, "/messages/0/role"), "body.messages[0].role");
+        assert_eq!(
+            location(&root, "/messages/1/content/1"),
+            "body.messages[1].content[1]"
+        );
+        assert_eq!(
+            location(&root, "/logit_bias/50256"),
+            "body.logit_bias.50256"
+        );
+        assert_eq!(location(&root, "/a~1b"), "body[\"a/b\"]");
+    }
+
+    #[test]
+    fn a_valid_chat_body_parses_into_the_extension() {
+        let parsed = schemas()
+            .check(
+                Endpoint::ChatCompletions,
+                br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"max_tokens":7}"#,
+            )
+            .expect("valid");
+        assert_eq!(parsed.model, "m");
+        assert!(parsed.stream && parsed.include_usage);
+        assert_eq!(parsed.max_tokens, Some(7));
+    }
+
+    #[test]
+    fn schema_errors_point_at_the_field() {
+        let err = schemas()
+            .check(
+                Endpoint::ChatCompletions,
+                br#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"robot","content":"x"}],"temperature":3}"#,
+            )
+            .expect_err("invalid");
+        let GatewayError::InvalidBody { errors, .. } = err else {
+            panic!("expected InvalidBody, got {err:?}");
+        };
+        let locations: Vec<&str> = errors.iter().map(|e| e.location.as_str()).collect();
+        assert!(
+            locations.contains(&"body.messages[1].role"),
+            "{locations:?}"
+        );
+        assert!(locations.contains(&"body.temperature"), "{locations:?}");
+        let temperature = errors
+            .iter()
+            .find(|e| e.location == "body.temperature")
+            .expect("temperature error");
+        assert_eq!(temperature.value, json!(3), "the value that came");
+    }
+
+    #[test]
+    fn not_json_and_not_an_object_are_told_apart() {
+        let s = schemas();
+        let err = s
+            .check(Endpoint::Completions, b"{\"model\": ")
+            .expect_err("truncated");
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+        let err = s.check(Endpoint::Completions, b"[1,2]").expect_err("array");
+        assert!(
+            err.to_string()
+                .contains("must be a JSON object, not an array"),
+            "{err}"
+        );
+        let err = s
+            .check(Endpoint::Completions, b"{\"a\":\"\xff\"}")
+            .expect_err("bad utf-8");
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!(
+            "{{\"model\":\"m\",\"prompt\":\"p\",\"x\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let err = schemas()
+            .check(Endpoint::Completions, deep.as_bytes())
+            .expect_err("too deep");
+        assert!(err.to_string().contains("recursion limit"), "{err}");
+    }
+
+    #[test]
+    fn long_values_are_truncated() {
+        let long = "x".repeat(10_000);
+        let shown = shown_value(&Value::String(long));
+        assert!(
+            shown
+                .as_str()
+                .is_some_and(|s| s.chars().count() == MAX_VALUE_CHARS + 1),
+            "{shown}"
+        );
+    }
+}

@@ -13,7 +13,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,12 +40,51 @@ struct RawConfig {
     policies: BTreeMap<String, RawLimits>,
     #[serde(default)]
     keys: Vec<RawKey>,
+    #[serde(default)]
+    state: RawState,
+    ledger: Option<RawLedger>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    #[serde(default = "defaults::backend")]
+    backend: Spanned<String>,
+    #[serde(default = "defaults::state_path")]
+    path: PathBuf,
+    #[serde(default = "defaults::flush_interval", with = "humantime_serde")]
+    flush_interval: Duration,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            backend: defaults::backend(),
+            path: defaults::state_path(),
+            flush_interval: defaults::flush_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLedger {
+    path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    tokens: u64,
+    #[serde(with = "humantime_serde")]
+    per: Duration,
 }
 
 /// Limits a policy sets; a key may set the same fields to override its policy.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
+    quotas: Option<Spanned<Vec<RawQuota>>>,
     models: Option<Vec<String>>,
     max_tokens: Option<Spanned<u32>>,
     concurrency: Option<Spanned<u32>>,
@@ -67,6 +106,7 @@ struct RawKey {
     name: Spanned<String>,
     sha256: Spanned<String>,
     policy: Option<Spanned<String>>,
+    quotas: Option<Spanned<Vec<RawQuota>>>,
     models: Option<Vec<String>>,
     max_tokens: Option<Spanned<u32>>,
     concurrency: Option<Spanned<u32>>,
@@ -109,6 +149,8 @@ struct RawUpstream {
     pool_idle_timeout: Duration,
     #[serde(default = "defaults::pool_max_idle_per_host")]
     pool_max_idle_per_host: usize,
+    #[serde(default = "defaults::inject_usage")]
+    inject_usage: bool,
 }
 
 mod defaults {
@@ -147,6 +189,18 @@ mod defaults {
     pub fn pool_max_idle_per_host() -> usize {
         256
     }
+    pub fn inject_usage() -> bool {
+        true
+    }
+    pub fn backend() -> Spanned<String> {
+        Spanned::new(0..0, "local".to_owned())
+    }
+    pub fn state_path() -> std::path::PathBuf {
+        "state/tollgate.db".into()
+    }
+    pub fn flush_interval() -> Duration {
+        Duration::from_secs(1)
+    }
 }
 
 // === runtime config ===
@@ -157,6 +211,41 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub keys: Vec<KeyConfig>,
+    pub state: StateConfig,
+    /// Where one JSON line per finished request goes; `None`: no ledger.
+    pub ledger: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// Where the quota windows are saved (`local` backend).
+    pub path: PathBuf,
+    /// How often charged usage is written; at most this much is lost to a SIGKILL.
+    pub flush_interval: Duration,
+}
+
+/// A token budget over a fixed window aligned to UTC (see `state::local`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub tokens: u64,
+    pub per: Duration,
+}
+
+impl Quota {
+    pub fn per_secs(&self) -> u64 {
+        self.per.as_secs().max(1)
+    }
+
+    /// The metric label of this window: its length as written in configs (`1m`, `1d`).
+    pub fn label(&self) -> String {
+        let secs = self.per_secs();
+        match secs {
+            s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+            s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+            s if s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        }
+    }
 }
 
 /// One client key: who it is, and what it may do.
@@ -172,6 +261,8 @@ pub struct KeyConfig {
 /// A key's limits after its policy and its own overrides are merged. `None` is unlimited.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
+    /// Token budgets, each over its own window.
+    pub quotas: Vec<Quota>,
     /// Models the key may ask for: exact names, `prefix*` patterns, or `*`. `None`: any.
     pub models: Option<Vec<String>>,
     /// Cap on `max_tokens` / `max_completion_tokens`.
@@ -212,6 +303,9 @@ pub struct UpstreamConfig {
     pub api_key_source: Option<String>,
     /// Extra trusted CA certificates (PEM) besides the system's and the webpki roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Ask streams for usage (`stream_options.include_usage`) when the client did not, and remove
+    /// what the client did not ask for from its stream.
+    pub inject_usage: bool,
     pub connect_timeout: Duration,
     pub response_header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -337,9 +431,29 @@ impl Config {
         };
 
         let keys = resolve_keys(&raw.policies, raw.keys, &at)?;
+        if raw.state.backend.get_ref() != "local" {
+            return Err(at(
+                raw.state.backend.span(),
+                "state.backend",
+                format!(
+                    "unknown backend {:?}: use \"local\"",
+                    raw.state.backend.get_ref()
+                ),
+            ));
+        }
+        if raw.state.flush_interval.is_zero() {
+            return Err(ConfigError(format!(
+                "{origin}: state.flush_interval must be longer than 0s"
+            )));
+        }
 
         Ok(Config {
             keys,
+            state: StateConfig {
+                path: raw.state.path,
+                flush_interval: raw.state.flush_interval,
+            },
+            ledger: raw.ledger.map(|l| l.path),
             server: ServerConfig {
                 listen: raw.server.listen,
                 admin_listen: raw.server.admin_listen,
@@ -354,6 +468,7 @@ impl Config {
                 api_key,
                 api_key_source,
                 ca_file: raw.upstream.ca_file,
+                inject_usage: raw.upstream.inject_usage,
                 connect_timeout: raw.upstream.connect_timeout,
                 response_header_timeout: raw.upstream.response_header_timeout,
                 idle_timeout: raw.upstream.idle_timeout,
@@ -441,6 +556,9 @@ fn resolve_keys(
             })?,
             None => RawLimits::default(),
         };
+        if raw.quotas.is_some() {
+            merged.quotas = raw.quotas;
+        }
         if raw.models.is_some() {
             merged.models = raw.models;
         }
@@ -514,12 +632,53 @@ fn validate_limits(
         })?),
         None => None,
     };
+    let mut quotas = Vec::new();
+    if let Some(raw_quotas) = &raw.quotas {
+        let key = format!("{prefix}.quotas");
+        for quota in raw_quotas.get_ref() {
+            if quota.tokens == 0 || quota.per < Duration::from_secs(1) {
+                return Err(at(
+                    raw_quotas.span(),
+                    &key,
+                    "each quota needs tokens >= 1 and a window (per) of at least 1s".into(),
+                ));
+            }
+            if quota.per.subsec_nanos() != 0 {
+                return Err(at(
+                    raw_quotas.span(),
+                    &key,
+                    "windows are whole seconds".into(),
+                ));
+            }
+            if quotas.iter().any(|q: &Quota| q.per == quota.per) {
+                return Err(at(
+                    raw_quotas.span(),
+                    &key,
+                    format!("two quotas over the same window ({:?})", quota.per),
+                ));
+            }
+            quotas.push(Quota {
+                tokens: quota.tokens,
+                per: quota.per,
+            });
+        }
+        if !quotas.is_empty() && raw.max_tokens.is_none() && prefix.starts_with("keys") {
+            return Err(at(
+                raw_quotas.span(),
+                &key,
+                "a key with quotas needs max_tokens: a request that names no max_tokens reserves \
+                 the key's cap, so the worst case must be bounded"
+                    .into(),
+            ));
+        }
+    }
     // `["*"]` and no list at all mean the same; keep one spelling.
     let models = raw
         .models
         .clone()
         .filter(|models| !models.iter().any(|m| m == "*"));
     Ok(Limits {
+        quotas,
         models,
         max_tokens,
         concurrency,
@@ -639,9 +798,9 @@ mod tests {
 
     #[test]
     fn later_sections_are_rejected_until_supported() {
-        let err = parse("[server]\n[upstream]\nurl = \"http://a\"\n[ledger]\npath = \"x\"\n")
+        let err = parse("[server]\n[upstream]\nurl = \"http://a\"\n[tracing]\nlevel = \"x\"\n")
             .expect_err("unsupported section must fail");
-        assert!(err.to_string().contains("ledger"), "{err}");
+        assert!(err.to_string().contains("tracing"), "{err}");
     }
 
     #[test]

@@ -53,6 +53,18 @@ pub enum GatewayError {
         limit: String,
         retry_after: Duration,
     },
+    #[error(
+        "token quota exceeded: the {window} window has {used} of {limit} tokens in use and this \
+         request may need {needed}; retry in {}s",
+        retry_after_secs(*.retry_after)
+    )]
+    QuotaExceeded {
+        window: String,
+        limit: u64,
+        used: u64,
+        needed: u64,
+        retry_after: Duration,
+    },
     #[error("too many requests in flight for this key (limit {limit}); retry when one finishes")]
     ConcurrencyLimitExceeded { limit: u32 },
 
@@ -105,6 +117,7 @@ impl GatewayError {
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::RateLimitExceeded { .. }
+            | GatewayError::QuotaExceeded { .. }
             | GatewayError::ConcurrencyLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamUnreachable(_) | GatewayError::UpstreamBroken(_) => {
                 StatusCode::BAD_GATEWAY
@@ -128,6 +141,7 @@ impl GatewayError {
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => "authentication_error",
             GatewayError::RateLimitExceeded { .. }
+            | GatewayError::QuotaExceeded { .. }
             | GatewayError::ConcurrencyLimitExceeded { .. } => "rate_limit_error",
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout
@@ -208,7 +222,8 @@ impl GatewayError {
             | GatewayError::InvalidApiKey => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            GatewayError::RateLimitExceeded { retry_after, .. } => {
+            GatewayError::RateLimitExceeded { retry_after, .. }
+            | GatewayError::QuotaExceeded { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
             }
             GatewayError::ConcurrencyLimitExceeded { .. } => {

@@ -58,6 +58,11 @@ impl Endpoint {
     }
 }
 
+/// Set on a response when the upstream saw the request (it answered, or failed after the request
+/// was sent): such a request may have used tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamReached;
+
 /// The authenticated caller: its key's entry in the live key table.
 #[derive(Clone)]
 pub struct Principal(pub Arc<crate::keys::KeyEntry>);

@@ -3,6 +3,7 @@
 //! The request's way through the gateway is laid out in [`stack`]; each other module is one step
 //! of it or a piece those steps share.
 
+pub mod accounting;
 pub mod admin;
 pub mod auth;
 pub mod body;
@@ -11,17 +12,21 @@ pub mod config;
 pub mod error;
 pub mod extensions;
 pub mod keys;
+pub mod ledger;
 pub mod metrics;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
+pub mod quota;
 pub mod rate_limit;
 pub mod reload;
 pub mod request_body;
 pub mod route;
 pub mod server;
 pub mod stack;
+pub mod state;
 pub mod upstream_body;
+pub mod usage;
 pub mod validate;
 
 pub use config::Config;

@@ -29,6 +29,11 @@ pub struct Metrics {
     pub upstream_errors_total: IntCounterVec,
     pub rejections_total: IntCounterVec,
     pub inflight_requests: IntGaugeVec,
+    pub tokens_total: IntCounterVec,
+    pub time_to_first_token_seconds: HistogramVec,
+    pub quota_used_tokens: IntGaugeVec,
+    pub quota_overrun_tokens_total: IntCounterVec,
+    pub ledger_errors_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -85,6 +90,48 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
 
+        let tokens_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_tokens_total",
+                "Tokens charged, by key, model, kind (prompt|completion) and source (reported|estimated).",
+            ),
+            &["key", "model", "kind", "source"],
+        )
+        .expect("static metric definition is valid");
+        let time_to_first_token_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_time_to_first_token_seconds",
+                "Time from receiving a streamed request to the first byte of its answer.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["key", "model"],
+        )
+        .expect("static metric definition is valid");
+        let quota_used_tokens = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_quota_used_tokens",
+                "Tokens used (settled plus reserved) in each key's current quota window.",
+            ),
+            &["key", "window"],
+        )
+        .expect("static metric definition is valid");
+        let quota_overrun_tokens_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_quota_overrun_tokens_total",
+                "Tokens an upstream produced beyond what the request reserved (it ignored max_tokens).",
+            ),
+            &["key"],
+        )
+        .expect("static metric definition is valid");
+        let ledger_errors_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_ledger_errors_total",
+                "Ledger lines lost: write (disk error), queue_full (disk too slow), closed.",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
+
         for collector in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration_seconds.clone()),
@@ -92,6 +139,11 @@ impl Metrics {
             Box::new(upstream_errors_total.clone()),
             Box::new(rejections_total.clone()),
             Box::new(inflight_requests.clone()),
+            Box::new(tokens_total.clone()),
+            Box::new(time_to_first_token_seconds.clone()),
+            Box::new(quota_used_tokens.clone()),
+            Box::new(quota_overrun_tokens_total.clone()),
+            Box::new(ledger_errors_total.clone()),
         ] {
             registry
                 .register(collector)
@@ -106,7 +158,17 @@ impl Metrics {
             upstream_errors_total,
             rejections_total,
             inflight_requests,
+            tokens_total,
+            time_to_first_token_seconds,
+            quota_used_tokens,
+            quota_overrun_tokens_total,
+            ledger_errors_total,
         }
+    }
+
+    /// Counts one lost ledger line.
+    pub fn ledger_error(&self, reason: &str) {
+        self.ledger_errors_total.with_label_values(&[reason]).inc();
     }
 
     /// Counts one request the gateway refused.

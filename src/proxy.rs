@@ -37,7 +37,7 @@ use tower::Service;
 use crate::body::{BoxError, GatewayBody};
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
-use crate::extensions::{Endpoint, RequestStart};
+use crate::extensions::{Endpoint, RequestStart, UpstreamReached};
 use crate::metrics::Metrics;
 use crate::upstream_body::UpstreamBody;
 
@@ -212,10 +212,21 @@ impl Shared {
             }
             other => other,
         };
-        let response = response.map_err(|failure| self.fail(failure))?;
+        let response = match response {
+            Ok(response) => response,
+            Err(failure) => {
+                let reached = !matches!(failure, Failure::Unreachable(_));
+                let mut response = self.fail(failure).into_response();
+                if reached {
+                    response.extensions_mut().insert(UpstreamReached);
+                }
+                return Ok(response);
+            }
+        };
 
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        parts.extensions.insert(UpstreamReached);
         let body = UpstreamBody::new(incoming, self.upstream.idle_timeout, self.metrics.clone());
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }

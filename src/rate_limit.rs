@@ -162,7 +162,10 @@ where
             return Poll::Ready(Ok(response));
         };
         let (mut parts, body) = response.into_parts();
-        parts.headers.extend(headers);
+        for (name, value) in &headers {
+            // Append: an inner layer may have set its own RateLimit fields already.
+            parts.headers.append(name, value.clone());
+        }
         // The slot is held by the body: a stream counts until it ends or its client leaves.
         let body = WithGuard::new(body, guard).boxed_unsync();
         Poll::Ready(Ok(Response::from_parts(parts, body)))
@@ -217,7 +220,7 @@ fn set_headers(headers: &mut HeaderMap, rate: RateConfig, remaining: u32, reset:
 }
 
 /// A duration the way OpenAI writes `x-ratelimit-reset-*`: `120ms`, `1s`, `6m0s`, `1h2m3s`.
-fn go_duration(d: Duration) -> String {
+pub fn go_duration(d: Duration) -> String {
     if d < Duration::from_secs(1) {
         return format!("{}ms", d.as_millis());
     }

@@ -23,9 +23,12 @@ use crate::body::BoxError;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::keys::{KeyStore, SharedKeys};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::stack::build_stack;
+use crate::stack::Accounting;
+use crate::state::local::LocalState;
 use crate::validate::Schemas;
 
 /// A bound, not yet running, gateway: both listeners are open, so their addresses are known
@@ -35,6 +38,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     keys: SharedKeys,
     schemas: Arc<Schemas>,
+    accounting: Accounting,
     reloader: Option<Arc<Reloader>>,
     listener: TcpListener,
     admin_listener: TcpListener,
@@ -73,11 +77,21 @@ impl Server {
             ))
         });
         let schemas = Arc::new(Schemas::compile()?);
+        let state = Arc::new(LocalState::open(
+            Some(config.state.path.clone()),
+            options.clock.clone(),
+        )?);
+        let ledger = match &config.ledger {
+            Some(path) => Some(Arc::new(Ledger::open(path, metrics.clone())?)),
+            None => None,
+        };
+        let accounting = Accounting { state, ledger };
         Ok(Server {
             config,
             metrics,
             keys,
             schemas,
+            accounting,
             reloader,
             listener,
             admin_listener,
@@ -103,8 +117,15 @@ impl Server {
             &self.config,
             self.keys.clone(),
             self.schemas.clone(),
+            self.accounting.clone(),
             self.metrics.clone(),
         )?;
+        let flusher = tokio::spawn(
+            self.accounting
+                .state
+                .clone()
+                .run_flusher(self.config.state.flush_interval),
+        );
         let reload_task = self
             .reloader
             .clone()
@@ -179,6 +200,21 @@ impl Server {
         admin_task.abort();
         if let Some(task) = reload_task {
             task.abort();
+        }
+        // Every request has settled (or was cut at the deadline, and settled as it dropped):
+        // write what was charged, and the ledger's last lines.
+        flusher.abort();
+        let state = self.accounting.state.clone();
+        match tokio::task::spawn_blocking(move || state.flush()).await {
+            Ok(Ok(())) => tracing::info!("usage state saved"),
+            Ok(Err(error)) => tracing::error!(%error, "cannot save the usage state at shutdown"),
+            Err(error) => tracing::error!(%error, "usage state flush failed"),
+        }
+        if let Some(ledger) = self.accounting.ledger.clone() {
+            let _ = tokio::task::spawn_blocking(move || {
+                ledger.close(std::time::Duration::from_secs(10))
+            })
+            .await;
         }
         Ok(())
     }

@@ -14,7 +14,10 @@
 //! 9. `ValidateBody`     ? [`Endpoint`]; + [`ParsedRequest`]; JSON and schema, 400 otherwise
 //! 10. `EnforcePolicy`   ? [`Principal`], ? [`ParsedRequest`]; models and max_tokens cap, 400
 //!     otherwise (and `RequestTags::model`)
-//! 11. `Proxy`           ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
+//! 11. `Quota`           ? [`Principal`], ? [`ParsedRequest`], ? `RequestTags::model`; reserves the
+//!     worst case in every token window (429 otherwise); sets `include_usage` upstream when the
+//!     client did not; settles to the real usage when the answer ends (`AccountedBody`)
+//! 12. `Proxy`           ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
 //!
 //! [`RequestStart`]: crate::extensions::RequestStart
 //! [`RequestTags`]: crate::extensions::RequestTags
@@ -39,13 +42,16 @@ use crate::body::{BoxError, GatewayBody};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::keys::SharedKeys;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
 use crate::policy::policy_layer;
 use crate::proxy::Proxy;
+use crate::quota::QuotaLayer;
 use crate::rate_limit::RateLimitLayer;
 use crate::request_body::RequestBodyLayer;
 use crate::route::RouteLayer;
+use crate::state::local::LocalState;
 use crate::validate::{validate_layer, Schemas};
 
 /// Builds the gateway's request stack for `config`, with the live key table `keys` (whose clock
@@ -54,6 +60,7 @@ pub fn build_stack(
     config: &Config,
     keys: SharedKeys,
     schemas: Arc<Schemas>,
+    accounting: Accounting,
     metrics: Arc<Metrics>,
 ) -> Result<
     impl Service<
@@ -85,8 +92,22 @@ pub fn build_stack(
         .layer(RequestBodyLayer::new(config.server.max_body_bytes))
         .layer(validate_layer(schemas))
         // After validation: the policy reads the parsed body.
-        .layer(policy_layer(metrics))
+        .layer(policy_layer(metrics.clone()))
+        // Last before the upstream: only requests that will really be sent reserve tokens.
+        .layer(QuotaLayer::new(
+            accounting.state,
+            accounting.ledger,
+            metrics,
+            config.upstream.inject_usage,
+        ))
         .service(proxy))
+}
+
+/// Where usage is charged and written.
+#[derive(Clone)]
+pub struct Accounting {
+    pub state: Arc<LocalState>,
+    pub ledger: Option<Arc<Ledger>>,
 }
 
 fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response<GatewayBody> {

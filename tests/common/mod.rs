@@ -20,9 +20,20 @@ pub fn key_entry(name: &str, token: &str, extra: &str) -> String {
     format!("[[keys]]\nname = \"{name}\"\nsha256 = \"{sha256}\"\n{extra}\n")
 }
 
+/// A fresh path for a gateway's state file, unique to this test run.
+pub fn state_path() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "tollgate-test-{}-{}/state.db",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 /// A config for tests: both listeners on free ports, the upstream at `upstream_url`, plus
-/// `extra_server` lines in `[server]`, `extra_upstream` lines in `[upstream]`, the key `test`,
-/// and `tail` after it (more keys, policies).
+/// `extra_server` lines in `[server]`, `extra_upstream` lines in `[upstream]`, a state file of
+/// its own, the key `test`, and `tail` after it (more keys, policies, `[ledger]`).
 pub fn config_toml(
     upstream_url: &str,
     extra_server: &str,
@@ -31,7 +42,9 @@ pub fn config_toml(
 ) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra_server}\n\
-         [upstream]\nurl = \"{upstream_url}\"\n{extra_upstream}\n{}\n{tail}\n",
+         [upstream]\nurl = \"{upstream_url}\"\n{extra_upstream}\n\
+         [state]\npath = \"{}\"\n{}\n{tail}\n",
+        state_path().display(),
         key_entry("test", TEST_KEY, "")
     )
 }

@@ -13,7 +13,8 @@
 //!   that is not a JSON object – 400 with an OpenAI-style error body.
 //!
 //! Output is a pure function of the request: the `id` is derived from an
-//! FNV-1a hash of the request body, `created` is always 1700000000 and `model`
+//! FNV-1a hash of the request's JSON without its `stream_options` (so a gateway
+//! that adds `include_usage` gets the same id), `created` is always 1700000000 and `model`
 //! echoes the request's `model` (default `mock-model`). Token `i` is the text
 //! `"tok<i> "`. So a response fetched directly and one fetched through a
 //! gateway are byte-identical for the same request. Every SSE event is sent as
@@ -700,6 +701,20 @@ fn json_string(s: &str) -> String {
 }
 
 /// 64-bit FNV-1a.
+/// The hash the `id` comes from: of the request without its `stream_options`, so that a gateway
+/// that asks for usage on the client's behalf still gets the same answer.
+fn conversation_hash(request: &Value, body: &[u8]) -> u64 {
+    match request {
+        Value::Object(map) if map.contains_key("stream_options") => {
+            let mut rest = map.clone();
+            rest.remove("stream_options");
+            fnv1a(Value::Object(rest).to_string().as_bytes())
+        }
+        Value::Object(map) => fnv1a(Value::Object(map.clone()).to_string().as_bytes()),
+        _ => fnv1a(body),
+    }
+}
+
 fn fnv1a(data: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in data {
@@ -811,7 +826,7 @@ impl Generation {
         };
         let tools = knobs.tools && route == Route::Chat;
         Generation {
-            hash: format!("{:016x}", fnv1a(body)),
+            hash: format!("{:016x}", conversation_hash(request, body)),
             model: json_string(
                 request
                     .get("model")

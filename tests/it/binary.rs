@@ -62,8 +62,9 @@ async fn sigterm_drains_a_running_stream_then_exits_cleanly() {
     let port = common::closed_port();
     let admin_port = common::closed_port();
     let config = write_config(&format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_timeout = \"10s\"\n[upstream]\nurl = \"{}\"\n{}",
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_timeout = \"10s\"\n[upstream]\nurl = \"{}\"\n[state]\npath = \"{}\"\n{}",
         upstream.url(),
+        common::state_path().display(),
         common::key_entry("test", common::TEST_KEY, "")
     ));
     let child = Command::new(BIN)
@@ -132,10 +133,12 @@ async fn sighup_reloads_keys_in_a_running_process() {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let port = common::closed_port();
     let admin_port = common::closed_port();
+    let state = common::state_path();
     let config_for = |name: &str, token: &str| {
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n[upstream]\nurl = \"{}\"\n{}",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n[upstream]\nurl = \"{}\"\n[state]\npath = \"{}\"\n{}",
             upstream.url(),
+            state.display(),
             common::key_entry(name, token, "")
         )
     };

@@ -3,6 +3,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod accounting;
 mod binary;
 mod keys;
 mod openai_client;

@@ -1,0 +1,356 @@
+//! Token quotas on the way in, and accounting on the way out.
+//!
+//! Before forwarding, the request's worst case — the prompt estimate plus its `max_tokens` (or
+//! the key's cap when it names none) — is reserved in every window of the key's quotas; a window
+//! without room refuses it with 429, `Retry-After` at that window's reset, and the
+//! `x-ratelimit-*-tokens` headers. After the answer, [`AccountedBody`] settles the reservation to
+//! what was really used. Reserved tokens count as used while a request runs, so any number of
+//! concurrent requests can never together run past a quota (except an upstream that ignores
+//! `max_tokens`: that excess is counted in `tollgate_quota_overrun_tokens_total`).
+//!
+//! Usage injection: a streamed request whose client did not ask for `stream_options.include_usage`
+//! is sent upstream with it (unless `upstream.inject_usage = false`), and the answer goes back
+//! through the [`crate::usage::UsageStripper`], so the client sees what it would have seen
+//! without the gateway while the gateway still gets exact usage.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::accounting::{update_quota_gauges, AccountedBody, Settlement};
+use crate::body::GatewayBody;
+use crate::error::{retry_after_secs, ErrorSource, GatewayError};
+use crate::extensions::{
+    Endpoint, ParsedRequest, Principal, RequestStart, SharedTags, UpstreamReached,
+};
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::observe::OTHER_MODEL;
+use crate::state::local::LocalState;
+use crate::state::WindowStatus;
+use crate::usage::estimate_prompt_tokens_json;
+
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+#[derive(Clone)]
+pub struct QuotaLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Arc<LocalState>,
+    ledger: Option<Arc<Ledger>>,
+    metrics: Arc<Metrics>,
+    inject_usage: bool,
+}
+
+impl QuotaLayer {
+    pub fn new(
+        state: Arc<LocalState>,
+        ledger: Option<Arc<Ledger>>,
+        metrics: Arc<Metrics>,
+        inject_usage: bool,
+    ) -> Self {
+        QuotaLayer {
+            shared: Arc::new(Shared {
+                state,
+                ledger,
+                metrics,
+                inject_usage,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for QuotaLayer {
+    type Service = QuotaService<S>;
+
+    fn layer(&self, inner: S) -> QuotaService<S> {
+        QuotaService {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct QuotaService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Service<Request<Bytes>> for QuotaService<S>
+where
+    S: Service<Request<Bytes>, Response = Response<GatewayBody>, Error = Infallible>,
+{
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Bytes>) -> Self::Future {
+        let (Some(Principal(key)), Some(parsed)) = (
+            request.extensions().get::<Principal>().cloned(),
+            request.extensions().get::<Arc<ParsedRequest>>().cloned(),
+        ) else {
+            // Nothing to account (GET /v1/models).
+            return ResponseFuture::Passthrough {
+                future: self.inner.call(request),
+            };
+        };
+        let prompt_estimate = estimate_prompt_tokens_json(&parsed.json);
+        let mut headers = HeaderMap::new();
+        let reservation = if key.limits.quotas.is_empty() {
+            None
+        } else {
+            let completion = parsed
+                .max_tokens
+                .or(key.limits.max_tokens.map(|cap| u64::from(cap.get())))
+                .unwrap_or(0);
+            let need = prompt_estimate.saturating_add(completion);
+            match self
+                .shared
+                .state
+                .reserve(&key.name, &key.limits.quotas, need)
+            {
+                Ok((reservation, windows)) => {
+                    token_headers(&mut headers, &windows);
+                    update_quota_gauges(
+                        &self.shared.metrics,
+                        &self.shared.state,
+                        &key.name,
+                        &key.limits.quotas,
+                    );
+                    Some(reservation)
+                }
+                Err(denied) => {
+                    self.shared.metrics.rejection(&key.name, "quota");
+                    let windows = self.shared.state.status(&key.name, &key.limits.quotas);
+                    let mut response = GatewayError::QuotaExceeded {
+                        window: crate::config::Quota {
+                            tokens: denied.limit,
+                            per: denied.per,
+                        }
+                        .label(),
+                        limit: denied.limit,
+                        used: denied.used,
+                        needed: denied.needed,
+                        retry_after: denied.retry_after,
+                    }
+                    .into_response();
+                    token_headers(response.headers_mut(), &windows);
+                    return ResponseFuture::Rejected {
+                        response: Some(response),
+                    };
+                }
+            }
+        };
+
+        let strip = self.shared.inject_usage && parsed.stream && !parsed.include_usage;
+        if strip {
+            let body = with_include_usage(request.body(), &parsed);
+            *request.body_mut() = body;
+        }
+        let model = request
+            .extensions()
+            .get::<SharedTags>()
+            .and_then(|tags| tags.model.get().cloned())
+            .unwrap_or_else(|| Arc::from(OTHER_MODEL));
+        let settlement = Settlement {
+            state: self.shared.state.clone(),
+            ledger: self.shared.ledger.clone(),
+            metrics: self.shared.metrics.clone(),
+            key,
+            model,
+            endpoint: request
+                .extensions()
+                .get::<Endpoint>()
+                .map_or("none", |e| e.label()),
+            request_id: request.headers().get("x-request-id").cloned(),
+            start: request
+                .extensions()
+                .get::<RequestStart>()
+                .map_or_else(Instant::now, |s| s.0),
+            reservation,
+            prompt_estimate,
+            status: 0,
+            reached_upstream: false,
+        };
+        ResponseFuture::Accounted {
+            future: self.inner.call(request),
+            pending: Some((settlement, headers, strip)),
+        }
+    }
+}
+
+pin_project! {
+    #[project = ResponseFutureProj]
+    pub enum ResponseFuture<F> {
+        Passthrough { #[pin] future: F },
+        Rejected { response: Option<Response<GatewayBody>> },
+        Accounted {
+            #[pin]
+            future: F,
+            pending: Option<(Settlement, HeaderMap, bool)>,
+        },
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<GatewayBody>, Infallible>>,
+{
+    type Output = Result<Response<GatewayBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Passthrough { future } => future.poll(cx),
+            ResponseFutureProj::Rejected { response } => {
+                Poll::Ready(Ok(response.take().unwrap_or_else(|| {
+                    GatewayError::Internal("polled after completion".into()).into_response()
+                })))
+            }
+            ResponseFutureProj::Accounted { future, pending } => {
+                let Ok(response) = ready!(future.poll(cx));
+                let Some((mut settlement, headers, strip)) = pending.take() else {
+                    return Poll::Ready(Ok(response));
+                };
+                let (mut parts, body) = response.into_parts();
+                settlement.status = parts.status.as_u16();
+                settlement.reached_upstream = parts.extensions.get::<UpstreamReached>().is_some();
+                for (name, value) in &headers {
+                    parts.headers.append(name, value.clone());
+                }
+                if parts.extensions.get::<ErrorSource>().is_some() {
+                    // The gateway's own error (502/504): no body worth watching.
+                    settlement.settle(None, 0, None, crate::accounting::Outcome::UpstreamError);
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                }
+                let sse = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+                if strip && sse {
+                    // The stripped body is shorter: its length is no longer the upstream's.
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                }
+                let body = AccountedBody::new(body, sse, strip && sse, settlement).boxed_unsync();
+                Poll::Ready(Ok(Response::from_parts(parts, body)))
+            }
+        }
+    }
+}
+
+/// The body with `stream_options.include_usage` set. When the client sent no `stream_options`,
+/// the member is inserted after the opening brace and every other byte stays as sent; otherwise
+/// the object is re-serialised with the flag set.
+fn with_include_usage(body: &Bytes, parsed: &ParsedRequest) -> Bytes {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    if parsed.json.get("stream_options").is_none() {
+        if let Some(brace) = body.iter().position(|&b| b == b'{') {
+            let mut out = BytesMut::with_capacity(body.len() + MEMBER.len());
+            out.put_slice(&body[..=brace]);
+            out.put_slice(MEMBER);
+            out.put_slice(&body[brace + 1..]);
+            return out.freeze();
+        }
+    }
+    let mut json = parsed.json.clone();
+    let options = &mut json["stream_options"];
+    if !options.is_object() {
+        *options = serde_json::json!({});
+    }
+    options["include_usage"] = true.into();
+    serde_json::to_vec(&json).map_or_else(|_| body.clone(), Bytes::from)
+}
+
+/// OpenAI's `x-ratelimit-*-tokens` for the tightest window, and every window in the IETF fields.
+fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
+    let Some(tightest) = windows.iter().min_by_key(|w| w.remaining) else {
+        return;
+    };
+    headers.insert(LIMIT_TOKENS, tightest.limit.into());
+    headers.insert(REMAINING_TOKENS, tightest.remaining.into());
+    if let Ok(value) = HeaderValue::try_from(crate::rate_limit::go_duration(tightest.reset_after)) {
+        headers.insert(RESET_TOKENS, value);
+    }
+    for window in windows {
+        if let Ok(value) = HeaderValue::try_from(format!(
+            "\"tokens-{}\";q={};w={}",
+            window_name(window),
+            window.limit,
+            window.per.as_secs()
+        )) {
+            headers.append(RATELIMIT_POLICY, value);
+        }
+    }
+    if let Ok(value) = HeaderValue::try_from(format!(
+        "\"tokens-{}\";r={};t={}",
+        window_name(tightest),
+        tightest.remaining,
+        retry_after_secs(tightest.reset_after)
+    )) {
+        headers.append(RATELIMIT, value);
+    }
+}
+
+fn window_name(window: &WindowStatus) -> String {
+    crate::config::Quota {
+        tokens: window.limit,
+        per: window.per,
+    }
+    .label()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(body: &[u8]) -> ParsedRequest {
+        ParsedRequest::new(serde_json::from_slice(body).expect("JSON"))
+    }
+
+    #[test]
+    fn injection_inserts_one_member_and_keeps_every_other_byte() {
+        let body =
+            Bytes::from_static(b"  {\"model\": \"m\",\n \"stream\": true, \"messages\": []}");
+        let out = with_include_usage(&body, &parsed(&body));
+        assert_eq!(
+            &out[..],
+            &b"  {\"stream_options\":{\"include_usage\":true},\"model\": \"m\",\n \"stream\": true, \"messages\": []}"[..]
+        );
+    }
+
+    #[test]
+    fn injection_sets_the_flag_in_existing_options() {
+        for options in [
+            "null",
+            "{}",
+            "{\"include_usage\":false,\"continuous_usage_stats\":true}",
+        ] {
+            let text = format!("{{\"model\":\"m\",\"stream\":true,\"stream_options\":{options}}}");
+            let body = Bytes::from(text);
+            let out = with_include_usage(&body, &parsed(&body));
+            let json: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+            assert_eq!(json["stream_options"]["include_usage"], true, "{options}");
+            assert_eq!(json["model"], "m");
+        }
+    }
+}

@@ -271,11 +271,30 @@ impl Body for AccountedBody {
                             }
                         }
                     }
-                    let out = match this.stripper.as_mut() {
+                    let mut out = match this.stripper.as_mut() {
                         Some(stripper) => stripper.rewrite(data),
                         None => data,
                     };
+                    // The end may come with the last data frame (a Content-Length body): the
+                    // consumer need not poll again, so settle now.
+                    if this.inner.is_end_stream() {
+                        *this.flushed = true;
+                        if let Some(rest) = this.stripper.as_mut().map(UsageStripper::finish) {
+                            if !rest.is_empty() {
+                                let mut joined = bytes::BytesMut::from(&out[..]);
+                                joined.extend_from_slice(&rest);
+                                out = joined.freeze();
+                            }
+                        }
+                        if let Some(settlement) = this.settlement.take() {
+                            let (usage, chars) = read(this.watch);
+                            settlement.settle(usage, chars, *this.ttft, Outcome::Complete);
+                        }
+                    }
                     if out.is_empty() {
+                        if this.settlement.is_none() {
+                            return Poll::Ready(None);
+                        }
                         // All of it was held back or removed: wait for more.
                         continue;
                     }
@@ -307,7 +326,7 @@ impl Body for AccountedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        // Never claim the end early: the settlement happens when `None` is polled.
+        // Settled means the last frame has been handed out (or the body failed).
         self.settlement.is_none() && self.inner.is_end_stream()
     }
 

@@ -279,6 +279,11 @@ async fn a_mixed_workload_is_charged_exactly_once_per_request_as_reported_or_est
                 case.id
             );
             assert_eq!(line["status"], 200);
+            assert_eq!(
+                line["outcome"], "complete",
+                "{}: delivered whole: {line}",
+                case.id
+            );
             reported += charged;
         }
         assert_eq!(line["key"], "acct");

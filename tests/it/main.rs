@@ -8,4 +8,5 @@ mod binary;
 mod keys;
 mod openai_client;
 mod proxy;
+mod real_upstream;
 mod validate;

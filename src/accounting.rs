@@ -23,12 +23,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::body::{BoxError, GatewayBody};
-use crate::config::Quota;
 use crate::keys::KeyEntry;
 use crate::ledger::{now_rfc3339, Ledger, LedgerEntry};
 use crate::metrics::Metrics;
-use crate::state::local::LocalState;
-use crate::state::Reservation;
+use crate::state::{Backend, Held};
 use crate::usage::{
     completion_chars_from_json, estimate_tokens_from_chars, usage_from_json, SseObserver, Usage,
     UsageStripper, DEFAULT_MAX_LINE_BYTES,
@@ -39,7 +37,7 @@ const MAX_JSON_BYTES: usize = 16 * 1024 * 1024;
 
 /// Everything needed to settle one request once its answer is over.
 pub struct Settlement {
-    pub state: Arc<LocalState>,
+    pub backend: Arc<Backend>,
     pub ledger: Option<Arc<Ledger>>,
     pub metrics: Arc<Metrics>,
     pub key: Arc<KeyEntry>,
@@ -47,7 +45,7 @@ pub struct Settlement {
     pub endpoint: &'static str,
     pub request_id: Option<HeaderValue>,
     pub start: Instant,
-    pub reservation: Option<Reservation>,
+    pub held: Option<Held>,
     pub prompt_estimate: u64,
     pub status: u16,
     /// Whether the upstream saw the request at all.
@@ -92,20 +90,14 @@ impl Settlement {
         };
         let total = prompt.saturating_add(completion);
         let name: &str = &self.key.name;
-        if let Some(reservation) = self.reservation {
-            if total > reservation.amount {
+        if let Some(held) = self.held {
+            if total > held.amount() {
                 self.metrics
                     .quota_overrun_tokens_total
                     .with_label_values(&[name])
-                    .inc_by(total - reservation.amount);
+                    .inc_by(total - held.amount());
             }
-            self.state.settle(reservation, total);
-            update_quota_gauges(
-                &self.metrics,
-                &self.state,
-                &self.key.name,
-                &self.key.limits.quotas,
-            );
+            self.backend.settle(held, total, &self.key.limits.quotas);
         }
         let model: &str = &self.model;
         for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
@@ -143,21 +135,6 @@ impl Settlement {
                 outcome: outcome.label(),
             });
         }
-    }
-}
-
-/// Sets `tollgate_quota_used_tokens` for each of a key's windows.
-pub fn update_quota_gauges(
-    metrics: &Metrics,
-    state: &LocalState,
-    key: &Arc<str>,
-    quotas: &[Quota],
-) {
-    for (quota, status) in quotas.iter().zip(state.status(key, quotas)) {
-        metrics
-            .quota_used_tokens
-            .with_label_values(&[&**key, quota.label().as_str()])
-            .set(i64::try_from(status.used).unwrap_or(i64::MAX));
     }
 }
 

@@ -16,6 +16,7 @@ use crate::body::GatewayBody;
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
+use crate::state::Backend;
 
 /// How long `/readyz` waits for the upstream to accept a connection.
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -24,6 +25,7 @@ const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub upstream: UpstreamConfig,
+    pub backend: Arc<Backend>,
 }
 
 impl Admin {
@@ -66,20 +68,26 @@ impl Admin {
             tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)),
         )
         .await;
-        match probe {
-            Ok(Ok(_)) => json_response(
-                StatusCode::OK,
-                json!({"status": "ready", "config": "loaded", "upstream": "reachable"}),
-            ),
-            Ok(Err(err)) => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "not ready", "config": "loaded", "upstream": format!("unreachable: {err}")}),
-            ),
-            Err(_) => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "not ready", "config": "loaded", "upstream": "connect timed out"}),
-            ),
-        }
+        let (upstream_ok, upstream) = match probe {
+            Ok(Ok(_)) => (true, "reachable".to_owned()),
+            Ok(Err(err)) => (false, format!("unreachable: {err}")),
+            Err(_) => (false, "connect timed out".to_owned()),
+        };
+        let (state_ok, state) = self.backend.readiness().await;
+        let ready = upstream_ok && state_ok;
+        json_response(
+            if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            json!({
+                "status": if ready { "ready" } else { "not ready" },
+                "config": "loaded",
+                "upstream": upstream,
+                "state": state,
+            }),
+        )
     }
 }
 

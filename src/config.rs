@@ -54,6 +54,15 @@ struct RawState {
     path: PathBuf,
     #[serde(default = "defaults::flush_interval", with = "humantime_serde")]
     flush_interval: Duration,
+    redis_url: Option<Spanned<String>>,
+    /// The environment variable holding the Redis password: never in the file.
+    password_env: Option<Spanned<String>>,
+    #[serde(default = "defaults::prefix")]
+    prefix: String,
+    #[serde(default)]
+    on_error: OnError,
+    #[serde(default = "defaults::lease", with = "humantime_serde")]
+    lease: Duration,
 }
 
 impl Default for RawState {
@@ -62,8 +71,24 @@ impl Default for RawState {
             backend: defaults::backend(),
             path: defaults::state_path(),
             flush_interval: defaults::flush_interval(),
+            redis_url: None,
+            password_env: None,
+            prefix: defaults::prefix(),
+            on_error: OnError::default(),
+            lease: defaults::lease(),
         }
     }
+}
+
+/// What the gateway does while the Redis backend is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Admit on this replica's local limits; apply the usage to Redis when it returns.
+    FailOpen,
+    /// Refuse with 503.
+    #[default]
+    FailClosed,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +226,12 @@ mod defaults {
     pub fn flush_interval() -> Duration {
         Duration::from_secs(1)
     }
+    pub fn prefix() -> String {
+        "tollgate:".to_owned()
+    }
+    pub fn lease() -> Duration {
+        Duration::from_secs(30)
+    }
 }
 
 // === runtime config ===
@@ -222,6 +253,20 @@ pub struct StateConfig {
     pub path: PathBuf,
     /// How often charged usage is written; at most this much is lost to a SIGKILL.
     pub flush_interval: Duration,
+    /// Set when `backend = "redis"`.
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` (TLS).
+    pub url: String,
+    pub password: Option<Secret>,
+    /// Every Redis key the gateway writes starts with this.
+    pub prefix: String,
+    pub on_error: OnError,
+    /// How long a concurrency slot outlives a replica that stopped renewing it.
+    pub lease: Duration,
 }
 
 /// A token budget over a fixed window aligned to UTC (see `state::local`).
@@ -431,16 +476,56 @@ impl Config {
         };
 
         let keys = resolve_keys(&raw.policies, raw.keys, &at)?;
-        if raw.state.backend.get_ref() != "local" {
-            return Err(at(
-                raw.state.backend.span(),
-                "state.backend",
-                format!(
-                    "unknown backend {:?}: use \"local\"",
-                    raw.state.backend.get_ref()
-                ),
-            ));
-        }
+        let redis = match raw.state.backend.get_ref().as_str() {
+            "local" => None,
+            "redis" => {
+                let Some(url) = raw.state.redis_url else {
+                    return Err(at(
+                        raw.state.backend.span(),
+                        "state.redis_url",
+                        "the redis backend needs redis_url = \"redis://host:6379\"".into(),
+                    ));
+                };
+                let scheme_ok =
+                    url.get_ref().starts_with("redis://") || url.get_ref().starts_with("rediss://");
+                if !scheme_ok {
+                    return Err(at(
+                        url.span(),
+                        "state.redis_url",
+                        "must start with redis:// or rediss:// (TLS)".into(),
+                    ));
+                }
+                let password = match &raw.state.password_env {
+                    Some(env) => Some(std::env::var(env.get_ref()).map(Secret).map_err(|_| {
+                        at(
+                            env.span(),
+                            "state.password_env",
+                            format!("environment variable {} is not set", env.get_ref()),
+                        )
+                    })?),
+                    None => None,
+                };
+                if raw.state.lease < Duration::from_secs(1) {
+                    return Err(ConfigError(format!(
+                        "{origin}: state.lease must be at least 1s"
+                    )));
+                }
+                Some(RedisConfig {
+                    url: url.into_inner(),
+                    password,
+                    prefix: raw.state.prefix,
+                    on_error: raw.state.on_error,
+                    lease: raw.state.lease,
+                })
+            }
+            other => {
+                return Err(at(
+                    raw.state.backend.span(),
+                    "state.backend",
+                    format!("unknown backend {other:?}: use \"local\" or \"redis\""),
+                ))
+            }
+        };
         if raw.state.flush_interval.is_zero() {
             return Err(ConfigError(format!(
                 "{origin}: state.flush_interval must be longer than 0s"
@@ -452,6 +537,7 @@ impl Config {
             state: StateConfig {
                 path: raw.state.path,
                 flush_interval: raw.state.flush_interval,
+                redis,
             },
             ledger: raw.ledger.map(|l| l.path),
             server: ServerConfig {

@@ -76,6 +76,10 @@ pub enum GatewayError {
     #[error("upstream connection failed")]
     UpstreamBroken(#[source] BoxError),
 
+    // --- the shared state ---
+    #[error("the gateway's shared state is unreachable; try again shortly")]
+    StateUnavailable(#[source] BoxError),
+
     // --- the gateway itself ---
     #[error("internal error")]
     Internal(String),
@@ -123,6 +127,7 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -146,6 +151,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout
             | GatewayError::UpstreamBroken(_)
+            | GatewayError::StateUnavailable(_)
             | GatewayError::Internal(_) => "api_error",
         }
     }
@@ -226,7 +232,7 @@ impl GatewayError {
             | GatewayError::QuotaExceeded { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
             }
-            GatewayError::ConcurrencyLimitExceeded { .. } => {
+            GatewayError::ConcurrencyLimitExceeded { .. } | GatewayError::StateUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub quota_used_tokens: IntGaugeVec,
     pub quota_overrun_tokens_total: IntCounterVec,
     pub ledger_errors_total: IntCounterVec,
+    pub state_errors_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -132,6 +133,15 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
 
+        let state_errors_total = IntCounterVec::new(
+            Opts::new(
+                "tollgate_state_errors_total",
+                "Calls to the shared state backend (Redis) that failed, by operation.",
+            ),
+            &["op"],
+        )
+        .expect("static metric definition is valid");
+
         for collector in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration_seconds.clone()),
@@ -144,6 +154,7 @@ impl Metrics {
             Box::new(quota_used_tokens.clone()),
             Box::new(quota_overrun_tokens_total.clone()),
             Box::new(ledger_errors_total.clone()),
+            Box::new(state_errors_total.clone()),
         ] {
             registry
                 .register(collector)
@@ -163,7 +174,13 @@ impl Metrics {
             quota_used_tokens,
             quota_overrun_tokens_total,
             ledger_errors_total,
+            state_errors_total,
         }
+    }
+
+    /// Counts one failed state-backend call.
+    pub fn state_error(&self, op: &str) {
+        self.state_errors_total.with_label_values(&[op]).inc();
     }
 
     /// Counts one lost ledger line.

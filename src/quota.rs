@@ -14,20 +14,19 @@
 //! without the gateway while the gateway still gets exact usage.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
-use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::accounting::{update_quota_gauges, AccountedBody, Settlement};
+use crate::accounting::{AccountedBody, Outcome, Settlement};
 use crate::body::GatewayBody;
+use crate::config::Quota;
 use crate::error::{retry_after_secs, ErrorSource, GatewayError};
 use crate::extensions::{
     Endpoint, ParsedRequest, Principal, RequestStart, SharedTags, UpstreamReached,
@@ -35,8 +34,7 @@ use crate::extensions::{
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::observe::OTHER_MODEL;
-use crate::state::local::LocalState;
-use crate::state::WindowStatus;
+use crate::state::{Backend, WindowStatus};
 use crate::usage::estimate_prompt_tokens_json;
 
 const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
@@ -51,7 +49,7 @@ pub struct QuotaLayer {
 }
 
 struct Shared {
-    state: Arc<LocalState>,
+    backend: Arc<Backend>,
     ledger: Option<Arc<Ledger>>,
     metrics: Arc<Metrics>,
     inject_usage: bool,
@@ -59,14 +57,14 @@ struct Shared {
 
 impl QuotaLayer {
     pub fn new(
-        state: Arc<LocalState>,
+        backend: Arc<Backend>,
         ledger: Option<Arc<Ledger>>,
         metrics: Arc<Metrics>,
         inject_usage: bool,
     ) -> Self {
         QuotaLayer {
             shared: Arc::new(Shared {
-                state,
+                backend,
                 ledger,
                 metrics,
                 inject_usage,
@@ -94,29 +92,48 @@ pub struct QuotaService<S> {
 
 impl<S> Service<Request<Bytes>> for QuotaService<S>
 where
-    S: Service<Request<Bytes>, Response = Response<GatewayBody>, Error = Infallible>,
+    S: Service<Request<Bytes>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
 {
     type Response = Response<GatewayBody>;
     type Error = Infallible;
-    type Future = ResponseFuture<S::Future>;
+    type Future = BoxFuture<'static, Result<Response<GatewayBody>, Infallible>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        // Take the service that poll_ready made ready; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        Box::pin(shared.account(inner, request))
+    }
+}
+
+impl Shared {
+    async fn account<S>(
+        self: Arc<Self>,
+        mut inner: S,
+        mut request: Request<Bytes>,
+    ) -> Result<Response<GatewayBody>, Infallible>
+    where
+        S: Service<Request<Bytes>, Response = Response<GatewayBody>, Error = Infallible>,
+    {
         let (Some(Principal(key)), Some(parsed)) = (
             request.extensions().get::<Principal>().cloned(),
             request.extensions().get::<Arc<ParsedRequest>>().cloned(),
         ) else {
             // Nothing to account (GET /v1/models).
-            return ResponseFuture::Passthrough {
-                future: self.inner.call(request),
-            };
+            return inner.call(request).await;
         };
         let prompt_estimate = estimate_prompt_tokens_json(&parsed.json);
         let mut headers = HeaderMap::new();
-        let reservation = if key.limits.quotas.is_empty() {
+        let held = if key.limits.quotas.is_empty() {
             None
         } else {
             let completion = parsed
@@ -125,44 +142,46 @@ where
                 .unwrap_or(0);
             let need = prompt_estimate.saturating_add(completion);
             match self
-                .shared
-                .state
+                .backend
                 .reserve(&key.name, &key.limits.quotas, need)
+                .await
             {
-                Ok((reservation, windows)) => {
+                Ok(Ok((held, windows))) => {
                     token_headers(&mut headers, &windows);
-                    update_quota_gauges(
-                        &self.shared.metrics,
-                        &self.shared.state,
-                        &key.name,
-                        &key.limits.quotas,
-                    );
-                    Some(reservation)
+                    Some(held)
                 }
-                Err(denied) => {
-                    self.shared.metrics.rejection(&key.name, "quota");
-                    let windows = self.shared.state.status(&key.name, &key.limits.quotas);
+                Ok(Err(denied)) => {
+                    self.metrics.rejection(&key.name, "quota");
+                    let window = Quota {
+                        tokens: denied.limit,
+                        per: denied.per,
+                    };
                     let mut response = GatewayError::QuotaExceeded {
-                        window: crate::config::Quota {
-                            tokens: denied.limit,
-                            per: denied.per,
-                        }
-                        .label(),
+                        window: window.label(),
                         limit: denied.limit,
                         used: denied.used,
                         needed: denied.needed,
                         retry_after: denied.retry_after,
                     }
                     .into_response();
-                    token_headers(response.headers_mut(), &windows);
-                    return ResponseFuture::Rejected {
-                        response: Some(response),
+                    let status = WindowStatus {
+                        per: denied.per,
+                        limit: denied.limit,
+                        used: denied.used,
+                        remaining: denied.limit.saturating_sub(denied.used),
+                        reset_after: denied.retry_after,
                     };
+                    token_headers(response.headers_mut(), &[status]);
+                    return Ok(response);
+                }
+                Err(unavailable) => {
+                    self.metrics.rejection(&key.name, "state_unavailable");
+                    return Ok(GatewayError::StateUnavailable(unavailable.into()).into_response());
                 }
             }
         };
 
-        let strip = self.shared.inject_usage && parsed.stream && !parsed.include_usage;
+        let strip = self.inject_usage && parsed.stream && !parsed.include_usage;
         if strip {
             let body = with_include_usage(request.body(), &parsed);
             *request.body_mut() = body;
@@ -172,10 +191,10 @@ where
             .get::<SharedTags>()
             .and_then(|tags| tags.model.get().cloned())
             .unwrap_or_else(|| Arc::from(OTHER_MODEL));
-        let settlement = Settlement {
-            state: self.shared.state.clone(),
-            ledger: self.shared.ledger.clone(),
-            metrics: self.shared.metrics.clone(),
+        let mut settlement = Settlement {
+            backend: self.backend.clone(),
+            ledger: self.ledger.clone(),
+            metrics: self.metrics.clone(),
             key,
             model,
             endpoint: request
@@ -187,74 +206,35 @@ where
                 .extensions()
                 .get::<RequestStart>()
                 .map_or_else(Instant::now, |s| s.0),
-            reservation,
+            held,
             prompt_estimate,
             status: 0,
             reached_upstream: false,
         };
-        ResponseFuture::Accounted {
-            future: self.inner.call(request),
-            pending: Some((settlement, headers, strip)),
+
+        let Ok(response) = inner.call(request).await;
+        let (mut parts, body) = response.into_parts();
+        settlement.status = parts.status.as_u16();
+        settlement.reached_upstream = parts.extensions.get::<UpstreamReached>().is_some();
+        for (name, value) in &headers {
+            parts.headers.append(name, value.clone());
         }
-    }
-}
-
-pin_project! {
-    #[project = ResponseFutureProj]
-    pub enum ResponseFuture<F> {
-        Passthrough { #[pin] future: F },
-        Rejected { response: Option<Response<GatewayBody>> },
-        Accounted {
-            #[pin]
-            future: F,
-            pending: Option<(Settlement, HeaderMap, bool)>,
-        },
-    }
-}
-
-impl<F> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<GatewayBody>, Infallible>>,
-{
-    type Output = Result<Response<GatewayBody>, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            ResponseFutureProj::Passthrough { future } => future.poll(cx),
-            ResponseFutureProj::Rejected { response } => {
-                Poll::Ready(Ok(response.take().unwrap_or_else(|| {
-                    GatewayError::Internal("polled after completion".into()).into_response()
-                })))
-            }
-            ResponseFutureProj::Accounted { future, pending } => {
-                let Ok(response) = ready!(future.poll(cx));
-                let Some((mut settlement, headers, strip)) = pending.take() else {
-                    return Poll::Ready(Ok(response));
-                };
-                let (mut parts, body) = response.into_parts();
-                settlement.status = parts.status.as_u16();
-                settlement.reached_upstream = parts.extensions.get::<UpstreamReached>().is_some();
-                for (name, value) in &headers {
-                    parts.headers.append(name, value.clone());
-                }
-                if parts.extensions.get::<ErrorSource>().is_some() {
-                    // The gateway's own error (502/504): no body worth watching.
-                    settlement.settle(None, 0, None, crate::accounting::Outcome::UpstreamError);
-                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
-                }
-                let sse = parts
-                    .headers
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-                if strip && sse {
-                    // The stripped body is shorter: its length is no longer the upstream's.
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                }
-                let body = AccountedBody::new(body, sse, strip && sse, settlement).boxed_unsync();
-                Poll::Ready(Ok(Response::from_parts(parts, body)))
-            }
+        if parts.extensions.get::<ErrorSource>().is_some() {
+            // The gateway's own error (502/504): no body worth watching.
+            settlement.settle(None, 0, None, Outcome::UpstreamError);
+            return Ok(Response::from_parts(parts, body));
         }
+        let sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        if strip && sse {
+            // The stripped body is shorter: its length is no longer the upstream's.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        let body = AccountedBody::new(body, sse, strip && sse, settlement).boxed_unsync();
+        Ok(Response::from_parts(parts, body))
     }
 }
 
@@ -312,7 +292,7 @@ fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
 }
 
 fn window_name(window: &WindowStatus) -> String {
-    crate::config::Quota {
+    Quota {
         tokens: window.limit,
         per: window.per,
     }

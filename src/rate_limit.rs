@@ -1,5 +1,6 @@
-//! Per-key limits on the way in: requests in flight (concurrency) and request rate (GCRA via
-//! governor), each refused with its own 429 and `Retry-After`.
+//! Per-key limits on the way in: requests in flight (concurrency) and request rate (GCRA: governor
+//! locally, a Lua script in Redis — see [`crate::state`]), each refused with its own 429 and
+//! `Retry-After`; 503 when the shared state is unreachable under `fail_closed`.
 //!
 //! Edge cases:
 //! - The in-flight slot is taken first (cheap, and given back if the rate refuses), and held by
@@ -10,27 +11,22 @@
 //!   `RateLimit` fields are set on every answer of a rate-limited key, 429s included.
 
 use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::Either;
-use governor::clock::Clock as _;
-use governor::middleware::StateSnapshot;
+use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
-use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::{GatewayBody, WithGuard};
-use crate::clock::Clock;
 use crate::config::RateLimit as RateConfig;
 use crate::error::{retry_after_secs, GatewayError};
 use crate::extensions::Principal;
-use crate::keys::InflightGuard;
+use crate::keys::KeyEntry;
 use crate::metrics::Metrics;
+use crate::state::{Backend, Refusal};
 
 const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
 const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
@@ -40,13 +36,13 @@ const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 #[derive(Clone)]
 pub struct RateLimitLayer {
-    clock: Clock,
+    backend: Arc<Backend>,
     metrics: Arc<Metrics>,
 }
 
 impl RateLimitLayer {
-    pub fn new(clock: Clock, metrics: Arc<Metrics>) -> Self {
-        RateLimitLayer { clock, metrics }
+    pub fn new(backend: Arc<Backend>, metrics: Arc<Metrics>) -> Self {
+        RateLimitLayer { backend, metrics }
     }
 }
 
@@ -56,7 +52,7 @@ impl<S> Layer<S> for RateLimitLayer {
     fn layer(&self, inner: S) -> RateLimit<S> {
         RateLimit {
             inner,
-            clock: self.clock.clone(),
+            backend: self.backend.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -65,110 +61,90 @@ impl<S> Layer<S> for RateLimitLayer {
 #[derive(Clone)]
 pub struct RateLimit<S> {
     inner: S,
-    clock: Clock,
+    backend: Arc<Backend>,
     metrics: Arc<Metrics>,
 }
 
 impl<S, B> Service<Request<B>> for RateLimit<S>
 where
-    S: Service<Request<B>, Response = Response<GatewayBody>, Error = Infallible>,
+    S: Service<Request<B>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: Send + 'static,
 {
     type Response = Response<GatewayBody>;
     type Error = Infallible;
-    type Future =
-        Either<Ready<Result<Response<GatewayBody>, Infallible>>, ResponseFuture<S::Future>>;
+    type Future = BoxFuture<'static, Result<Response<GatewayBody>, Infallible>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        match self.admit(&request) {
-            Ok((guard, headers)) => Either::Right(ResponseFuture {
-                inner: self.inner.call(request),
-                admitted: Some((guard, headers)),
-            }),
-            Err(response) => Either::Left(ready(Ok(*response))),
-        }
-    }
-}
-
-impl<S> RateLimit<S> {
-    /// Takes an in-flight slot and a rate cell, or answers why not (boxed: refusals are the
-    /// rare path, and keep the result small).
-    fn admit<B>(
-        &self,
-        request: &Request<B>,
-    ) -> Result<(InflightGuard, HeaderMap), Box<Response<GatewayBody>>> {
-        let Some(Principal(key)) = request.extensions().get::<Principal>() else {
-            // The auth layer must run first; never let a request through unidentified.
-            return Err(Box::new(
-                GatewayError::Internal("rate limit reached without a principal".into())
-                    .into_response(),
-            ));
-        };
-        let guard = key
-            .inflight
-            .try_acquire(key.limits.concurrency)
-            .ok_or_else(|| {
-                self.metrics.rejection(&key.name, "concurrency");
-                Box::new(
-                    GatewayError::ConcurrencyLimitExceeded {
-                        limit: key.limits.concurrency.map_or(0, |l| l.get()),
-                    }
-                    .into_response(),
-                )
-            })?;
-        let mut headers = HeaderMap::new();
-        if let (Some(limiter), Some(rate)) = (&key.limiter, key.limits.rate) {
-            match limiter.check() {
-                Ok(snapshot) => rate_headers(&mut headers, rate, &snapshot),
-                Err(not_until) => {
-                    drop(guard);
-                    self.metrics.rejection(&key.name, "rate");
-                    let wait = not_until.wait_time_from(self.clock.now());
-                    let mut response = GatewayError::RateLimitExceeded {
-                        limit: describe(rate),
-                        retry_after: wait,
-                    }
-                    .into_response();
-                    denied_headers(response.headers_mut(), rate, wait);
-                    return Err(Box::new(response));
+        // Take the service that poll_ready made ready; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let backend = self.backend.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let Some(Principal(key)) = request.extensions().get::<Principal>().cloned() else {
+                // The auth layer must run first; never let a request through unidentified.
+                return Ok(
+                    GatewayError::Internal("rate limit reached without a principal".into())
+                        .into_response(),
+                );
+            };
+            let admission = match backend.admit(&key).await {
+                Ok(admission) => admission,
+                Err(refusal) => return Ok(refuse(&key, refusal, &metrics)),
+            };
+            let Ok(response) = inner.call(request).await;
+            let (mut parts, body) = response.into_parts();
+            if let (Some(rate), Some((remaining, reset))) = (key.limits.rate, admission.rate) {
+                let mut headers = HeaderMap::new();
+                set_headers(&mut headers, rate, remaining, reset);
+                for (name, value) in &headers {
+                    // Append: an inner layer may have set its own RateLimit fields already.
+                    parts.headers.append(name, value.clone());
                 }
             }
-        }
-        Ok((guard, headers))
+            // The slot is held by the body: a stream counts until it ends or its client leaves.
+            let body = WithGuard::new(body, admission.slot).boxed_unsync();
+            Ok(Response::from_parts(parts, body))
+        })
     }
 }
 
-pin_project! {
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        admitted: Option<(InflightGuard, HeaderMap)>,
-    }
-}
-
-impl<F> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<GatewayBody>, Infallible>>,
-{
-    type Output = Result<Response<GatewayBody>, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Ok(response) = ready!(this.inner.poll(cx));
-        let Some((guard, headers)) = this.admitted.take() else {
-            return Poll::Ready(Ok(response));
-        };
-        let (mut parts, body) = response.into_parts();
-        for (name, value) in &headers {
-            // Append: an inner layer may have set its own RateLimit fields already.
-            parts.headers.append(name, value.clone());
+/// The answer for a request the limits refused.
+fn refuse(key: &KeyEntry, refusal: Refusal, metrics: &Metrics) -> Response<GatewayBody> {
+    match refusal {
+        Refusal::Concurrency => {
+            metrics.rejection(&key.name, "concurrency");
+            GatewayError::ConcurrencyLimitExceeded {
+                limit: key.limits.concurrency.map_or(0, |l| l.get()),
+            }
+            .into_response()
         }
-        // The slot is held by the body: a stream counts until it ends or its client leaves.
-        let body = WithGuard::new(body, guard).boxed_unsync();
-        Poll::Ready(Ok(Response::from_parts(parts, body)))
+        Refusal::Rate { wait } => {
+            metrics.rejection(&key.name, "rate");
+            let Some(rate) = key.limits.rate else {
+                return GatewayError::Internal("rate refusal without a rate".into())
+                    .into_response();
+            };
+            let mut response = GatewayError::RateLimitExceeded {
+                limit: describe(rate),
+                retry_after: wait,
+            }
+            .into_response();
+            set_headers(response.headers_mut(), rate, 0, wait);
+            response
+        }
+        Refusal::Unavailable(error) => {
+            metrics.rejection(&key.name, "state_unavailable");
+            GatewayError::StateUnavailable(error.into()).into_response()
+        }
     }
 }
 
@@ -179,23 +155,6 @@ fn describe(rate: RateConfig) -> String {
         rate.requests,
         humantime::format_duration(rate.per)
     )
-}
-
-/// How long until one more request is allowed, per cell.
-fn period(rate: RateConfig) -> Duration {
-    rate.per / rate.requests.get()
-}
-
-fn rate_headers(headers: &mut HeaderMap, rate: RateConfig, snapshot: &StateSnapshot) {
-    let remaining = snapshot.remaining_burst_capacity();
-    // Back to a full burst once every used cell has been replenished.
-    let used = rate.burst.get().saturating_sub(remaining);
-    let reset = period(rate) * used;
-    set_headers(headers, rate, remaining, reset);
-}
-
-fn denied_headers(headers: &mut HeaderMap, rate: RateConfig, wait: Duration) {
-    set_headers(headers, rate, 0, wait);
 }
 
 fn set_headers(headers: &mut HeaderMap, rate: RateConfig, remaining: u32, reset: Duration) {

@@ -29,6 +29,8 @@ use crate::reload::Reloader;
 use crate::stack::build_stack;
 use crate::stack::Accounting;
 use crate::state::local::LocalState;
+use crate::state::redis::RedisState;
+use crate::state::{Backend, Store};
 use crate::validate::Schemas;
 
 /// A bound, not yet running, gateway: both listeners are open, so their addresses are known
@@ -77,15 +79,22 @@ impl Server {
             ))
         });
         let schemas = Arc::new(Schemas::compile()?);
-        let state = Arc::new(LocalState::open(
-            Some(config.state.path.clone()),
-            options.clock.clone(),
-        )?);
+        let store = match &config.state.redis {
+            None => Store::Local(Arc::new(LocalState::open(
+                Some(config.state.path.clone()),
+                options.clock.clone(),
+            )?)),
+            Some(redis) => Store::Redis {
+                redis: Arc::new(RedisState::connect(redis, metrics.clone())?),
+                fallback: Arc::new(LocalState::open(None, options.clock.clone())?),
+            },
+        };
+        let backend = Arc::new(Backend::new(store, options.clock.clone(), metrics.clone()));
         let ledger = match &config.ledger {
             Some(path) => Some(Arc::new(Ledger::open(path, metrics.clone())?)),
             None => None,
         };
-        let accounting = Accounting { state, ledger };
+        let accounting = Accounting { backend, ledger };
         Ok(Server {
             config,
             metrics,
@@ -120,12 +129,15 @@ impl Server {
             self.accounting.clone(),
             self.metrics.clone(),
         )?;
-        let flusher = tokio::spawn(
-            self.accounting
-                .state
-                .clone()
-                .run_flusher(self.config.state.flush_interval),
-        );
+        let flusher =
+            self.accounting.backend.local().map(|local| {
+                tokio::spawn(local.clone().run_flusher(self.config.state.flush_interval))
+            });
+        let renewer = self
+            .accounting
+            .backend
+            .redis()
+            .map(|redis| tokio::spawn(redis.clone().run_renewer()));
         let reload_task = self
             .reloader
             .clone()
@@ -133,6 +145,7 @@ impl Server {
         let admin = Admin {
             metrics: self.metrics.clone(),
             upstream: self.config.upstream.clone(),
+            backend: self.accounting.backend.clone(),
         };
         let admin_addr = self.admin_addr()?;
         let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin));
@@ -203,12 +216,21 @@ impl Server {
         }
         // Every request has settled (or was cut at the deadline, and settled as it dropped):
         // write what was charged, and the ledger's last lines.
-        flusher.abort();
-        let state = self.accounting.state.clone();
-        match tokio::task::spawn_blocking(move || state.flush()).await {
-            Ok(Ok(())) => tracing::info!("usage state saved"),
-            Ok(Err(error)) => tracing::error!(%error, "cannot save the usage state at shutdown"),
-            Err(error) => tracing::error!(%error, "usage state flush failed"),
+        self.accounting
+            .backend
+            .drain(std::time::Duration::from_secs(5))
+            .await;
+        for task in [flusher, renewer].into_iter().flatten() {
+            task.abort();
+        }
+        if let Some(local) = self.accounting.backend.local().cloned() {
+            match tokio::task::spawn_blocking(move || local.flush()).await {
+                Ok(Ok(())) => tracing::info!("usage state saved"),
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "cannot save the usage state at shutdown")
+                }
+                Err(error) => tracing::error!(%error, "usage state flush failed"),
+            }
         }
         if let Some(ledger) = self.accounting.ledger.clone() {
             let _ = tokio::task::spawn_blocking(move || {

@@ -51,7 +51,7 @@ use crate::quota::QuotaLayer;
 use crate::rate_limit::RateLimitLayer;
 use crate::request_body::RequestBodyLayer;
 use crate::route::RouteLayer;
-use crate::state::local::LocalState;
+use crate::state::Backend;
 use crate::validate::{validate_layer, Schemas};
 
 /// Builds the gateway's request stack for `config`, with the live key table `keys` (whose clock
@@ -74,7 +74,6 @@ pub fn build_stack(
     BoxError,
 > {
     let proxy = Proxy::new(&config.upstream, metrics.clone())?;
-    let clock = keys.load().clock().clone();
     Ok(ServiceBuilder::new()
         // First, so that even the access log and error answers carry the id.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -88,14 +87,17 @@ pub fn build_stack(
         // Before limits: an unknown caller must not spend anyone's allowance.
         .layer(auth_layer(keys, metrics.clone()))
         // Before the body is read: a refused request costs no buffering.
-        .layer(RateLimitLayer::new(clock, metrics.clone()))
+        .layer(RateLimitLayer::new(
+            accounting.backend.clone(),
+            metrics.clone(),
+        ))
         .layer(RequestBodyLayer::new(config.server.max_body_bytes))
         .layer(validate_layer(schemas))
         // After validation: the policy reads the parsed body.
         .layer(policy_layer(metrics.clone()))
         // Last before the upstream: only requests that will really be sent reserve tokens.
         .layer(QuotaLayer::new(
-            accounting.state,
+            accounting.backend,
             accounting.ledger,
             metrics,
             config.upstream.inject_usage,
@@ -106,7 +108,7 @@ pub fn build_stack(
 /// Where usage is charged and written.
 #[derive(Clone)]
 pub struct Accounting {
-    pub state: Arc<LocalState>,
+    pub backend: Arc<Backend>,
     pub ledger: Option<Arc<Ledger>>,
 }
 

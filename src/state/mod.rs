@@ -1,10 +1,28 @@
-//! Where token windows live: `local` (in this process, persisted to a file) — and the types every
-//! backend shares.
+//! Where limits and token windows live, and what happens when that place cannot be reached.
+//!
+//! - `local` ([`local::LocalState`] plus each key's governor limiter and in-flight counter): this
+//!   process only; windows saved to a file.
+//! - `redis` ([`redis::RedisState`]): shared by every replica; when Redis is unreachable,
+//!   `on_error = "fail_closed"` refuses with 503 and `"fail_open"` falls back to this replica's
+//!   local limits and an in-memory window (see `state::redis` for what happens to that usage).
+//!
+//! [`Backend`] is the one place the layers call, so the choice is made here and nowhere else.
 
 pub mod local;
+pub mod redis;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use governor::clock::Clock as _;
+
+use self::local::LocalState;
+use self::redis::{Admit, Lease, RedisState, Unavailable};
+use crate::clock::Clock;
+use crate::config::{OnError, Quota};
+use crate::keys::{InflightGuard, KeyEntry};
+use crate::metrics::Metrics;
 
 /// Tokens held for one request in each of its key's windows, until settled.
 #[derive(Debug)]
@@ -36,4 +54,251 @@ pub struct WindowStatus {
     pub used: u64,
     pub remaining: u64,
     pub reset_after: Duration,
+}
+
+/// A request's place among its key's requests in flight: a local count always (the
+/// `tollgate_inflight_requests` gauge), and a Redis lease when the limit is shared.
+pub struct Slot {
+    _local: InflightGuard,
+    _lease: Option<Lease>,
+}
+
+/// Why a request was not admitted.
+pub enum Refusal {
+    Concurrency,
+    Rate { wait: Duration },
+    Unavailable(Unavailable),
+}
+
+/// A request admitted: its slot, and `(remaining, reset)` of its rate when it has one.
+pub struct Admission {
+    pub slot: Slot,
+    pub rate: Option<(u32, Duration)>,
+}
+
+/// Where a reservation was made, so that it is settled in the same place.
+#[derive(Debug)]
+pub struct Held {
+    pub reservation: Reservation,
+    /// Made in this process (the local backend, or Redis's fail-open fallback).
+    local: bool,
+}
+
+impl Held {
+    pub fn amount(&self) -> u64 {
+        self.reservation.amount
+    }
+}
+
+pub enum Store {
+    Local(Arc<LocalState>),
+    Redis {
+        redis: Arc<RedisState>,
+        /// In memory, for `fail_open` while Redis is away.
+        fallback: Arc<LocalState>,
+    },
+}
+
+pub struct Backend {
+    pub store: Store,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    /// Redis settlements running in the background, waited for at shutdown.
+    settling: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    pub fn new(store: Store, clock: Clock, metrics: Arc<Metrics>) -> Backend {
+        Backend {
+            store,
+            clock,
+            metrics,
+            settling: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Takes a slot and a rate cell for `key`.
+    pub async fn admit(&self, key: &KeyEntry) -> Result<Admission, Refusal> {
+        let shared = key.limits.concurrency.is_some() || key.limits.rate.is_some();
+        if let (Store::Redis { redis, .. }, true) = (&self.store, shared) {
+            let concurrency = key.limits.concurrency.map(|c| c.get());
+            match redis.admit(&key.name, concurrency, key.limits.rate).await {
+                Ok(Admit::Admitted { lease, rate }) => {
+                    return key
+                        .inflight
+                        .try_acquire(None)
+                        .map(|local| Admission {
+                            slot: Slot {
+                                _local: local,
+                                _lease: lease,
+                            },
+                            rate,
+                        })
+                        .ok_or(Refusal::Concurrency);
+                }
+                Ok(Admit::ConcurrencyFull) => return Err(Refusal::Concurrency),
+                Ok(Admit::RateLimited { wait }) => return Err(Refusal::Rate { wait }),
+                Err(unavailable) if redis.on_error() == OnError::FailClosed => {
+                    return Err(Refusal::Unavailable(unavailable))
+                }
+                // fail_open: this replica's own limits stand in.
+                Err(_) => {}
+            }
+        }
+        self.admit_locally(key)
+    }
+
+    fn admit_locally(&self, key: &KeyEntry) -> Result<Admission, Refusal> {
+        let local = key
+            .inflight
+            .try_acquire(key.limits.concurrency)
+            .ok_or(Refusal::Concurrency)?;
+        let rate = match (&key.limiter, key.limits.rate) {
+            (Some(limiter), Some(rate)) => match limiter.check() {
+                Ok(snapshot) => {
+                    let remaining = snapshot.remaining_burst_capacity();
+                    let used = rate.burst.get().saturating_sub(remaining);
+                    Some((remaining, rate.per / rate.requests.get() * used))
+                }
+                Err(not_until) => {
+                    return Err(Refusal::Rate {
+                        wait: not_until.wait_time_from(self.clock.now()),
+                    })
+                }
+            },
+            _ => None,
+        };
+        Ok(Admission {
+            slot: Slot {
+                _local: local,
+                _lease: None,
+            },
+            rate,
+        })
+    }
+
+    /// Reserves `amount` tokens in every window of `quotas`, or says which window has no room.
+    pub async fn reserve(
+        &self,
+        key: &Arc<str>,
+        quotas: &[Quota],
+        amount: u64,
+    ) -> Result<Result<(Held, Vec<WindowStatus>), QuotaDenied>, Unavailable> {
+        let (result, local) = match &self.store {
+            Store::Local(local) => (local.reserve(key, quotas, amount), true),
+            Store::Redis { redis, fallback } => match redis.reserve(key, quotas, amount).await {
+                Ok(result) => (result, false),
+                Err(unavailable) if redis.on_error() == OnError::FailClosed => {
+                    return Err(unavailable)
+                }
+                Err(_) => (fallback.reserve(key, quotas, amount), true),
+            },
+        };
+        let result = result.map(|(reservation, status)| {
+            self.set_gauges(key, quotas, status.iter().map(|s| s.used));
+            (Held { reservation, local }, status)
+        });
+        Ok(result)
+    }
+
+    /// Replaces a reservation by what the request used. Never waits: a Redis settlement runs in
+    /// the background (and is kept for later if Redis is away).
+    pub fn settle(&self, held: Held, used: u64, quotas: &[Quota]) {
+        let key = held.reservation.key.clone();
+        match &self.store {
+            Store::Local(local) => {
+                local.settle(held.reservation, used);
+                let status = local.status(&key, quotas);
+                self.set_gauges(&key, quotas, status.iter().map(|s| s.used));
+            }
+            Store::Redis { redis, fallback } => {
+                let redis = redis.clone();
+                let metrics = self.metrics.clone();
+                let quotas = quotas.to_vec();
+                let reservation = if held.local {
+                    // Charged locally while Redis was away: settle here, and add the usage to
+                    // Redis (now if it is back, or when it returns).
+                    let windows = held.reservation.windows.clone();
+                    fallback.settle(held.reservation, used);
+                    Reservation {
+                        key: key.clone(),
+                        windows,
+                        amount: 0,
+                    }
+                } else {
+                    held.reservation
+                };
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let settling = self.settling.clone();
+                    settling.fetch_add(1, Ordering::AcqRel);
+                    runtime.spawn(async move {
+                        if let Ok(totals) = redis.settle(&reservation, used).await {
+                            set_gauges(&metrics, &reservation.key, &quotas, totals.into_iter());
+                        }
+                        settling.fetch_sub(1, Ordering::AcqRel);
+                    });
+                } else {
+                    redis.keep_pending(&reservation, used);
+                }
+            }
+        }
+    }
+
+    fn set_gauges(&self, key: &str, quotas: &[Quota], used: impl Iterator<Item = u64>) {
+        set_gauges(&self.metrics, key, quotas, used);
+    }
+
+    /// Waits (at most `timeout`) for background settlements, so that a shutdown loses none.
+    pub async fn drain(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.settling.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// How the state backend is doing, for `/readyz`: `(ready, description)`.
+    pub async fn readiness(&self) -> (bool, String) {
+        match &self.store {
+            Store::Local(_) => (true, "local".to_owned()),
+            Store::Redis { redis, .. } => match redis.ping().await {
+                Ok(()) => (true, "redis: up".to_owned()),
+                Err(error) => match redis.on_error() {
+                    OnError::FailOpen => (
+                        true,
+                        format!("redis: down ({error}); fail_open: local limits"),
+                    ),
+                    OnError::FailClosed => (
+                        false,
+                        format!("redis: down ({error}); fail_closed: refusing"),
+                    ),
+                },
+            },
+        }
+    }
+
+    /// The Redis backend, when that is where state lives.
+    pub fn redis(&self) -> Option<&Arc<RedisState>> {
+        match &self.store {
+            Store::Redis { redis, .. } => Some(redis),
+            Store::Local(_) => None,
+        }
+    }
+
+    /// The file-backed local state, when that is where state lives.
+    pub fn local(&self) -> Option<&Arc<LocalState>> {
+        match &self.store {
+            Store::Local(local) => Some(local),
+            Store::Redis { .. } => None,
+        }
+    }
+}
+
+/// Sets `tollgate_quota_used_tokens` for each of a key's windows.
+fn set_gauges(metrics: &Metrics, key: &str, quotas: &[Quota], used: impl Iterator<Item = u64>) {
+    for (quota, used) in quotas.iter().zip(used) {
+        metrics
+            .quota_used_tokens
+            .with_label_values(&[key, quota.label().as_str()])
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
+    }
 }

@@ -1,6 +1,7 @@
 //! Shared test helpers: a gateway started in-process on free ports, pointed at a
 //! [`upstream::MockUpstream`], and small HTTP client helpers.
 
+pub mod redis_server;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -9,4 +9,5 @@ mod keys;
 mod openai_client;
 mod proxy;
 mod real_upstream;
+mod redis;
 mod validate;

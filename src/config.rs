@@ -151,6 +151,8 @@ struct RawServer {
     shutdown_timeout: Duration,
     #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
     header_read_timeout: Duration,
+    #[serde(default = "defaults::body_read_timeout", with = "humantime_serde")]
+    body_read_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +199,9 @@ mod defaults {
     }
     pub fn header_read_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn body_read_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(5)
@@ -333,6 +338,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// A client must finish sending request headers within this time (slowloris guard).
     pub header_read_timeout: Duration,
+    /// A client must finish sending its request body within this time (slowloris guard).
+    pub body_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -546,6 +553,7 @@ impl Config {
                 max_body_bytes,
                 shutdown_timeout: raw.server.shutdown_timeout,
                 header_read_timeout: raw.server.header_read_timeout,
+                body_read_timeout: raw.server.body_read_timeout,
             },
             upstream: UpstreamConfig {
                 scheme,

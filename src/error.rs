@@ -25,6 +25,8 @@ pub enum GatewayError {
     MethodNotAllowed { allow: &'static str },
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("{0}")]
     BadRequest(String),
     #[error("the request body does not match the API schema ({total} problem(s)); see errors[]")]
@@ -113,6 +115,7 @@ impl GatewayError {
             GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
             | GatewayError::ModelNotFound { .. }
@@ -138,6 +141,7 @@ impl GatewayError {
             GatewayError::NotFound { .. } => "not_found_error",
             GatewayError::MethodNotAllowed { .. }
             | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::RequestTimeout
             | GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
             | GatewayError::ModelNotFound { .. }

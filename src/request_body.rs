@@ -8,9 +8,11 @@
 //! - A chunked body is counted as it arrives and refused with 413 the moment it passes the cap,
 //!   so the gateway never holds more than the cap in memory.
 //! - A client that breaks off while sending its body gets a 400 (if it is still there to read it).
+//! - A client that trickles its body slower than `server.body_read_timeout` allows gets a 408.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -25,11 +27,12 @@ use crate::error::GatewayError;
 #[derive(Debug, Clone, Copy)]
 pub struct RequestBodyLayer {
     limit: usize,
+    timeout: Duration,
 }
 
 impl RequestBodyLayer {
-    pub fn new(limit: usize) -> Self {
-        RequestBodyLayer { limit }
+    pub fn new(limit: usize, timeout: Duration) -> Self {
+        RequestBodyLayer { limit, timeout }
     }
 }
 
@@ -40,6 +43,7 @@ impl<S> Layer<S> for RequestBodyLayer {
         RequestBody {
             inner,
             limit: self.limit,
+            timeout: self.timeout,
         }
     }
 }
@@ -48,6 +52,7 @@ impl<S> Layer<S> for RequestBodyLayer {
 pub struct RequestBody<S> {
     inner: S,
     limit: usize,
+    timeout: Duration,
 }
 
 impl<S, B> Service<Request<B>> for RequestBody<S>
@@ -72,11 +77,12 @@ where
         // Take the service that poll_ready made ready; leave a fresh clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let limit = self.limit;
+        let (limit, timeout) = (self.limit, self.timeout);
         Box::pin(async move {
-            let request = match read_capped(request, limit).await {
-                Ok(request) => request,
-                Err(error) => return Ok(error.into_response()),
+            let request = match tokio::time::timeout(timeout, read_capped(request, limit)).await {
+                Ok(Ok(request)) => request,
+                Ok(Err(error)) => return Ok(error.into_response()),
+                Err(_) => return Ok(GatewayError::RequestTimeout.into_response()),
             };
             inner.call(request).await
         })
@@ -144,7 +150,7 @@ mod tests {
 
     #[tokio::test]
     async fn body_within_the_cap_reaches_the_inner_service() {
-        let svc = RequestBodyLayer::new(10).layer(echo_len());
+        let svc = RequestBodyLayer::new(10, Duration::from_secs(5)).layer(echo_len());
         let response = svc
             .oneshot(Request::new(Full::new(Bytes::from_static(b"0123456789"))))
             .await
@@ -155,7 +161,7 @@ mod tests {
 
     #[tokio::test]
     async fn declared_length_over_the_cap_is_refused_unread() {
-        let svc = RequestBodyLayer::new(10).layer(echo_len());
+        let svc = RequestBodyLayer::new(10, Duration::from_secs(5)).layer(echo_len());
         let request = Request::builder()
             .header(header::CONTENT_LENGTH, "11")
             .body(Full::new(Bytes::from_static(b"0123456789a")))
@@ -169,7 +175,7 @@ mod tests {
         let chunks = (0..5)
             .map(|_| Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"abcd"))));
         let body = StreamBody::new(futures_util::stream::iter(chunks));
-        let svc = RequestBodyLayer::new(10).layer(echo_len());
+        let svc = RequestBodyLayer::new(10, Duration::from_secs(5)).layer(echo_len());
         let response = svc.oneshot(Request::new(body)).await.expect("infallible");
         assert_eq!(response.status(), 413);
     }

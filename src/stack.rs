@@ -91,7 +91,10 @@ pub fn build_stack(
             accounting.backend.clone(),
             metrics.clone(),
         ))
-        .layer(RequestBodyLayer::new(config.server.max_body_bytes))
+        .layer(RequestBodyLayer::new(
+            config.server.max_body_bytes,
+            config.server.body_read_timeout,
+        ))
         .layer(validate_layer(schemas))
         // After validation: the policy reads the parsed body.
         .layer(policy_layer(metrics.clone()))

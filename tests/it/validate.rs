@@ -504,3 +504,39 @@ proptest! {
         prop_assert_eq!(rig.post("/v1/completions", good), Some(200));
     }
 }
+
+#[tokio::test]
+async fn a_body_trickled_too_slowly_gets_408_and_is_never_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let gateway = TestGateway::start_toml(&common::config_toml(
+        &upstream.url(),
+        "body_read_timeout = \"300ms\"",
+        "",
+        "",
+    ))
+    .await;
+    let mut socket = tokio::net::TcpStream::connect(gateway.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":",
+        common::TEST_KEY
+    );
+    socket
+        .write_all(head.as_bytes())
+        .await
+        .expect("send head and a little body");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "the gateway answered and closed instead of waiting forever"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "408 for a stalled body: {text}"
+    );
+    assert_eq!(upstream.request_count(), 0, "nothing forwarded");
+}

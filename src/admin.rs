@@ -1,8 +1,12 @@
 //! The admin listener, on its own port and never on the client port: `/metrics` (Prometheus
-//! text), `/healthz` (the process is up) and `/readyz` (config loaded and the upstream reachable).
+//! text), `/healthz` (the process is up), `/readyz` (config loaded, upstream reachable, state
+//! backend usable), and the admin API — `GET /admin/keys` and `GET /admin/keys/{name}`: each key's
+//! limits, requests in flight and token windows, never a secret — guarded by its own bearer token
+//! (`server.admin_token_env`; without one configured the API is off).
 //!
 //! Edge cases: `/readyz` opens a TCP connection to the upstream with a short timeout on every call
-//! (no cached answer that could lie for a while); anything else is a 404 in the error shape.
+//! (no cached answer that could lie for a while); the admin token is compared by its SHA-256 digest,
+//! so comparison timing reveals nothing usable about it; anything else is a 404 in the error shape.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,6 +19,7 @@ use serde_json::json;
 use crate::body::GatewayBody;
 use crate::config::UpstreamConfig;
 use crate::error::GatewayError;
+use crate::keys::{hash_token, KeyEntry, SharedKeys};
 use crate::metrics::Metrics;
 use crate::state::Backend;
 
@@ -26,6 +31,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub upstream: UpstreamConfig,
     pub backend: Arc<Backend>,
+    pub keys: SharedKeys,
+    /// SHA-256 of the admin token; `None`: the admin API is off.
+    pub token_digest: Option<[u8; 32]>,
 }
 
 impl Admin {
@@ -47,6 +55,15 @@ impl Admin {
             }
             "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"})),
             "/readyz" => self.readiness().await,
+            path if path == "/admin/keys" || path.starts_with("/admin/keys/") => {
+                if let Err(response) = self.authorize(request.headers()) {
+                    return Ok(*response);
+                }
+                match path.strip_prefix("/admin/keys/") {
+                    None => self.all_keys().await,
+                    Some(name) => self.one_key(name).await,
+                }
+            }
             path => GatewayError::NotFound {
                 path: path.to_owned(),
             }
@@ -88,6 +105,90 @@ impl Admin {
                 "state": state,
             }),
         )
+    }
+}
+
+impl Admin {
+    fn authorize(&self, headers: &http::HeaderMap) -> Result<(), Box<Response<GatewayBody>>> {
+        let Some(expected) = &self.token_digest else {
+            return Err(Box::new(json_response(
+                StatusCode::NOT_FOUND,
+                json!({"status": 404, "title": "Not Found", "detail": "the admin API is off: set server.admin_token_env",
+                       "error": {"message": "the admin API is off: set server.admin_token_env", "type": "not_found_error", "code": "admin_disabled"}}),
+            )));
+        };
+        let presented = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| hash_token(t.trim().as_bytes()));
+        // Digests, not tokens, are compared: timing can tell at most how many leading bytes of a
+        // SHA-256 matched, which says nothing an attacker can steer toward the token.
+        match presented {
+            Some(digest) if digest == *expected => Ok(()),
+            Some(_) => Err(Box::new(GatewayError::InvalidApiKey.into_response())),
+            None => Err(Box::new(GatewayError::MissingApiKey.into_response())),
+        }
+    }
+
+    async fn all_keys(&self) -> Response<GatewayBody> {
+        let store = self.keys.load();
+        let mut names: Vec<Arc<str>> = store.names().cloned().collect();
+        names.sort();
+        let mut keys = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(entry) = store.get(&name) {
+                keys.push(self.describe(entry).await);
+            }
+        }
+        json_response(StatusCode::OK, json!({ "keys": keys }))
+    }
+
+    async fn one_key(&self, name: &str) -> Response<GatewayBody> {
+        let entry = self.keys.load().get(name).cloned();
+        match entry {
+            Some(entry) => json_response(StatusCode::OK, self.describe(&entry).await),
+            None => GatewayError::NotFound {
+                path: format!("/admin/keys/{name}"),
+            }
+            .into_response(),
+        }
+    }
+
+    /// One key as the admin API shows it: name, limits, in flight, windows. Never its hash.
+    async fn describe(&self, key: &KeyEntry) -> serde_json::Value {
+        let limits = &key.limits;
+        let quotas = &limits.quotas;
+        let windows = match self.backend.status(&key.name, quotas).await {
+            Ok(windows) => json!(quotas
+                .iter()
+                .zip(windows)
+                .map(|(quota, w)| json!({
+                    "window": quota.label(),
+                    "limit": w.limit,
+                    "used": w.used,
+                    "remaining": w.remaining,
+                    "reset_seconds": w.reset_after.as_secs(),
+                }))
+                .collect::<Vec<_>>()),
+            Err(error) => json!({ "error": error.to_string() }),
+        };
+        json!({
+            "name": &*key.name,
+            "limits": {
+                "models": limits.models.clone().unwrap_or_else(|| vec!["*".to_owned()]),
+                "max_tokens": limits.max_tokens.map(|m| m.get()),
+                "concurrency": limits.concurrency.map(|c| c.get()),
+                "rate": limits.rate.map(|r| json!({
+                    "requests": r.requests.get(),
+                    "per_seconds": r.per.as_secs_f64(),
+                    "burst": r.burst.get(),
+                })),
+                "quotas": quotas.iter().map(|q| json!({"tokens": q.tokens, "window": q.label()})).collect::<Vec<_>>(),
+            },
+            "inflight": key.inflight.current(),
+            "windows": windows,
+        })
     }
 }
 

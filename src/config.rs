@@ -28,6 +28,12 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config/tollgate.toml");
 #[error("{0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    pub fn new(message: String) -> Self {
+        ConfigError(message)
+    }
+}
+
 // === raw config: what the file says ===
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +159,16 @@ struct RawServer {
     header_read_timeout: Duration,
     #[serde(default = "defaults::body_read_timeout", with = "humantime_serde")]
     body_read_timeout: Duration,
+    /// The environment variable holding the admin API's bearer token.
+    admin_token_env: Option<Spanned<String>>,
+    tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -340,6 +356,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// A client must finish sending its request body within this time (slowloris guard).
     pub body_read_timeout: Duration,
+    /// The admin API's bearer token; `None` disables `/admin/*`.
+    pub admin_token: Option<Secret>,
+    /// TLS on the client listener; `None`: plain HTTP (and h2c).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 #[derive(Debug, Clone)]
@@ -483,6 +503,39 @@ impl Config {
         };
 
         let keys = resolve_keys(&raw.policies, raw.keys, &at)?;
+        let tls = match raw.server.tls {
+            Some(spanned) => {
+                let span = spanned.span();
+                let files = spanned.into_inner();
+                // Load them now, so that `check`, start and reload all refuse files that do not.
+                crate::tls::load(&files.cert, &files.key)
+                    .map_err(|msg| at(span, "server.tls", msg))?;
+                Some(crate::tls::TlsFiles {
+                    cert: files.cert,
+                    key: files.key,
+                })
+            }
+            None => None,
+        };
+        let admin_token = match &raw.server.admin_token_env {
+            Some(env) => {
+                let token = std::env::var(env.get_ref())
+                    .ok()
+                    .filter(|t| t.trim().len() >= 16)
+                    .ok_or_else(|| {
+                        at(
+                            env.span(),
+                            "server.admin_token_env",
+                            format!(
+                                "environment variable {} must hold a token of at least 16 characters",
+                                env.get_ref()
+                            ),
+                        )
+                    })?;
+                Some(Secret(token.trim().to_owned()))
+            }
+            None => None,
+        };
         let redis = match raw.state.backend.get_ref().as_str() {
             "local" => None,
             "redis" => {
@@ -554,6 +607,8 @@ impl Config {
                 shutdown_timeout: raw.server.shutdown_timeout,
                 header_read_timeout: raw.server.header_read_timeout,
                 body_read_timeout: raw.server.body_read_timeout,
+                admin_token,
+                tls,
             },
             upstream: UpstreamConfig {
                 scheme,

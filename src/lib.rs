@@ -25,6 +25,7 @@ pub mod route;
 pub mod server;
 pub mod stack;
 pub mod state;
+pub mod tls;
 pub mod upstream_body;
 pub mod usage;
 pub mod validate;

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::{Config, ConfigError};
 use crate::keys::{KeyStore, SharedKeys};
 use crate::metrics::Metrics;
+use crate::tls::CertResolver;
 
 pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -31,16 +32,25 @@ pub struct ReloadSummary {
 pub struct Reloader {
     path: PathBuf,
     keys: SharedKeys,
+    /// The listener's certificate, re-read on every reload.
+    tls: Option<Arc<CertResolver>>,
     metrics: Arc<Metrics>,
     /// The config in force, to tell what a new one changes.
     current: Mutex<Config>,
 }
 
 impl Reloader {
-    pub fn new(path: PathBuf, keys: SharedKeys, metrics: Arc<Metrics>, current: Config) -> Self {
+    pub fn new(
+        path: PathBuf,
+        keys: SharedKeys,
+        tls: Option<Arc<CertResolver>>,
+        metrics: Arc<Metrics>,
+        current: Config,
+    ) -> Self {
         Reloader {
             path,
             keys,
+            tls,
             metrics,
             current: Mutex::new(current),
         }
@@ -53,6 +63,12 @@ impl Reloader {
             .current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Certificates first: files that do not load refuse the whole reload.
+        if let (Some(resolver), Some(files)) = (&self.tls, &new.server.tls) {
+            resolver
+                .reload(&files.cert, &files.key)
+                .map_err(|e| ConfigError::new(format!("server.tls: {e}")))?;
+        }
         for what in needs_restart(&current, &new) {
             tracing::warn!("config reload: {what} changed; it takes effect only after a restart");
         }
@@ -150,6 +166,9 @@ fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
     }
     if current.server.admin_listen != new.server.admin_listen {
         changed.push("server.admin_listen");
+    }
+    if current.server.tls.is_some() != new.server.tls.is_some() {
+        changed.push("[server.tls] (on or off)");
     }
     if current.server.max_body_bytes != new.server.max_body_bytes {
         changed.push("server.max_body_bytes");

@@ -31,7 +31,11 @@ use crate::stack::Accounting;
 use crate::state::local::LocalState;
 use crate::state::redis::RedisState;
 use crate::state::{Backend, Store};
+use crate::tls::CertResolver;
 use crate::validate::Schemas;
+
+/// A client must finish its TLS handshake within this time.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A bound, not yet running, gateway: both listeners are open, so their addresses are known
 /// (useful with port 0 in tests).
@@ -41,6 +45,7 @@ pub struct Server {
     keys: SharedKeys,
     schemas: Arc<Schemas>,
     accounting: Accounting,
+    tls: Option<Arc<CertResolver>>,
     reloader: Option<Arc<Reloader>>,
     listener: TcpListener,
     admin_listener: TcpListener,
@@ -70,10 +75,15 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let store = KeyStore::build(&config.keys, None, &options.clock, &metrics);
         let keys: SharedKeys = Arc::new(ArcSwap::from_pointee(store));
+        let tls = match &config.server.tls {
+            Some(files) => Some(Arc::new(CertResolver::new(&files.cert, &files.key)?)),
+            None => None,
+        };
         let reloader = options.config_path.map(|path| {
             Arc::new(Reloader::new(
                 path,
                 keys.clone(),
+                tls.clone(),
                 metrics.clone(),
                 config.clone(),
             ))
@@ -101,6 +111,7 @@ impl Server {
             keys,
             schemas,
             accounting,
+            tls,
             reloader,
             listener,
             admin_listener,
@@ -146,6 +157,13 @@ impl Server {
             metrics: self.metrics.clone(),
             upstream: self.config.upstream.clone(),
             backend: self.accounting.backend.clone(),
+            keys: self.keys.clone(),
+            token_digest: self
+                .config
+                .server
+                .admin_token
+                .as_ref()
+                .map(|t| crate::keys::hash_token(t.expose().as_bytes())),
         };
         let admin_addr = self.admin_addr()?;
         let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin));
@@ -164,6 +182,10 @@ impl Server {
             "tollgate serving"
         );
 
+        let tls = match &self.tls {
+            Some(resolver) => Some(crate::tls::acceptor(resolver.clone())?),
+            None => None,
+        };
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -183,12 +205,33 @@ impl Server {
                         tracing::debug!(%error, "cannot set TCP_NODELAY");
                     }
                     let service = TowerToHyperService::new(stack.clone());
-                    let connection = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
-                    let connection = graceful.watch(connection);
+                    let watcher = graceful.watcher();
+                    let builder = builder.clone();
+                    let acceptor = tls.clone();
                     tokio::spawn(async move {
-                        if let Err(error) = connection.await {
+                        let result = match acceptor {
+                            None => {
+                                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                                watcher.watch(connection.into_owned()).await
+                            }
+                            // The handshake runs here, not in the accept loop: a slow client
+                            // delays only itself.
+                            Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => {
+                                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                                    watcher.watch(connection.into_owned()).await
+                                }
+                                Ok(Err(error)) => {
+                                    tracing::debug!(%error, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake timed out");
+                                    return;
+                                }
+                            },
+                        };
+                        if let Err(error) = result {
                             tracing::debug!(error = %error, "client connection ended with an error");
                         }
                     });

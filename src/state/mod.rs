@@ -248,6 +248,18 @@ impl Backend {
         set_gauges(&self.metrics, key, quotas, used);
     }
 
+    /// Each window of `quotas` for `key`, now (for the admin API).
+    pub async fn status(
+        &self,
+        key: &Arc<str>,
+        quotas: &[Quota],
+    ) -> Result<Vec<WindowStatus>, Unavailable> {
+        match &self.store {
+            Store::Local(local) => Ok(local.status(key, quotas)),
+            Store::Redis { redis, .. } => redis.status(key, quotas).await,
+        }
+    }
+
     /// Waits (at most `timeout`) for background settlements, so that a shutdown loses none.
     pub async fn drain(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;

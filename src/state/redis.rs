@@ -134,6 +134,22 @@ end
 return out
 ";
 
+/// The current window of each KEYS[i] (length ARGV[i] s): `{used + reserved, reset, …}`.
+const STATUS: &str = r"
+local now = tonumber(redis.call('TIME')[1])
+local out = {}
+for i = 1, #KEYS do
+  local per = tonumber(ARGV[i])
+  local start = now - (now % per)
+  local h = redis.call('HMGET', KEYS[i], 'start', 'used', 'reserved')
+  local used = 0
+  if tonumber(h[1]) == start then used = tonumber(h[2] or '0') + tonumber(h[3] or '0') end
+  table.insert(out, used)
+  table.insert(out, start + per - now)
+end
+return out
+";
+
 /// Moves the expiry of each lease (KEYS[i], member ARGV[1+i]) to now + ARGV[1] ms, if it still
 /// exists.
 const RENEW: &str = r"
@@ -185,6 +201,7 @@ pub struct RedisState {
     reserve: Script,
     settle: Script,
     renew: Script,
+    status: Script,
 }
 
 impl RedisState {
@@ -225,6 +242,7 @@ impl RedisState {
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
             renew: Script::new(RENEW),
+            status: Script::new(STATUS),
         })
     }
 
@@ -426,6 +444,38 @@ impl RedisState {
                 Err(unavailable)
             }
         }
+    }
+
+    /// Used (settled + reserved) tokens and time to reset of each window of `quotas`, now.
+    pub async fn status(
+        self: &Arc<Self>,
+        name: &str,
+        quotas: &[Quota],
+    ) -> Result<Vec<WindowStatus>, Unavailable> {
+        let mut invocation = self.status.prepare_invoke();
+        for quota in quotas {
+            invocation
+                .key(self.quota_key(name, quota.per_secs()))
+                .arg(quota.per_secs());
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<i64> = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.failed("status", &e))?;
+        self.succeeded();
+        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0).unsigned_abs();
+        Ok(quotas
+            .iter()
+            .enumerate()
+            .map(|(i, quota)| WindowStatus {
+                per: quota.per,
+                limit: quota.tokens,
+                used: at(2 * i),
+                remaining: quota.tokens.saturating_sub(at(2 * i)),
+                reset_after: Duration::from_secs(at(2 * i + 1)),
+            })
+            .collect())
     }
 
     /// Remembers usage to apply when Redis returns.

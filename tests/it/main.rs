@@ -7,6 +7,7 @@ mod accounting;
 mod binary;
 mod keys;
 mod openai_client;
+mod operators;
 mod proxy;
 mod real_upstream;
 mod redis;

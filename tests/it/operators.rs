@@ -1,0 +1,283 @@
+//! The operators' view: TLS on the client listener, and the admin API.
+
+use std::io::Write;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tollgate::clock::Clock;
+
+use crate::common::upstream::MockUpstream;
+use crate::common::{self, key_entry, TestGateway};
+
+/// A self-signed certificate for `localhost`: (certificate PEM, key PEM).
+fn certificate() -> (String, String) {
+    let made =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    (made.cert.pem(), made.signing_key.serialize_pem())
+}
+
+fn write(path: &std::path::Path, text: &str) {
+    std::fs::File::create(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .expect("write file");
+}
+
+fn https_client(cert_pem: &str, http1: bool) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "authorization",
+        reqwest::header::HeaderValue::from_static("Bearer tg-test-key"),
+    );
+    let mut builder = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).expect("PEM"))
+        .default_headers(headers)
+        .timeout(Duration::from_secs(10));
+    if http1 {
+        builder = builder.http1_only();
+    }
+    builder.build().expect("https client")
+}
+
+#[tokio::test]
+async fn tls_serves_h2_and_http1_and_a_reload_swaps_the_certificate_without_dropping_connections() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (old_cert, old_key) = certificate();
+    write(&cert_path, &old_cert);
+    write(&key_path, &old_key);
+    let tls = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}",
+        cert_path.display(),
+        key_path.display()
+    );
+    let config_file = tempfile::NamedTempFile::new().expect("config file");
+    write(
+        config_file.path(),
+        &common::config_toml(&upstream.url(), &tls, "", ""),
+    );
+    let gateway = TestGateway::start_file(config_file.path(), Clock::real()).await;
+    let url = format!(
+        "https://localhost:{}/v1/chat/completions",
+        gateway.addr.port()
+    );
+    let body =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true})
+            .to_string();
+
+    let direct = common::post(
+        &format!("{}/v1/chat/completions", upstream.url()),
+        &body,
+        &[],
+    )
+    .await
+    .2;
+    for http1 in [false, true] {
+        let response = https_client(&old_cert, http1)
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("HTTPS request");
+        let expected = if http1 {
+            reqwest::Version::HTTP_11
+        } else {
+            reqwest::Version::HTTP_2
+        };
+        assert_eq!(response.version(), expected, "ALPN chose the protocol");
+        assert_eq!(
+            response.bytes().await.expect("body"),
+            direct,
+            "the same bytes over TLS"
+        );
+    }
+
+    // A connection open before the reload keeps working after it.
+    let old_client = https_client(&old_cert, true);
+    let first = old_client
+        .get(url.replace("chat/completions", "models"))
+        .send()
+        .await
+        .expect("before reload");
+    assert_eq!(first.status(), 200);
+    first.bytes().await.expect("body");
+
+    let (new_cert, new_key) = certificate();
+    write(&cert_path, &new_cert);
+    write(&key_path, &new_key);
+    gateway.reload().expect("reload with valid new files");
+
+    let again = old_client
+        .get(url.replace("chat/completions", "models"))
+        .send()
+        .await;
+    assert!(
+        again.is_ok_and(|r| r.status() == 200),
+        "the open connection survived the reload"
+    );
+    let fresh_old = https_client(&old_cert, true)
+        .get(url.replace("chat/completions", "models"))
+        .send()
+        .await;
+    assert!(
+        fresh_old.is_err(),
+        "a new handshake no longer gets the old certificate"
+    );
+    let fresh_new = https_client(&new_cert, true)
+        .get(url.replace("chat/completions", "models"))
+        .send()
+        .await;
+    assert!(
+        fresh_new.is_ok_and(|r| r.status() == 200),
+        "a new handshake gets the new certificate"
+    );
+
+    // Files that do not load: the reload is refused and the certificate in force stays.
+    write(&key_path, "not a key");
+    let error = gateway
+        .reload()
+        .expect_err("a broken key refuses the reload");
+    assert!(error.to_string().contains("server.tls"), "{error}");
+    let still = https_client(&new_cert, true)
+        .get(url.replace("chat/completions", "models"))
+        .send()
+        .await;
+    assert!(
+        still.is_ok_and(|r| r.status() == 200),
+        "the old certificate stays in force"
+    );
+}
+
+#[test]
+fn tls_files_that_do_not_load_are_a_config_error_with_a_line() {
+    let text = "[server]\ntls = { cert = \"/nonexistent/cert.pem\", key = \"/nonexistent/key.pem\" }\n[upstream]\nurl = \"http://a\"\n";
+    let error = tollgate::Config::parse(text, "tls.toml").expect_err("missing files refused");
+    let message = error.to_string();
+    assert!(message.starts_with("tls.toml:2: server.tls:"), "{message}");
+    assert!(message.contains("/nonexistent/cert.pem"), "{message}");
+}
+
+#[tokio::test]
+async fn the_admin_api_shows_limits_and_usage_behind_its_own_token() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let token = "admin-token-0123456789abcdef";
+    std::env::set_var("TOLLGATE_TEST_ADMIN_TOKEN", token);
+    let keys = format!(
+        "{}{}",
+        key_entry(
+            "alpha",
+            "tg-alpha",
+            "max_tokens = 50\nconcurrency = 3\nrate = { requests = 60, per = \"1m\", burst = 10 }\nquotas = [{ tokens = 10000, per = \"1h\" }, { tokens = 100000, per = \"1d\" }]\nmodels = [\"m\"]",
+        ),
+        key_entry("beta", "tg-beta", "")
+    );
+    let gateway = TestGateway::start_toml(&common::config_toml(
+        &upstream.url(),
+        "admin_token_env = \"TOLLGATE_TEST_ADMIN_TOKEN\"",
+        "",
+        &keys,
+    ))
+    .await;
+    // A known workload: the mock reports 2 prompt words and max_tokens completion tokens.
+    for max_tokens in [5, 7, 9] {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": max_tokens});
+        let (status, _, _) = common::post(
+            &format!("{}/v1/chat/completions", gateway.url()),
+            &body.to_string(),
+            &[("authorization", "Bearer tg-alpha")],
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    // Settlement happens as each answer ends; it is done once nothing is in flight.
+    assert!(
+        gateway
+            .wait_for_metric(
+                "tollgate_inflight_requests{key=\"alpha\"} 0",
+                Duration::from_secs(5)
+            )
+            .await
+    );
+
+    let admin = reqwest::Client::new();
+    let keys_url = format!("{}/admin/keys", gateway.admin_url());
+    for (auth, expected) in [
+        (None, 401),
+        (Some("Bearer wrong-token-0000000000"), 401),
+        (Some("Bearer tg-alpha"), 401),
+    ] {
+        let mut request = admin.get(&keys_url);
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let response = request.send().await.expect("admin request");
+        assert_eq!(response.status(), expected, "{auth:?}");
+    }
+    let response = admin
+        .get(&keys_url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("admin request");
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("text");
+    for secret in [
+        "tg-alpha",
+        "tg-beta",
+        token,
+        &hex::encode(tollgate::keys::hash_token(b"tg-alpha")),
+    ] {
+        assert!(
+            !text.contains(secret),
+            "no secret in the admin API: found {secret}"
+        );
+    }
+    let listing: Value = serde_json::from_str(&text).expect("JSON");
+    let names: Vec<&str> = listing["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["name"].as_str())
+        .collect();
+    assert_eq!(names, ["alpha", "beta", "test"]);
+
+    let alpha: Value = admin
+        .get(format!("{keys_url}/alpha"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("one key")
+        .json()
+        .await
+        .expect("JSON");
+    let used = (2 + 5) + (2 + 7) + (2 + 9);
+    assert_eq!(alpha["inflight"], 0);
+    assert_eq!(alpha["limits"]["concurrency"], 3);
+    assert_eq!(alpha["limits"]["rate"]["requests"], 60);
+    assert_eq!(alpha["limits"]["max_tokens"], 50);
+    assert_eq!(alpha["windows"][0]["window"], "1h");
+    assert_eq!(alpha["windows"][0]["used"], used, "{alpha}");
+    assert_eq!(alpha["windows"][0]["remaining"], 10000 - used);
+    assert_eq!(alpha["windows"][1]["window"], "1d");
+    assert_eq!(alpha["windows"][1]["used"], used);
+    let missing = admin
+        .get(format!("{keys_url}/nobody"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test]
+async fn the_admin_api_is_off_without_a_token() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let gateway = TestGateway::start(&upstream.url()).await;
+    let response = reqwest::get(format!("{}/admin/keys", gateway.admin_url()))
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "admin_disabled");
+}

@@ -131,11 +131,28 @@ struct RawRate {
     burst: Option<u32>,
 }
 
+/// One hash, or several while a key is being rotated.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(one) => std::slice::from_ref(one),
+            OneOrMany::Many(many) => many,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKey {
     name: Spanned<String>,
-    sha256: Spanned<String>,
+    sha256: Spanned<OneOrMany>,
     policy: Option<Spanned<String>>,
     quotas: Option<Spanned<Vec<RawQuota>>>,
     models: Option<Vec<String>>,
@@ -319,8 +336,9 @@ impl Quota {
 pub struct KeyConfig {
     /// The label in metrics and logs.
     pub name: Arc<str>,
-    /// SHA-256 of the bearer token; the token itself is never stored.
-    pub sha256: [u8; 32],
+    /// SHA-256 of each bearer token that is this key (several while rotating); the tokens
+    /// themselves are never stored.
+    pub sha256: Vec<[u8; 32]>,
     pub limits: Limits,
 }
 
@@ -682,14 +700,26 @@ fn resolve_keys(
                 format!("duplicate key name {name:?}"),
             ));
         }
-        let sha256 = parse_sha256(raw.sha256.get_ref())
-            .map_err(|msg| at(raw.sha256.span(), &path("sha256"), msg))?;
-        if !hashes.insert(sha256) {
+        let texts = raw.sha256.get_ref().as_slice();
+        if texts.is_empty() {
             return Err(at(
                 raw.sha256.span(),
                 &path("sha256"),
-                "the same hash is already used by another key".to_owned(),
+                "needs at least one hash".to_owned(),
             ));
+        }
+        let mut sha256 = Vec::with_capacity(texts.len());
+        for text in texts {
+            let digest =
+                parse_sha256(text).map_err(|msg| at(raw.sha256.span(), &path("sha256"), msg))?;
+            if !hashes.insert(digest) {
+                return Err(at(
+                    raw.sha256.span(),
+                    &path("sha256"),
+                    "the same hash is used twice".to_owned(),
+                ));
+            }
+            sha256.push(digest);
         }
         let mut merged = match &raw.policy {
             Some(policy) => policies.get(policy.get_ref()).cloned().ok_or_else(|| {
@@ -1046,6 +1076,20 @@ mod tests {
             err.to_string().contains("test.toml:9: keys[1].sha256"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_key_may_have_several_hashes_while_it_is_rotated() {
+        let config = with_keys(&format!(
+            "[[keys]]\nname = \"a\"\nsha256 = [\"{HASH_A}\", \"{HASH_B}\"]\n"
+        ))
+        .expect("two hashes for one key");
+        assert_eq!(config.keys[0].sha256.len(), 2);
+        let err = with_keys(&format!(
+            "[[keys]]\nname = \"a\"\nsha256 = [\"{HASH_A}\", \"{HASH_A}\"]\n"
+        ))
+        .expect_err("the same hash twice");
+        assert!(err.to_string().contains("used twice"), "{err}");
     }
 
     #[test]

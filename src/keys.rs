@@ -91,7 +91,9 @@ impl KeyStore {
                 limiter,
                 inflight,
             });
-            by_hash.insert(key.sha256, entry.clone());
+            for digest in &key.sha256 {
+                by_hash.insert(*digest, entry.clone());
+            }
             by_name.insert(key.name.clone(), entry);
         }
         KeyStore {
@@ -99,6 +101,11 @@ impl KeyStore {
             by_name,
             clock: clock.clone(),
         }
+    }
+
+    /// Number of distinct keys (by name).
+    pub fn key_count(&self) -> usize {
+        self.by_name.len()
     }
 
     /// The key a bearer token belongs to.
@@ -183,7 +190,7 @@ mod tests {
     fn key(name: &str, token: &str, limits: Limits) -> KeyConfig {
         KeyConfig {
             name: Arc::from(name),
-            sha256: hash_token(token.as_bytes()),
+            sha256: vec![hash_token(token.as_bytes())],
             limits,
         }
     }

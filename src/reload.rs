@@ -80,7 +80,7 @@ impl Reloader {
             &self.metrics,
         );
         let mut summary = ReloadSummary {
-            keys: store.len(),
+            keys: store.key_count(),
             added: store
                 .names()
                 .filter(|name| old_store.get(name).is_none())

@@ -574,3 +574,53 @@ async fn async_openai_surfaces_401_and_429_as_api_errors() {
         "the client retried after Retry-After three times: {metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_key_rotates_with_no_downtime_and_one_budget() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let hash = |token: &str| hex::encode(tollgate::keys::hash_token(token.as_bytes()));
+    let entry = |hashes: &str| {
+        format!("[[keys]]\nname = \"rot\"\nsha256 = {hashes}\nrate = {{ requests = 3, per = \"1h\" }}\n")
+    };
+    let mut gw =
+        FileGateway::start(&upstream.url(), &entry(&format!("\"{}\"", hash("tg-old")))).await;
+    let body = chat_body(false, false);
+    assert_eq!(post_with_key(&gw.url(), "tg-old", &body).await.0, 200);
+
+    // Step 1: the new key joins the same entry; both work, and they share one allowance.
+    gw.write(&entry(&format!(
+        "[\"{}\", \"{}\"]",
+        hash("tg-old"),
+        hash("tg-new")
+    )));
+    gw.gateway.reload().expect("reload with both hashes");
+    assert_eq!(
+        post_with_key(&gw.url(), "tg-new", &body).await.0,
+        200,
+        "new key works"
+    );
+    assert_eq!(
+        post_with_key(&gw.url(), "tg-old", &body).await.0,
+        200,
+        "old key still works"
+    );
+    assert_eq!(
+        post_with_key(&gw.url(), "tg-new", &body).await.0,
+        429,
+        "one budget for both: 3 per hour used"
+    );
+
+    // Step 2: the old hash goes; the old key is refused at once.
+    gw.write(&entry(&format!("\"{}\"", hash("tg-new"))));
+    gw.gateway.reload().expect("reload with the new hash only");
+    assert_eq!(
+        post_with_key(&gw.url(), "tg-old", &body).await.0,
+        401,
+        "old key revoked"
+    );
+    assert_eq!(
+        post_with_key(&gw.url(), "tg-new", &body).await.0,
+        429,
+        "the allowance carried over the rotation"
+    );
+}

@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod quota;
 pub mod rate_limit;
 pub mod reload;
+pub mod report;
 pub mod request_body;
 pub mod route;
 pub mod server;

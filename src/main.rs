@@ -1,11 +1,13 @@
 //! The `tollgate` command: parse arguments, load the config, set up logging, run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tollgate::config::{is_valid_key_name, Config, DEFAULT_CONFIG};
 use tollgate::keys::{generate_token, hash_token};
+use tollgate::report::{self, GroupBy};
 use tollgate::{Server, ServerOptions};
 
 #[derive(Parser)]
@@ -47,6 +49,21 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Report usage from the ledger: requests, tokens, errors and latency per key, model or day.
+    Usage {
+        /// The ledger file (`[ledger] path`), one JSON line per request; `-` reads stdin.
+        #[arg(long)]
+        ledger: PathBuf,
+        /// Only requests that ended within this long before now (`7d`, `12h`, `30m`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// One row per key, model, or UTC day.
+        #[arg(long, value_enum, default_value_t = GroupBy::Key)]
+        by: GroupBy,
+        /// A table for the terminal, or CSV / JSON for scripts.
+        #[arg(long, value_enum, default_value_t = report::Format::Table)]
+        format: report::Format,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +73,12 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Check { config } => check(&config),
         Command::Keygen { name } => keygen(&name),
+        Command::Usage {
+            ledger,
+            since,
+            by,
+            format,
+        } => usage(&ledger, since, by, format),
     }
 }
 
@@ -179,6 +202,62 @@ fn keygen(name: &str) -> ExitCode {
     println!("[[keys]]");
     println!("name = \"{name}\"");
     println!("sha256 = \"{digest}\"");
+    ExitCode::SUCCESS
+}
+
+/// The report on stdout; malformed lines are counted on stderr. A missing or unreadable ledger
+/// is an error (non-zero exit).
+fn usage(path: &Path, since: Option<Duration>, by: GroupBy, format: report::Format) -> ExitCode {
+    use std::io::Write;
+    let input: Box<dyn std::io::Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        match std::fs::File::open(path) {
+            Ok(file) => Box::new(file),
+            Err(error) => {
+                eprintln!(
+                    "tollgate: cannot open the ledger {}: {error}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let options = report::Options {
+        by,
+        since,
+        now: SystemTime::now(),
+    };
+    let reader = std::io::BufReader::with_capacity(256 * 1024, input);
+    let result = match report::aggregate(reader, &options) {
+        Ok(result) => result,
+        Err(error) => {
+            eprintln!(
+                "tollgate: cannot read the ledger {}: {error}",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = report::write(&result, format, &mut out).and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        // `tollgate usage … | head` is not an error.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(error) => {
+            eprintln!("tollgate: cannot write the report: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if result.skipped > 0 {
+        eprintln!(
+            "tollgate: skipped {} malformed line{} (the first is line {})",
+            result.skipped,
+            if result.skipped == 1 { "" } else { "s" },
+            result.first_skipped.unwrap_or(0)
+        );
+    }
     ExitCode::SUCCESS
 }
 

@@ -5,10 +5,12 @@ mod common;
 
 mod accounting;
 mod binary;
+mod dashboard;
 mod keys;
 mod openai_client;
 mod operators;
 mod proxy;
 mod real_upstream;
 mod redis;
+mod report;
 mod validate;

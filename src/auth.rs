@@ -58,8 +58,32 @@ impl<B> ValidateRequest<B> for Authenticate {
     }
 }
 
-/// The key bytes the client presented.
+/// The key bytes the client presented. More than one credential header line (of any of the
+/// three names) is ambiguous, and refused rather than guessed at.
 fn presented_key(headers: &HeaderMap) -> Result<&[u8], GatewayError> {
+    let lines: usize = [header::AUTHORIZATION.as_str(), "x-api-key", "api-key"]
+        .iter()
+        .map(|name| headers.get_all(*name).iter().count())
+        .sum();
+    let distinct = {
+        let mut values: Vec<&[u8]> = [header::AUTHORIZATION.as_str(), "x-api-key", "api-key"]
+            .iter()
+            .flat_map(|name| headers.get_all(*name).iter())
+            .map(|v| {
+                let v = v.as_bytes();
+                v.strip_prefix(b"Bearer ")
+                    .or_else(|| v.strip_prefix(b"bearer "))
+                    .unwrap_or(v)
+                    .trim_ascii()
+            })
+            .collect();
+        values.sort_unstable();
+        values.dedup();
+        values.len()
+    };
+    if lines > 1 && distinct > 1 {
+        return Err(GatewayError::MalformedApiKey);
+    }
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value.as_bytes();
         let (scheme, rest) = match value.iter().position(|&b| b == b' ') {
@@ -112,6 +136,25 @@ mod tests {
         assert_eq!(
             presented_key(&with("api-key", "tg-3")).ok(),
             Some(&b"tg-3"[..])
+        );
+    }
+
+    #[test]
+    fn two_different_credentials_are_refused_the_same_one_twice_is_not() {
+        let mut headers = HeaderMap::new();
+        headers.append("authorization", HeaderValue::from_static("Bearer tg-1"));
+        headers.append("authorization", HeaderValue::from_static("Bearer tg-2"));
+        assert!(
+            matches!(presented_key(&headers), Err(GatewayError::MalformedApiKey)),
+            "ambiguous"
+        );
+        let mut headers = HeaderMap::new();
+        headers.append("authorization", HeaderValue::from_static("Bearer tg-1"));
+        headers.append("x-api-key", HeaderValue::from_static("tg-1"));
+        assert_eq!(
+            presented_key(&headers).ok(),
+            Some(&b"tg-1"[..]),
+            "the same key in two headers"
         );
     }
 

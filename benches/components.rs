@@ -175,6 +175,7 @@ async fn bench_accounting() {
             prompt_estimate: 20,
             status: 200,
             reached_upstream: true,
+            settled: false,
         }
     };
 

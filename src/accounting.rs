@@ -1,6 +1,7 @@
 //! The response body on its way out, watched for token usage, and the one settlement of each
 //! request: quota windows charged, metrics counted, ledger line written — exactly once, at the end
-//! of the body, on a body error, or when the body is dropped because the client left.
+//! of the body, on a body error, or when the body is dropped because the client left (or the
+//! request itself, when the client left before the response headers).
 //!
 //! Frames pass through untouched (the same `Bytes`), except when the gateway asked the upstream
 //! for stream usage on the client's behalf: then [`UsageStripper`] takes out of the client's
@@ -50,6 +51,8 @@ pub struct Settlement {
     pub status: u16,
     /// Whether the upstream saw the request at all.
     pub reached_upstream: bool,
+    /// Charged already: a later drop has nothing left to do.
+    pub settled: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -69,28 +72,62 @@ impl Outcome {
     }
 }
 
+/// The most one request is charged for its prompt, and for its completion: far beyond any real
+/// request, and small enough that a window's sums of used and reserved tokens cannot overflow.
+/// An upstream that reports more (a bug, or `u64::MAX`) made the quota arithmetic overflow — a
+/// panic that cut the answer off (debug builds), or a wrapped sum that emptied the window
+/// (release builds).
+const MAX_TOKENS_PER_REQUEST: u64 = 1 << 32;
+
+/// nginx's "client closed request": the status recorded for a request whose client left before
+/// the response headers came.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 impl Settlement {
     /// Charges what the request used. Consumes the settlement: it cannot happen twice.
     pub fn settle(
-        self,
+        mut self,
+        usage: Option<Usage>,
+        completion_chars: u64,
+        ttft: Option<f64>,
+        outcome: Outcome,
+    ) {
+        self.charge(usage, completion_chars, ttft, outcome);
+    }
+
+    fn charge(
+        &mut self,
         usage: Option<Usage>,
         completion_chars: u64,
         ttft: Option<f64>,
         outcome: Outcome,
     ) {
         let success = (200..300).contains(&self.status);
+        // A client that left before the answer leaves the prompt charged, as one that leaves
+        // mid-stream does: the upstream had it.
+        let answered = success || self.status == CLIENT_CLOSED_REQUEST;
         let (prompt, completion, source) = match usage {
             Some(usage) => (usage.prompt_tokens, usage.completion_tokens, "reported"),
-            None if success && self.reached_upstream => (
+            None if answered && self.reached_upstream => (
                 self.prompt_estimate,
                 estimate_tokens_from_chars(completion_chars),
                 "estimated",
             ),
             None => (0, 0, "estimated"),
         };
+        if prompt.max(completion) > MAX_TOKENS_PER_REQUEST {
+            tracing::warn!(
+                key = &*self.key.name,
+                prompt,
+                completion,
+                "implausible usage from the upstream; charging {MAX_TOKENS_PER_REQUEST} at most"
+            );
+        }
+        let prompt = prompt.min(MAX_TOKENS_PER_REQUEST);
+        let completion = completion.min(MAX_TOKENS_PER_REQUEST);
         let total = prompt.saturating_add(completion);
         let name: &str = &self.key.name;
-        if let Some(held) = self.held {
+        if let Some(held) = self.held.take() {
             if total > held.amount() {
                 self.metrics
                     .quota_overrun_tokens_total
@@ -135,6 +172,28 @@ impl Settlement {
                 outcome: outcome.label(),
             });
         }
+        self.settled = true;
+    }
+}
+
+impl Drop for Settlement {
+    /// Dropped unsettled: the future that held it was dropped while the request was with the
+    /// upstream — its client left before the response headers (hyper drops the service future of
+    /// a closed connection). Without this, such a request was never charged, had no ledger line,
+    /// and its quota reservation stayed held until its window ended.
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if std::thread::panicking() {
+            // Unwinding from a panic below: the client gets a 500 (CatchPanic), not a 499.
+            self.status = 500;
+        } else if self.status == 0 {
+            self.status = CLIENT_CLOSED_REQUEST;
+        }
+        // The proxy had the request: it sends at once, and holds nothing back.
+        self.reached_upstream = true;
+        self.charge(None, 0, None, Outcome::ClientGone);
     }
 }
 

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod extensions;
+pub mod first_bytes;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;

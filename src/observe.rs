@@ -7,6 +7,8 @@
 //!   frame, because the consumer may not poll again.
 //! - A response body dropped before its end (client gone) is still logged and counted, with
 //!   outcome `client_gone`; a body that errors (upstream broke off) with outcome `body_error`.
+//! - A request whose client leaves before the response headers is logged and counted too, with
+//!   outcome `client_gone` and status 499 (nginx's "client closed request").
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,6 +23,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
+use crate::accounting::CLIENT_CLOSED_REQUEST;
 use crate::body::BoxError;
 use crate::error::ErrorSource;
 use crate::extensions::{Endpoint, RequestStart, RequestTags, SharedTags};
@@ -99,6 +102,19 @@ pin_project! {
         #[pin]
         inner: F,
         record: Option<Record>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        /// Dropped before the response: the client left while the request was being handled
+        /// (hyper drops the service future of a closed connection). Without this such a request
+        /// had no access-log line and was not counted at all.
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(mut record) = this.project().record.take() {
+                record.status = StatusCode::from_u16(CLIENT_CLOSED_REQUEST)
+                    .unwrap_or(StatusCode::BAD_REQUEST);
+                record.finish(Outcome::ClientGone);
+            }
+        }
     }
 }
 

@@ -210,6 +210,7 @@ impl Shared {
             prompt_estimate,
             status: 0,
             reached_upstream: false,
+            settled: false,
         };
 
         let Ok(response) = inner.call(request).await;

@@ -22,6 +22,7 @@ use crate::admin::Admin;
 use crate::body::BoxError;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::first_bytes::FirstBytesDeadline;
 use crate::keys::{KeyStore, SharedKeys};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -208,9 +209,11 @@ impl Server {
                     let watcher = graceful.watcher();
                     let builder = builder.clone();
                     let acceptor = tls.clone();
+                    let head_timeout = self.config.server.header_read_timeout;
                     tokio::spawn(async move {
                         let result = match acceptor {
                             None => {
+                                let stream = FirstBytesDeadline::new(stream, head_timeout);
                                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                                 watcher.watch(connection.into_owned()).await
                             }
@@ -218,6 +221,7 @@ impl Server {
                             // delays only itself.
                             Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                                 Ok(Ok(stream)) => {
+                                    let stream = FirstBytesDeadline::new(stream, head_timeout);
                                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                                     watcher.watch(connection.into_owned()).await
                                 }

@@ -2,9 +2,10 @@
 //! producing the [`ParsedRequest`] extension the later layers read.
 //!
 //! Steps, each refused with 400 in the documented shape: the `Content-Type` must be JSON; the
-//! body must parse (serde_json: invalid UTF-8, bad syntax and nesting deeper than 128 are parse
-//! errors, never a panic); it must be an object; it must match the route's component
-//! (`CreateChatCompletionBody` / `CreateCompletionBody`). Schema errors list each problem with its
+//! body must parse (serde_json: invalid UTF-8, bad syntax, nesting deeper than 128 and an object
+//! naming a member twice are parse errors, never a panic); it must be an object; it must match
+//! the route's component (`CreateChatCompletionBody` / `CreateCompletionBody`); and the token
+//! counts the key policy reads (`max_tokens`, `max_completion_tokens`) must be plain integers. Schema errors list each problem with its
 //! `location` in the seed's style (`body.messages[2].role`), a `message` saying what was expected,
 //! and the `value` that came (truncated).
 //!
@@ -69,8 +70,14 @@ impl Schemas {
 
     /// Parses and checks a body for `endpoint`.
     pub fn check(&self, endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, GatewayError> {
-        let json: Value = serde_json::from_slice(body).map_err(|e| {
-            GatewayError::BadRequest(format!("the request body is not valid JSON: {e}"))
+        let json = parse_strict(body).map_err(|e| {
+            // A data error is the duplicate-key refusal; everything else is syntax.
+            let what = if e.is_data() {
+                "is ambiguous JSON"
+            } else {
+                "is not valid JSON"
+            };
+            GatewayError::BadRequest(format!("the request body {what}: {e}"))
         })?;
         if !json.is_object() {
             return Err(GatewayError::BadRequest(format!(
@@ -94,7 +101,124 @@ impl Schemas {
                 });
             }
         }
+        check_token_counts(&json)?;
         Ok(ParsedRequest::new(json))
+    }
+}
+
+/// The fields the key policy (`max_tokens` cap) and the quota reservation read as token counts.
+const TOKEN_COUNT_FIELDS: [&str; 2] = ["max_tokens", "max_completion_tokens"];
+
+/// Token counts must be plain integers. JSON Schema's `integer` also admits `1e9`, `100.0` and
+/// integers past `u64` (serde_json reads those as floats), which the policy and the quota read
+/// as "no count" (`as_u64` is `None`) while the upstream reads the number: a key's `max_tokens`
+/// cap and its quota reservation were bypassed by writing the count as `1e9`. OpenAI refuses
+/// such values too.
+fn check_token_counts(json: &Value) -> Result<(), GatewayError> {
+    let errors: Vec<FieldError> = TOKEN_COUNT_FIELDS
+        .iter()
+        .filter_map(|field| {
+            let value = json.get(field)?;
+            (value.is_number() && value.as_u64().is_none()).then(|| FieldError {
+                location: format!("body.{field}"),
+                message: format!(
+                    "{value} is not an integer: write the count without a fraction or exponent, \
+                     at most {}",
+                    u64::MAX
+                ),
+                value: value.clone(),
+            })
+        })
+        .collect();
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let total = errors.len();
+    Err(GatewayError::InvalidBody {
+        errors: Box::new(errors),
+        total,
+    })
+}
+
+/// Parses like `serde_json::from_slice::<Value>`, but refuses an object that names a member
+/// twice. serde_json keeps the last value of a duplicate while other parsers keep the first, so
+/// `{"max_tokens":100000,"max_tokens":5}` or `{"model":"denied","model":"allowed"}` would be
+/// checked as one request and run upstream as another. The nesting limit (128) is serde_json's
+/// own, enforced by its deserializer whatever the visitor.
+fn parse_strict(body: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<StrictValue>(body).map(|strict| strict.0)
+}
+
+struct StrictValue(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // As serde_json's own `Value` does (its parser never yields a non-finite number).
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut members = serde_json::Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if members.contains_key(&name) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate member {name:?}: parsers disagree on which value counts"
+                )));
+            }
+            let StrictValue(value) = map.next_value()?;
+            members.insert(name, value);
+        }
+        Ok(Value::Object(members))
     }
 }
 
@@ -336,6 +460,44 @@ mod tests {
             .check(Endpoint::Completions, deep.as_bytes())
             .expect_err("too deep");
         assert!(err.to_string().contains("recursion limit"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_members_are_refused_at_any_depth() {
+        let s = schemas();
+        for body in [
+            &br#"{"model":"m","prompt":"p","max_tokens":9,"max_tokens":1}"#[..],
+            br#"{"model":"m","messages":[{"role":"user","role":"system","content":"x"}]}"#,
+        ] {
+            let err = s
+                .check(Endpoint::ChatCompletions, body)
+                .expect_err("duplicate");
+            assert!(err.to_string().contains("duplicate member"), "{err}");
+        }
+        let parsed = parse_strict(br#"{"a":[1,-2,2.5,"x",null,true,{"b":{}}]}"#).expect("valid");
+        assert_eq!(parsed, json!({"a":[1,-2,2.5,"x",null,true,{"b":{}}]}));
+    }
+
+    #[test]
+    fn token_counts_must_be_plain_integers() {
+        let s = schemas();
+        for count in ["1e9", "100.0", "100000000000000000000000", "-0.0"] {
+            let body = format!(r#"{{"model":"m","prompt":"p","max_completion_tokens":{count}}}"#);
+            let err = s
+                .check(Endpoint::Completions, body.as_bytes())
+                .expect_err("not a plain integer");
+            let GatewayError::InvalidBody { errors, .. } = err else {
+                panic!("expected InvalidBody for {count}, got {err:?}");
+            };
+            assert_eq!(errors[0].location, "body.max_completion_tokens", "{count}");
+        }
+        let ok = s
+            .check(
+                Endpoint::Completions,
+                br#"{"model":"m","prompt":"p","max_tokens":0}"#,
+            )
+            .expect("a plain integer");
+        assert_eq!(ok.max_tokens, Some(0));
     }
 
     #[test]

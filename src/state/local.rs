@@ -145,7 +145,7 @@ impl LocalState {
         let mut denied: Option<QuotaDenied> = None;
         for quota in quotas {
             let counter = current(&mut windows, key, quota, now);
-            let taken = counter.used + counter.reserved;
+            let taken = counter.used.saturating_add(counter.reserved);
             if taken.saturating_add(amount) > quota.tokens {
                 let retry_after = Duration::from_secs(counter.start + quota.per_secs() - now);
                 let worse = denied.as_ref().is_none_or(|d| retry_after > d.retry_after);
@@ -167,7 +167,7 @@ impl LocalState {
         let mut status = Vec::with_capacity(quotas.len());
         for quota in quotas {
             let counter = current(&mut windows, key, quota, now);
-            counter.reserved += amount;
+            counter.reserved = counter.reserved.saturating_add(amount);
             starts.push((quota.per_secs(), counter.start));
             status.push(status_of(quota, counter, now));
         }
@@ -302,7 +302,7 @@ fn current<'a>(
 }
 
 fn status_of(quota: &Quota, counter: &Counter, now: u64) -> WindowStatus {
-    let taken = counter.used + counter.reserved;
+    let taken = counter.used.saturating_add(counter.reserved);
     WindowStatus {
         per: quota.per,
         limit: quota.tokens,

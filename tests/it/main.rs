@@ -6,6 +6,7 @@ mod common;
 mod accounting;
 mod binary;
 mod dashboard;
+mod hardening;
 mod keys;
 mod openai_client;
 mod operators;

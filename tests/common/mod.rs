@@ -169,10 +169,17 @@ impl Drop for TestGateway {
 /// A client that sends [`TEST_KEY`] unless a request sets its own `Authorization`, and never
 /// follows redirects.
 pub fn client() -> reqwest::Client {
+    client_with_key(TEST_KEY)
+}
+
+/// A client that sends `key` as its bearer token unless a request sets its own
+/// `Authorization`, never follows redirects, and gives up after 20 s.
+pub fn client_with_key(key: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
-        reqwest::header::HeaderValue::from_static("Bearer tg-test-key"),
+        reqwest::header::HeaderValue::try_from(format!("Bearer {key}"))
+            .expect("a key is a header value"),
     );
     reqwest::Client::builder()
         .default_headers(headers)

@@ -80,19 +80,9 @@ async fn gateway_with_ledger(
     (TestGateway::start_toml(&toml).await, ledger)
 }
 
-/// A client that sends the key `h`, never follows redirects and gives up after 20 s.
+/// A client that sends this file's key.
 fn client() -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        reqwest::header::HeaderValue::from_static("Bearer tg-hardening-key"),
-    );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client builds")
+    common::client_with_key("tg-hardening-key")
 }
 
 fn lossy(bytes: &[u8]) -> String {

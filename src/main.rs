@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// mimalloc: allocation and freeing were ~10 % of the gateway's CPU under load with the system
+/// allocator (perf, bench/profile.sh); every request allocates its header maps and futures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate::config::{is_valid_key_name, Config, DEFAULT_CONFIG};
 use tollgate::keys::{generate_token, hash_token};
 use tollgate::report::{self, GroupBy};

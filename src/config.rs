@@ -321,13 +321,17 @@ impl Quota {
 
     /// The metric label of this window: its length as written in configs (`1m`, `1d`).
     pub fn label(&self) -> String {
-        let secs = self.per_secs();
-        match secs {
-            s if s % 86_400 == 0 => format!("{}d", s / 86_400),
-            s if s % 3_600 == 0 => format!("{}h", s / 3_600),
-            s if s % 60 == 0 => format!("{}m", s / 60),
-            s => format!("{s}s"),
-        }
+        window_label(self.per)
+    }
+}
+
+/// A window's length as written in configs (`1m`, `1d`): its metric label and name in headers.
+pub fn window_label(per: Duration) -> String {
+    match per.as_secs().max(1) {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 

@@ -113,14 +113,6 @@ impl KeyStore {
         self.by_hash.get(&hash_token(token))
     }
 
-    pub fn len(&self) -> usize {
-        self.by_hash.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
-    }
-
     pub fn clock(&self) -> &Clock {
         &self.clock
     }

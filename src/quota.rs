@@ -26,7 +26,7 @@ use tower::{Layer, Service};
 
 use crate::accounting::{AccountedBody, Outcome, Settlement};
 use crate::body::GatewayBody;
-use crate::config::Quota;
+use crate::config::window_label;
 use crate::error::{retry_after_secs, ErrorSource, GatewayError};
 use crate::extensions::{
     Endpoint, ParsedRequest, Principal, RequestStart, SharedTags, UpstreamReached,
@@ -152,12 +152,8 @@ impl Shared {
                 }
                 Ok(Err(denied)) => {
                     self.metrics.rejection(&key.name, "quota");
-                    let window = Quota {
-                        tokens: denied.limit,
-                        per: denied.per,
-                    };
                     let mut response = GatewayError::QuotaExceeded {
-                        window: window.label(),
+                        window: window_label(denied.per),
                         limit: denied.limit,
                         used: denied.used,
                         needed: denied.needed,
@@ -275,7 +271,7 @@ fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
     for window in windows {
         if let Ok(value) = HeaderValue::try_from(format!(
             "\"tokens-{}\";q={};w={}",
-            window_name(window),
+            window_label(window.per),
             window.limit,
             window.per.as_secs()
         )) {
@@ -284,20 +280,12 @@ fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
     }
     if let Ok(value) = HeaderValue::try_from(format!(
         "\"tokens-{}\";r={};t={}",
-        window_name(tightest),
+        window_label(tightest.per),
         tightest.remaining,
         retry_after_secs(tightest.reset_after)
     )) {
         headers.append(RATELIMIT, value);
     }
-}
-
-fn window_name(window: &WindowStatus) -> String {
-    Quota {
-        tokens: window.limit,
-        per: window.per,
-    }
-    .label()
 }
 
 #[cfg(test)]

@@ -146,6 +146,16 @@ const TARGETS: &[Target] = &[
         by_default: false,
     },
     Target {
+        name: "tollgate-no-inject",
+        kind: Kind::Tollgate(Variant {
+            server: "",
+            upstream: "inject_usage = false",
+            tables: one_key,
+        }),
+        headers: &[CLIENT_KEY_HEADER],
+        by_default: false,
+    },
+    Target {
         name: "tollgate-10k-keys",
         kind: Kind::Tollgate(Variant {
             server: "",

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +22,9 @@ use toml::Spanned;
 
 /// The default config, embedded so that `tollgate serve` runs with no file at all.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/tollgate.toml");
+
+/// More threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 /// A config problem, already phrased for the operator: `FILE:LINE: key.path: what is wrong`.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +182,8 @@ struct RawServer {
     /// The environment variable holding the admin API's bearer token.
     admin_token_env: Option<Spanned<String>>,
     tls: Option<Spanned<RawTls>>,
+    /// Threads serving client connections; the machine's CPU count when absent.
+    workers: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -382,6 +387,8 @@ pub struct ServerConfig {
     pub admin_token: Option<Secret>,
     /// TLS on the client listener; `None`: plain HTTP (and h2c).
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Threads serving client connections, each with its own event loop and upstream pool.
+    pub workers: NonZeroUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -472,6 +479,21 @@ impl Config {
                 "is larger than this machine can address".into(),
             )
         })?;
+
+        let workers = match raw.server.workers {
+            None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            Some(workers) => usize::try_from(*workers.get_ref())
+                .ok()
+                .filter(|n| (1..=MAX_WORKERS).contains(n))
+                .and_then(NonZeroUsize::new)
+                .ok_or_else(|| {
+                    at(
+                        workers.span(),
+                        "server.workers",
+                        format!("must be between 1 and {MAX_WORKERS}"),
+                    )
+                })?,
+        };
 
         let (scheme, authority, base_path) = parse_upstream_url(raw.upstream.url.get_ref())
             .map_err(|msg| at(raw.upstream.url.span(), "upstream.url", msg))?;
@@ -631,6 +653,7 @@ impl Config {
                 body_read_timeout: raw.server.body_read_timeout,
                 admin_token,
                 tls,
+                workers,
             },
             upstream: UpstreamConfig {
                 scheme,
@@ -992,6 +1015,22 @@ mod tests {
             .expect_err("ftp must fail");
         let msg = err.to_string();
         assert!(msg.starts_with("test.toml:4: upstream.url:"), "{msg}");
+    }
+
+    #[test]
+    fn workers_default_to_the_cpu_count_and_zero_is_refused() {
+        let config = parse("[server]\n[upstream]\nurl = \"http://a\"\n").expect("valid");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(config.server.workers.get(), cpus);
+        let config =
+            parse("[server]\nworkers = 3\n[upstream]\nurl = \"http://a\"\n").expect("valid");
+        assert_eq!(config.server.workers.get(), 3);
+        let err = parse("[server]\nworkers = 0\n[upstream]\nurl = \"http://a\"\n")
+            .expect_err("no workers cannot serve");
+        assert!(
+            err.to_string().starts_with("test.toml:2: server.workers:"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod extensions;
 pub mod first_bytes;
 pub mod keys;
 pub mod ledger;
+pub mod log_writer;
 pub mod metrics;
 pub mod observe;
 pub mod policy;
@@ -31,6 +32,7 @@ pub mod tls;
 pub mod upstream_body;
 pub mod usage;
 pub mod validate;
+pub mod worker;
 
 pub use config::Config;
 pub use server::{Server, ServerOptions};

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate::config::{is_valid_key_name, Config, DEFAULT_CONFIG};
 use tollgate::keys::{generate_token, hash_token};
+use tollgate::log_writer::{BatchedStdout, FlushGuard};
 use tollgate::report::{self, GroupBy};
 use tollgate::{Server, ServerOptions};
 
@@ -73,7 +74,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let _flush_logs = match init_tracing(cli.log_format) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("tollgate: cannot start the log writer: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Check { config } => check(&config),
@@ -106,7 +113,12 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The control plane only: signals, reloads, the admin port, state flushes. Client
+    // connections are served by `server.workers` threads with runtimes of their own (worker.rs).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("tollgate: cannot start the runtime: {error}");
@@ -266,17 +278,22 @@ fn usage(path: &Path, since: Option<Duration>, by: GroupBy, format: report::Form
     ExitCode::SUCCESS
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs go to stdout through the batched writer (log_writer.rs); the guard writes out what is
+/// still buffered when `main` returns.
+fn init_tracing(format: LogFormat) -> std::io::Result<FlushGuard> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = BatchedStdout::start()?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Ok(guard)
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -9,6 +9,8 @@
 //!   so the gateway never holds more than the cap in memory.
 //! - A client that breaks off while sending its body gets a 400 (if it is still there to read it).
 //! - A client that trickles its body slower than `server.body_read_timeout` allows gets a 408.
+//! - Each of these answers carries `Connection: close`: the unread rest of the body would be
+//!   taken for the next request, and a client that reuses the connection would see it closed.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{header, Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::{Layer, Service};
@@ -79,12 +81,19 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (limit, timeout) = (self.limit, self.timeout);
         Box::pin(async move {
-            let request = match tokio::time::timeout(timeout, read_capped(request, limit)).await {
-                Ok(Ok(request)) => request,
-                Ok(Err(error)) => return Ok(error.into_response()),
-                Err(_) => return Ok(GatewayError::RequestTimeout.into_response()),
+            let error = match tokio::time::timeout(timeout, read_capped(request, limit)).await {
+                Ok(Ok(request)) => return inner.call(request).await,
+                Ok(Err(error)) => error,
+                Err(_) => GatewayError::RequestTimeout,
             };
-            inner.call(request).await
+            // The body was not read to its end, so the rest of it is still on the connection:
+            // tell the client not to send another request on it (hyper then closes it, and
+            // drops the header on HTTP/2, where it does not apply).
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Ok(response)
         })
     }
 }

@@ -12,17 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::future::join_all;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::admin::Admin;
 use crate::body::BoxError;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::first_bytes::FirstBytesDeadline;
 use crate::keys::{KeyStore, SharedKeys};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -34,9 +33,7 @@ use crate::state::redis::RedisState;
 use crate::state::{Backend, Store};
 use crate::tls::CertResolver;
 use crate::validate::Schemas;
-
-/// A client must finish its TLS handshake within this time.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::worker::{ConnectionSettings, Phase, Worker};
 
 /// A bound, not yet running, gateway: both listeners are open, so their addresses are known
 /// (useful with port 0 in tests).
@@ -134,13 +131,19 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BoxError> {
-        let stack = build_stack(
-            &self.config,
-            self.keys.clone(),
-            self.schemas.clone(),
-            self.accounting.clone(),
-            self.metrics.clone(),
-        )?;
+        // One stack per worker, each with its own upstream pool; built first, so that an error
+        // here has started nothing.
+        let stacks = (0..self.config.server.workers.get())
+            .map(|_| {
+                build_stack(
+                    &self.config,
+                    self.keys.clone(),
+                    self.schemas.clone(),
+                    self.accounting.clone(),
+                    self.metrics.clone(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let flusher =
             self.accounting.backend.local().map(|local| {
                 tokio::spawn(local.clone().run_flusher(self.config.state.flush_interval))
@@ -167,6 +170,7 @@ impl Server {
                 .map(|t| crate::keys::hash_token(t.expose().as_bytes())),
         };
         let admin_addr = self.admin_addr()?;
+        let listen_addr = self.local_addr()?;
         let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin));
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -175,87 +179,59 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.server.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
+        let settings = Arc::new(ConnectionSettings {
+            builder,
+            tls: match &self.tls {
+                Some(resolver) => Some(crate::tls::acceptor(resolver.clone())?),
+                None => None,
+            },
+            head_timeout: self.config.server.header_read_timeout,
+        });
+
+        // Dropping `phase` (an error below, or this future dropped) ends every worker.
+        let (phase, watching) = watch::channel(Phase::Serve);
+        let listener = self.listener.into_std()?;
+        let mut workers = Vec::new();
+        for (index, stack) in stacks.into_iter().enumerate() {
+            let listener = listener.try_clone()?;
+            workers.push(Worker::spawn(
+                index,
+                listener,
+                stack,
+                settings.clone(),
+                watching.clone(),
+            )?);
+        }
+        drop(listener);
 
         tracing::info!(
-            listen = %self.listener.local_addr()?,
+            listen = %listen_addr,
             admin = %admin_addr,
             upstream = %self.config.upstream.base_url(),
+            workers = workers.len(),
             "tollgate serving"
         );
+        shutdown.await;
 
-        let tls = match &self.tls {
-            Some(resolver) => Some(crate::tls::acceptor(resolver.clone())?),
-            None => None,
-        };
-        let graceful = GracefulShutdown::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => {
-                    let (stream, _peer) = match accepted {
-                        Ok(accepted) => accepted,
-                        Err(error) => {
-                            // Out of file descriptors and the like: back off instead of spinning.
-                            tracing::warn!(%error, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    };
-                    // Each SSE event must leave at once, not wait for a delayed ACK (Nagle).
-                    if let Err(error) = stream.set_nodelay(true) {
-                        tracing::debug!(%error, "cannot set TCP_NODELAY");
-                    }
-                    let service = TowerToHyperService::new(stack.clone());
-                    let watcher = graceful.watcher();
-                    let builder = builder.clone();
-                    let acceptor = tls.clone();
-                    let head_timeout = self.config.server.header_read_timeout;
-                    tokio::spawn(async move {
-                        let result = match acceptor {
-                            None => {
-                                let stream = FirstBytesDeadline::new(stream, head_timeout);
-                                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                                watcher.watch(connection.into_owned()).await
-                            }
-                            // The handshake runs here, not in the accept loop: a slow client
-                            // delays only itself.
-                            Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                Ok(Ok(stream)) => {
-                                    let stream = FirstBytesDeadline::new(stream, head_timeout);
-                                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                                    watcher.watch(connection.into_owned()).await
-                                }
-                                Ok(Err(error)) => {
-                                    tracing::debug!(%error, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("TLS handshake timed out");
-                                    return;
-                                }
-                            },
-                        };
-                        if let Err(error) = result {
-                            tracing::debug!(error = %error, "client connection ended with an error");
-                        }
-                    });
-                }
-                () = &mut shutdown => break,
-            }
-        }
-
-        drop(self.listener);
         let deadline = self.config.server.shutdown_timeout;
         tracing::info!(
             ?deadline,
             "shutting down: no new connections; waiting for in-flight requests"
         );
-        match tokio::time::timeout(deadline, graceful.shutdown()).await {
-            Ok(()) => tracing::info!("all connections finished"),
-            Err(_) => tracing::warn!(
-                ?deadline,
-                "shutdown deadline passed; closing the connections still open"
-            ),
+        phase.send_replace(Phase::Drain);
+        {
+            let mut closed = join_all(workers.iter_mut().map(|worker| &mut worker.closed));
+            match tokio::time::timeout(deadline, &mut closed).await {
+                Ok(_) => tracing::info!("all connections finished"),
+                Err(_) => {
+                    tracing::warn!(
+                        ?deadline,
+                        "shutdown deadline passed; closing the connections still open"
+                    );
+                    phase.send_replace(Phase::Cut);
+                    closed.await;
+                }
+            }
         }
         admin_task.abort();
         if let Some(task) = reload_task {
@@ -267,6 +243,9 @@ impl Server {
             .backend
             .drain(std::time::Duration::from_secs(5))
             .await;
+        phase.send_replace(Phase::Exit);
+        let _ =
+            tokio::task::spawn_blocking(move || workers.into_iter().for_each(Worker::join)).await;
         for task in [flusher, renewer].into_iter().flatten() {
             task.abort();
         }

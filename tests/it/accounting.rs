@@ -657,3 +657,60 @@ async fn charged_usage_survives_sigterm_and_sigkill_restarts() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_stream_cut_at_the_shutdown_deadline_is_charged_once() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let ledger = ledger_path();
+    let tail = format!("[ledger]\npath = \"{}\"\n", ledger.display());
+    let mut gateway = TestGateway::start_toml(&common::config_toml(
+        &upstream.url(),
+        "shutdown_timeout = \"300ms\"",
+        "",
+        &tail,
+    ))
+    .await;
+    let body =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let response = common::client()
+        .post(format!("{}{CHAT}", gateway.url()))
+        .header("x-mock-chunks", "100")
+        .header("x-mock-chunk-delay-ms", "100")
+        .json(&body)
+        .send()
+        .await
+        .expect("headers arrive");
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.expect("a first event").expect("bytes");
+    assert!(first.starts_with(b"data: "), "streaming has begun");
+
+    let started = std::time::Instant::now();
+    let done = gateway.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(5), done)
+        .await
+        .expect("shutdown ends soon after its deadline, not with the 10 s stream")
+        .expect("server task ends cleanly");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the stream had its shutdown_timeout to finish"
+    );
+    let mut rest = Vec::new();
+    let mut broken = false;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) => rest.extend_from_slice(&bytes),
+            Err(_) => {
+                broken = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        broken || !String::from_utf8_lossy(&rest).contains("[DONE]"),
+        "the client sees the stream cut, not a clean end"
+    );
+    let lines = read_ledger(&ledger);
+    assert_eq!(lines.len(), 1, "the cut request is charged once: {lines:?}");
+    assert_eq!(lines[0]["outcome"], "client_gone", "{}", lines[0]);
+}

@@ -269,6 +269,11 @@ async fn bad_content_types_and_bodies_get_clear_400s_and_oversized_bodies_413() 
         .expect("chunked request");
     assert_eq!(response.status(), 413, "chunked body over the cap");
     assert_eq!(
+        response.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "the rest of the body is still on the connection: the client must not reuse it"
+    );
+    assert_eq!(
         upstream.request_count(),
         2,
         "only the two good requests were forwarded"

@@ -14,6 +14,7 @@ pub mod extensions;
 pub mod first_bytes;
 pub mod keys;
 pub mod ledger;
+pub mod log_format;
 pub mod log_writer;
 pub mod metrics;
 pub mod observe;

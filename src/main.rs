@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate::config::{is_valid_key_name, Config, DEFAULT_CONFIG};
 use tollgate::keys::{generate_token, hash_token};
+use tollgate::log_format::PlainText;
 use tollgate::log_writer::{BatchedStdout, FlushGuard};
 use tollgate::report::{self, GroupBy};
 use tollgate::{Server, ServerOptions};
@@ -290,7 +291,8 @@ fn init_tracing(format: LogFormat) -> std::io::Result<FlushGuard> {
         .with_ansi(ansi)
         .with_writer(writer);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text if ansi => builder.init(),
+        LogFormat::Text => builder.event_format(PlainText).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     Ok(guard)

@@ -35,7 +35,9 @@ use http_body::Body;
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 
 use crate::auth::auth_layer;
 use crate::body::{BoxError, GatewayBody};
@@ -76,7 +78,7 @@ pub fn build_stack(
     let proxy = Proxy::new(&config.upstream, metrics.clone())?;
     Ok(ServiceBuilder::new()
         // First, so that even the access log and error answers carry the id.
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
         .layer(PropagateRequestIdLayer::x_request_id())
         // Outside everything that can answer, so every answer is logged and counted once.
         .layer(ObserveLayer::new(metrics.clone()))
@@ -106,6 +108,19 @@ pub fn build_stack(
             config.upstream.inject_usage,
         ))
         .service(proxy))
+}
+
+/// A random (v4) UUID for a request that came without an `x-request-id`: tower-http's
+/// `MakeRequestUuid`, but formatted on the stack instead of through a `String` and a parse.
+#[derive(Clone, Copy)]
+struct RandomRequestId;
+
+impl MakeRequestId for RandomRequestId {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        let mut buffer = uuid::Uuid::encode_buffer();
+        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+        http::HeaderValue::from_str(id).ok().map(RequestId::new)
+    }
 }
 
 /// Where usage is charged and written.

@@ -123,7 +123,13 @@ async fn headers_follow_the_rules_both_ways() {
         .to_str()
         .expect("ascii")
         .to_owned();
-    assert!(!generated_id.is_empty(), "request id not empty");
+    let uuid = uuid::Uuid::parse_str(&generated_id).expect("the generated id is a UUID");
+    assert_eq!(uuid.get_version_num(), 4, "a random UUID: {generated_id}");
+    assert_eq!(
+        generated_id,
+        uuid.hyphenated().to_string(),
+        "lower-case, hyphenated"
+    );
     assert!(
         response.headers().get("keep-alive").is_none(),
         "hop-by-hop from upstream dropped"

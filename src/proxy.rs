@@ -41,7 +41,9 @@ use crate::extensions::{Endpoint, RequestStart, UpstreamReached};
 use crate::metrics::Metrics;
 use crate::upstream_body::UpstreamBody;
 
-type Connector = HttpsConnector<HttpConnector>;
+/// How upstream connections are made (TCP, TLS with the trusted roots); built once and shared
+/// by every worker's client.
+pub type Connector = HttpsConnector<HttpConnector>;
 type UpstreamClient = Client<Connector, Full<Bytes>>;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy
@@ -80,8 +82,12 @@ struct Shared {
 }
 
 impl Proxy {
-    pub fn new(upstream: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Proxy, BoxError> {
-        let connector = connector(upstream)?;
+    /// A proxy with its own connection pool, connecting through `connector`.
+    pub fn new(
+        upstream: &UpstreamConfig,
+        connector: Connector,
+        metrics: Arc<Metrics>,
+    ) -> Result<Proxy, BoxError> {
         let client = client_builder()
             .pool_idle_timeout(upstream.pool_idle_timeout)
             .pool_max_idle_per_host(upstream.pool_max_idle_per_host)
@@ -118,7 +124,8 @@ fn client_builder() -> hyper_util::client::legacy::Builder {
     builder
 }
 
-fn connector(upstream: &UpstreamConfig) -> Result<Connector, BoxError> {
+/// The upstream connector for `upstream`: reads the system's trusted roots and `ca_file`.
+pub fn connector(upstream: &UpstreamConfig) -> Result<Connector, BoxError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     // Each SSE event must leave at once, not wait for a delayed ACK (Nagle).

@@ -132,11 +132,13 @@ impl Server {
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BoxError> {
         // One stack per worker, each with its own upstream pool; built first, so that an error
-        // here has started nothing.
+        // here has started nothing. The connector (and the trusted roots it read) is shared.
+        let connector = crate::proxy::connector(&self.config.upstream)?;
         let stacks = (0..self.config.server.workers.get())
             .map(|_| {
                 build_stack(
                     &self.config,
+                    &connector,
                     self.keys.clone(),
                     self.schemas.clone(),
                     self.accounting.clone(),

@@ -48,7 +48,7 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
 use crate::policy::policy_layer;
-use crate::proxy::Proxy;
+use crate::proxy::{Connector, Proxy};
 use crate::quota::QuotaLayer;
 use crate::rate_limit::RateLimitLayer;
 use crate::request_body::RequestBodyLayer;
@@ -57,9 +57,11 @@ use crate::state::Backend;
 use crate::validate::{validate_layer, Schemas};
 
 /// Builds the gateway's request stack for `config`, with the live key table `keys` (whose clock
-/// the limiters read), recording into `metrics`.
+/// the limiters read), recording into `metrics`. Each stack keeps its own upstream pool, made
+/// through the shared `connector`.
 pub fn build_stack(
     config: &Config,
+    connector: &Connector,
     keys: SharedKeys,
     schemas: Arc<Schemas>,
     accounting: Accounting,
@@ -75,7 +77,7 @@ pub fn build_stack(
         + 'static,
     BoxError,
 > {
-    let proxy = Proxy::new(&config.upstream, metrics.clone())?;
+    let proxy = Proxy::new(&config.upstream, connector.clone(), metrics.clone())?;
     Ok(ServiceBuilder::new()
         // First, so that even the access log and error answers carry the id.
         .layer(SetRequestIdLayer::x_request_id(RandomRequestId))

@@ -193,23 +193,11 @@ async fn serve_connection<S, B>(
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
     let result = match &settings.tls {
-        None => {
-            let stream = FirstBytesDeadline::new(stream, settings.head_timeout);
-            let connection = settings
-                .builder
-                .serve_connection(TokioIo::new(stream), service);
-            watcher.watch(connection.into_owned()).await
-        }
+        None => serve_http(stream, service, &settings, watcher).await,
         // The handshake runs in the connection's task: a slow client delays only itself.
         Some(acceptor) => {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => {
-                    let stream = FirstBytesDeadline::new(stream, settings.head_timeout);
-                    let connection = settings
-                        .builder
-                        .serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
-                }
+                Ok(Ok(stream)) => serve_http(stream, service, &settings, watcher).await,
                 Ok(Err(error)) => {
                     tracing::debug!(%error, "TLS handshake failed");
                     return;
@@ -224,4 +212,21 @@ async fn serve_connection<S, B>(
     if let Err(error) = result {
         tracing::debug!(error = %error, "client connection ended with an error");
     }
+}
+
+/// HTTP/1.1 or h2c over `io` (plain TCP or TLS), until the connection ends or drains.
+async fn serve_http<I, S, B>(
+    io: I,
+    service: TowerToHyperService<S>,
+    settings: &ConnectionSettings,
+    watcher: Watcher,
+) -> Result<(), BoxError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Stack<B>,
+    B: ResponseBody,
+{
+    let io = FirstBytesDeadline::new(io, settings.head_timeout);
+    let connection = settings.builder.serve_connection(TokioIo::new(io), service);
+    watcher.watch(connection.into_owned()).await
 }

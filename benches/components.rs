@@ -17,15 +17,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use tollgate::accounting::{AccountedBody, Settlement};
-use tollgate::body::{BoxError, GatewayBody};
-use tollgate::clock::Clock;
 use tollgate::config::{KeyConfig, Limits, Quota};
-use tollgate::extensions::Endpoint;
+use tollgate::http::body::{BoxError, GatewayBody};
+use tollgate::http::context::Endpoint;
 use tollgate::keys::KeyStore;
-use tollgate::metrics::Metrics;
+use tollgate::layers::validate::Schemas;
+use tollgate::observability::metrics::Metrics;
+use tollgate::state::clock::Clock;
 use tollgate::state::local::LocalState;
 use tollgate::state::{Backend, Store};
-use tollgate::validate::Schemas;
 
 const ROUNDS: usize = 9;
 

@@ -18,9 +18,9 @@ use governor::{Quota, RateLimiter};
 use prometheus::IntGauge;
 use ring::rand::SecureRandom;
 
-use crate::clock::Clock;
 use crate::config::{KeyConfig, Limits, RateLimit};
-use crate::metrics::Metrics;
+use crate::observability::metrics::Metrics;
+use crate::state::clock::Clock;
 
 /// What every key `tollgate keygen` makes starts with, so that a leaked one is recognisable.
 pub const TOKEN_PREFIX: &str = "tg-";

@@ -19,11 +19,11 @@
 //!     client did not; settles to the real usage when the answer ends (`AccountedBody`)
 //! 12. `Proxy`           ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
 //!
-//! [`RequestStart`]: crate::extensions::RequestStart
-//! [`RequestTags`]: crate::extensions::RequestTags
-//! [`Endpoint`]: crate::extensions::Endpoint
-//! [`Principal`]: crate::extensions::Principal
-//! [`ParsedRequest`]: crate::extensions::ParsedRequest
+//! [`RequestStart`]: crate::http::context::RequestStart
+//! [`RequestTags`]: crate::http::context::RequestTags
+//! [`Endpoint`]: crate::http::context::Endpoint
+//! [`Principal`]: crate::http::context::Principal
+//! [`ParsedRequest`]: crate::http::context::ParsedRequest
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -39,22 +39,22 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 
-use crate::auth::auth_layer;
-use crate::body::{BoxError, GatewayBody};
+use crate::accounting::ledger::Ledger;
 use crate::config::Config;
-use crate::error::GatewayError;
+use crate::http::body::{BoxError, GatewayBody};
+use crate::http::error::GatewayError;
 use crate::keys::SharedKeys;
-use crate::ledger::Ledger;
-use crate::metrics::Metrics;
-use crate::observe::ObserveLayer;
-use crate::policy::policy_layer;
+use crate::layers::auth::auth_layer;
+use crate::layers::observe::ObserveLayer;
+use crate::layers::policy::policy_layer;
+use crate::layers::quota::QuotaLayer;
+use crate::layers::rate_limit::RateLimitLayer;
+use crate::layers::request_body::RequestBodyLayer;
+use crate::layers::route::RouteLayer;
+use crate::layers::validate::{validate_layer, Schemas};
+use crate::observability::metrics::Metrics;
 use crate::proxy::{Connector, Proxy};
-use crate::quota::QuotaLayer;
-use crate::rate_limit::RateLimitLayer;
-use crate::request_body::RequestBodyLayer;
-use crate::route::RouteLayer;
 use crate::state::Backend;
-use crate::validate::{validate_layer, Schemas};
 
 /// Builds the gateway's request stack for `config`, with the live key table `keys` (whose clock
 /// the limiters read), recording into `metrics`. Each stack keeps its own upstream pool, made

@@ -28,8 +28,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{QuotaDenied, Reservation, WindowStatus};
-use crate::clock::Clock;
 use crate::config::Quota;
+use crate::state::clock::Clock;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct WindowKey {

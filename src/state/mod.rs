@@ -8,6 +8,7 @@
 //!
 //! [`Backend`] is the one place the layers call, so the choice is made here and nowhere else.
 
+pub mod clock;
 pub mod local;
 pub mod redis;
 
@@ -19,10 +20,10 @@ use governor::clock::Clock as _;
 
 use self::local::LocalState;
 use self::redis::{Admit, Lease, RedisState, Unavailable};
-use crate::clock::Clock;
 use crate::config::{OnError, Quota};
 use crate::keys::{InflightGuard, KeyEntry};
-use crate::metrics::Metrics;
+use crate::observability::metrics::Metrics;
+use crate::state::clock::Clock;
 
 /// Tokens held for one request in each of its key's windows, until settled.
 #[derive(Debug)]

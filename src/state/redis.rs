@@ -28,7 +28,7 @@ use redis::Script;
 
 use super::{QuotaDenied, Reservation, WindowStatus};
 use crate::config::{OnError, Quota, RateLimit, RedisConfig};
-use crate::metrics::Metrics;
+use crate::observability::metrics::Metrics;
 
 /// Concurrency and rate in one call. Returns `{0, remaining, reset_us}` when admitted (remaining
 /// is -1 when the key has no rate), `{1}` when the key has no free slot, `{2, wait_us}` when the

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tollgate::clock::Clock;
+use tollgate::state::clock::Clock;
 use tollgate::{Config, Server, ServerOptions};
 
 /// The key every test config has (name `test`, no limits), and that [`client`] sends.
@@ -54,7 +54,7 @@ pub fn config_toml(
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    reloader: Option<std::sync::Arc<tollgate::reload::Reloader>>,
+    reloader: Option<std::sync::Arc<tollgate::server::reload::Reloader>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -108,7 +108,9 @@ impl TestGateway {
     }
 
     /// Reloads the config file now, as SIGHUP would.
-    pub fn reload(&self) -> Result<tollgate::reload::ReloadSummary, tollgate::config::ConfigError> {
+    pub fn reload(
+        &self,
+    ) -> Result<tollgate::server::reload::ReloadSummary, tollgate::config::ConfigError> {
         self.reloader
             .as_ref()
             .expect("gateway started from a file")

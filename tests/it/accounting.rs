@@ -252,7 +252,9 @@ async fn a_mixed_workload_is_charged_exactly_once_per_request_as_reported_or_est
                 "{}: no usage arrived: {line}",
                 case.id
             );
-            let prompt = tollgate::usage::estimate_prompt_tokens(case.body.to_string().as_bytes());
+            let prompt = tollgate::accounting::usage::estimate_prompt_tokens(
+                case.body.to_string().as_bytes(),
+            );
             assert!(
                 charged >= prompt,
                 "{}: at least the prompt estimate is charged: {line}",
@@ -475,7 +477,7 @@ async fn an_upstream_that_ignores_max_tokens_is_counted_as_an_overrun() {
     let body =
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
             .to_string();
-    let reserved = tollgate::usage::estimate_prompt_tokens(body.as_bytes()) + 5;
+    let reserved = tollgate::accounting::usage::estimate_prompt_tokens(body.as_bytes()) + 5;
     let (status, _, _) = common::post(
         &format!("{}{CHAT}", gateway.url()),
         &body,

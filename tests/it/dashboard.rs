@@ -754,7 +754,7 @@ async fn every_dashboard_query_names_exported_metrics_and_labels() {
 
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let mut export = mixed_workload(&upstream).await;
-    // tollgate_state_errors_total is registered in src/metrics.rs (the Redis backend), so it is
+    // tollgate_state_errors_total is registered in src/observability/metrics.rs (the Redis backend), so it is
     // not exempt: a gateway whose Redis is unreachable exports it.
     export = export.merge(redis_down_workload(&upstream).await);
     if !std::path::Path::new("/dev/full").exists() {

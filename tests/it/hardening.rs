@@ -1083,7 +1083,7 @@ async fn slowloris_headers_are_cut() {
 /// hyper's `header_read_timeout` starts once hyper-util's `auto` builder has seen enough bytes
 /// to tell HTTP/1.1 from h2c; until then nothing times out, so a connection that sends nothing
 /// (or one byte, or part of the h2 preface) is held open forever: a slowloris that costs the
-/// attacker one socket per connection and no bytes. The fix belongs in src/server.rs: see the
+/// attacker one socket per connection and no bytes. The fix belongs in src/server/: see the
 /// report of the hardening work.
 #[tokio::test]
 async fn connections_that_never_send_a_request_head_are_cut() {
@@ -1390,9 +1390,9 @@ async fn ambiguous_framing_is_refused_or_closed_never_forwarded() {
 /// RFC 9112 §6.1: a request with both Content-Length and Transfer-Encoding "ought to be handled
 /// as an error". hyper processes it by Transfer-Encoding (and closes the connection after), and
 /// removes the Content-Length before the gateway's layers see the request, so refusing it needs
-/// the listener (src/server.rs): see the report of the hardening work.
+/// the listener (src/server/): see the report of the hardening work.
 #[tokio::test]
-#[ignore = "needs a change in src/server.rs: hyper forwards CL+TE requests framed by TE"]
+#[ignore = "needs a change in src/server/: hyper forwards CL+TE requests framed by TE"]
 async fn a_request_with_both_content_length_and_transfer_encoding_is_never_forwarded() {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let gateway = TestGateway::start(&upstream.url()).await;

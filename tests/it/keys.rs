@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tollgate::clock::Clock;
+use tollgate::state::clock::Clock;
 
 use crate::common::upstream::MockUpstream;
 use crate::common::{self, chat_body, key_entry, post, TestGateway};

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tollgate::clock::Clock;
+use tollgate::state::clock::Clock;
 
 use crate::common::upstream::MockUpstream;
 use crate::common::{self, key_entry, TestGateway};

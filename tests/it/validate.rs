@@ -44,7 +44,8 @@ async fn send_raw(
 
 /// The seeds' `V1PromptModelError`, compiled from the project's document.
 fn error_schema() -> jsonschema::Validator {
-    let document: Value = serde_json::from_str(tollgate::validate::OPENAPI_DOCUMENT).expect("JSON");
+    let document: Value =
+        serde_json::from_str(tollgate::layers::validate::OPENAPI_DOCUMENT).expect("JSON");
     jsonschema::options()
         .with_resource(
             "urn:test:doc",

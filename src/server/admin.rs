@@ -16,11 +16,11 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::body::GatewayBody;
 use crate::config::UpstreamConfig;
-use crate::error::GatewayError;
+use crate::http::body::GatewayBody;
+use crate::http::error::GatewayError;
 use crate::keys::{hash_token, KeyEntry, SharedKeys};
-use crate::metrics::Metrics;
+use crate::observability::metrics::Metrics;
 use crate::state::Backend;
 
 /// How long `/readyz` waits for the upstream to accept a connection.
@@ -46,7 +46,7 @@ impl Admin {
         }
         Ok(match request.uri().path() {
             "/metrics" => {
-                let mut response = Response::new(crate::body::full(self.metrics.render()));
+                let mut response = Response::new(crate::http::body::full(self.metrics.render()));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -193,7 +193,7 @@ impl Admin {
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<GatewayBody> {
-    let mut response = Response::new(crate::body::full(value.to_string()));
+    let mut response = Response::new(crate::http::body::full(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -10,7 +10,7 @@
 //!
 //! Usage injection: a streamed request whose client did not ask for `stream_options.include_usage`
 //! is sent upstream with it (unless `upstream.inject_usage = false`), and the answer goes back
-//! through the [`crate::usage::UsageStripper`], so the client sees what it would have seen
+//! through the [`crate::accounting::usage::UsageStripper`], so the client sees what it would have seen
 //! without the gateway while the gateway still gets exact usage.
 
 use std::convert::Infallible;
@@ -24,18 +24,18 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
+use crate::accounting::ledger::Ledger;
+use crate::accounting::usage::estimate_prompt_tokens_json;
 use crate::accounting::{AccountedBody, Outcome, Settlement};
-use crate::body::GatewayBody;
 use crate::config::window_label;
-use crate::error::{retry_after_secs, ErrorSource, GatewayError};
-use crate::extensions::{
+use crate::http::body::GatewayBody;
+use crate::http::context::{
     Endpoint, ParsedRequest, Principal, RequestStart, SharedTags, UpstreamReached,
 };
-use crate::ledger::Ledger;
-use crate::metrics::Metrics;
-use crate::observe::OTHER_MODEL;
+use crate::http::error::{retry_after_secs, ErrorSource, GatewayError};
+use crate::layers::observe::OTHER_MODEL;
+use crate::observability::metrics::Metrics;
 use crate::state::{Backend, WindowStatus};
-use crate::usage::estimate_prompt_tokens_json;
 
 const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
 const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
@@ -265,7 +265,9 @@ fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
     };
     headers.insert(LIMIT_TOKENS, tightest.limit.into());
     headers.insert(REMAINING_TOKENS, tightest.remaining.into());
-    if let Ok(value) = HeaderValue::try_from(crate::rate_limit::go_duration(tightest.reset_after)) {
+    if let Ok(value) =
+        HeaderValue::try_from(crate::layers::rate_limit::go_duration(tightest.reset_after))
+    {
         headers.insert(RESET_TOKENS, value);
     }
     for window in windows {

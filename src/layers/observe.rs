@@ -24,10 +24,10 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::accounting::CLIENT_CLOSED_REQUEST;
-use crate::body::BoxError;
-use crate::error::ErrorSource;
-use crate::extensions::{Endpoint, RequestStart, RequestTags, SharedTags};
-use crate::metrics::Metrics;
+use crate::http::body::BoxError;
+use crate::http::context::{Endpoint, RequestStart, RequestTags, SharedTags};
+use crate::http::error::ErrorSource;
+use crate::observability::metrics::Metrics;
 
 /// The `key` label before (or without) authentication.
 pub const UNAUTHENTICATED: &str = "unauthenticated";

@@ -34,8 +34,8 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
-use crate::body::BoxError;
-use crate::first_bytes::FirstBytesDeadline;
+use crate::http::body::BoxError;
+use crate::server::first_bytes::FirstBytesDeadline;
 
 /// A client must finish its TLS handshake within this time.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -26,6 +26,8 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
+use std::path::Path;
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use serde::ser::SerializeMap;
@@ -576,6 +578,63 @@ fn write_json(report: &Report, out: &mut dyn Write) -> io::Result<()> {
         .collect();
     serde_json::to_writer_pretty(&mut *out, &rows)?;
     writeln!(out)
+}
+
+// === tollgate usage ===
+
+/// The report on stdout; malformed lines are counted on stderr. A missing or unreadable ledger
+/// is an error (non-zero exit).
+pub fn run(path: &Path, since: Option<Duration>, by: GroupBy, format: Format) -> ExitCode {
+    let input: Box<dyn std::io::Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        match std::fs::File::open(path) {
+            Ok(file) => Box::new(file),
+            Err(error) => {
+                eprintln!(
+                    "tollgate: cannot open the ledger {}: {error}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let options = Options {
+        by,
+        since,
+        now: SystemTime::now(),
+    };
+    let reader = std::io::BufReader::with_capacity(256 * 1024, input);
+    let result = match aggregate(reader, &options) {
+        Ok(result) => result,
+        Err(error) => {
+            eprintln!(
+                "tollgate: cannot read the ledger {}: {error}",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = write(&result, format, &mut out).and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        // `tollgate usage … | head` is not an error.
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(error) => {
+            eprintln!("tollgate: cannot write the report: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if result.skipped > 0 {
+        eprintln!(
+            "tollgate: skipped {} malformed line{} (the first is line {})",
+            result.skipped,
+            if result.skipped == 1 { "" } else { "s" },
+            result.first_skipped.unwrap_or(0)
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

@@ -12,9 +12,9 @@ use futures_util::future::Either;
 use http::{Method, Request, Response};
 use tower::{Layer, Service};
 
-use crate::body::GatewayBody;
-use crate::error::GatewayError;
-use crate::extensions::{Endpoint, SharedTags};
+use crate::http::body::GatewayBody;
+use crate::http::context::{Endpoint, SharedTags};
+use crate::http::error::GatewayError;
 
 /// Matches a request's method and path to an endpoint.
 pub fn resolve(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {

@@ -22,8 +22,8 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::BoxError;
-use crate::metrics::Metrics;
+use crate::http::body::BoxError;
+use crate::observability::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 #[error("upstream sent nothing for {0:?} mid-response")]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
-use crate::body::{self, BoxError, GatewayBody};
+use crate::http::body::{self, BoxError, GatewayBody};
 
 /// Variants are grouped by who is at fault; the metric label is the variant's snake_case name.
 #[derive(Debug, thiserror::Error, strum::IntoStaticStr)]

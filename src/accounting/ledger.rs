@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::metrics::Metrics;
+use crate::observability::metrics::Metrics;
 
 /// Lines waiting for the writer at most; more are dropped (and counted).
 const QUEUE: usize = 65_536;

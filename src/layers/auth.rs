@@ -12,12 +12,12 @@ use std::sync::Arc;
 use http::{header, HeaderMap, Request, Response};
 use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
-use crate::body::GatewayBody;
-use crate::error::GatewayError;
-use crate::extensions::{Principal, SharedTags};
+use crate::http::body::GatewayBody;
+use crate::http::context::{Principal, SharedTags};
+use crate::http::error::GatewayError;
 use crate::keys::SharedKeys;
-use crate::metrics::Metrics;
-use crate::observe::UNAUTHENTICATED;
+use crate::layers::observe::UNAUTHENTICATED;
+use crate::observability::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct Authenticate {

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// The default config, embedded so that `tollgate serve` runs with no file at all.
-pub const DEFAULT_CONFIG: &str = include_str!("../config/tollgate.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/tollgate.toml");
 
 /// More threads than this is a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
@@ -386,7 +386,7 @@ pub struct ServerConfig {
     /// The admin API's bearer token; `None` disables `/admin/*`.
     pub admin_token: Option<Secret>,
     /// TLS on the client listener; `None`: plain HTTP (and h2c).
-    pub tls: Option<crate::tls::TlsFiles>,
+    pub tls: Option<crate::server::tls::TlsFiles>,
     /// Threads serving client connections, each with its own event loop and upstream pool.
     pub workers: NonZeroUsize,
 }
@@ -552,9 +552,9 @@ impl Config {
                 let span = spanned.span();
                 let files = spanned.into_inner();
                 // Load them now, so that `check`, start and reload all refuse files that do not.
-                crate::tls::load(&files.cert, &files.key)
+                crate::server::tls::load(&files.cert, &files.key)
                     .map_err(|msg| at(span, "server.tls", msg))?;
-                Some(crate::tls::TlsFiles {
+                Some(crate::server::tls::TlsFiles {
                     cert: files.cert,
                     key: files.key,
                 })
@@ -713,7 +713,7 @@ fn resolve_keys(
                 format!("{name:?}: use 1-64 letters, digits, '-', '_' or '.'"),
             ));
         }
-        if name == crate::observe::UNAUTHENTICATED {
+        if name == crate::layers::observe::UNAUTHENTICATED {
             return Err(at(
                 raw.name.span(),
                 &path("name"),

@@ -21,12 +21,12 @@ use jsonschema::{Draft, Resource, ValidationError, Validator};
 use serde_json::Value;
 use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
-use crate::body::GatewayBody;
-use crate::error::{FieldError, GatewayError};
-use crate::extensions::{Endpoint, ParsedRequest};
+use crate::http::body::GatewayBody;
+use crate::http::context::{Endpoint, ParsedRequest};
+use crate::http::error::{FieldError, GatewayError};
 
 /// The OpenAPI document the request schemas come from.
-pub const OPENAPI_DOCUMENT: &str = include_str!("../schemas/openapi.json");
+pub const OPENAPI_DOCUMENT: &str = include_str!("../../schemas/openapi.json");
 const DOCUMENT_URI: &str = "urn:tollgate:openapi";
 /// Errors listed in one answer; more are summarised in the detail.
 const MAX_LISTED_ERRORS: usize = 10;

@@ -5,6 +5,12 @@
 //! The admin listener runs beside it until the client side has drained, so that metrics can be
 //! scraped during a shutdown.
 
+pub mod admin;
+pub mod first_bytes;
+pub mod reload;
+pub mod tls;
+pub mod worker;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,22 +24,22 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::Admin;
-use crate::body::BoxError;
-use crate::clock::Clock;
+use crate::accounting::ledger::Ledger;
 use crate::config::Config;
+use crate::http::body::BoxError;
 use crate::keys::{KeyStore, SharedKeys};
-use crate::ledger::Ledger;
-use crate::metrics::Metrics;
-use crate::reload::Reloader;
+use crate::layers::validate::Schemas;
+use crate::observability::metrics::Metrics;
+use crate::server::admin::Admin;
+use crate::server::reload::Reloader;
+use crate::server::tls::CertResolver;
+use crate::server::worker::{ConnectionSettings, Phase, Worker};
 use crate::stack::build_stack;
 use crate::stack::Accounting;
+use crate::state::clock::Clock;
 use crate::state::local::LocalState;
 use crate::state::redis::RedisState;
 use crate::state::{Backend, Store};
-use crate::tls::CertResolver;
-use crate::validate::Schemas;
-use crate::worker::{ConnectionSettings, Phase, Worker};
 
 /// A bound, not yet running, gateway: both listeners are open, so their addresses are known
 /// (useful with port 0 in tests).
@@ -184,7 +190,7 @@ impl Server {
         let settings = Arc::new(ConnectionSettings {
             builder,
             tls: match &self.tls {
-                Some(resolver) => Some(crate::tls::acceptor(resolver.clone())?),
+                Some(resolver) => Some(crate::server::tls::acceptor(resolver.clone())?),
                 None => None,
             },
             head_timeout: self.config.server.header_read_timeout,

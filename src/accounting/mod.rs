@@ -13,6 +13,9 @@
 //!   `estimated` (client gone, upstream broke off, or an upstream that never reports);
 //! - otherwise (an upstream error status without usage, or the upstream never reached) nothing.
 
+pub mod ledger;
+pub mod usage;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -23,15 +26,15 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use crate::body::{BoxError, GatewayBody};
-use crate::keys::KeyEntry;
-use crate::ledger::{now_rfc3339, Ledger, LedgerEntry};
-use crate::metrics::Metrics;
-use crate::state::{Backend, Held};
-use crate::usage::{
+use crate::accounting::ledger::{now_rfc3339, Ledger, LedgerEntry};
+use crate::accounting::usage::{
     completion_chars_from_json, estimate_tokens_from_chars, usage_from_json, SseObserver, Usage,
     UsageStripper, DEFAULT_MAX_LINE_BYTES,
 };
+use crate::http::body::{BoxError, GatewayBody};
+use crate::keys::KeyEntry;
+use crate::observability::metrics::Metrics;
+use crate::state::{Backend, Held};
 
 /// A JSON answer larger than this is not kept for its usage; it is estimated instead.
 const MAX_JSON_BYTES: usize = 16 * 1024 * 1024;

@@ -11,11 +11,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
-use crate::body::GatewayBody;
 use crate::config::Limits;
-use crate::error::GatewayError;
-use crate::extensions::{ParsedRequest, Principal, SharedTags};
-use crate::metrics::Metrics;
+use crate::http::body::GatewayBody;
+use crate::http::context::{ParsedRequest, Principal, SharedTags};
+use crate::http::error::GatewayError;
+use crate::observability::metrics::Metrics;
 
 pub fn policy_layer(metrics: Arc<Metrics>) -> ValidateRequestHeaderLayer<EnforcePolicy> {
     ValidateRequestHeaderLayer::custom(EnforcePolicy { metrics })

@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, ConfigError};
 use crate::keys::{KeyStore, SharedKeys};
-use crate::metrics::Metrics;
-use crate::tls::CertResolver;
+use crate::observability::metrics::Metrics;
+use crate::server::tls::CertResolver;
 
 pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -20,12 +20,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
-use crate::body::{GatewayBody, WithGuard};
 use crate::config::RateLimit as RateConfig;
-use crate::error::{retry_after_secs, GatewayError};
-use crate::extensions::Principal;
+use crate::http::body::{GatewayBody, WithGuard};
+use crate::http::context::Principal;
+use crate::http::error::{retry_after_secs, GatewayError};
 use crate::keys::KeyEntry;
-use crate::metrics::Metrics;
+use crate::observability::metrics::Metrics;
 use crate::state::{Backend, Refusal};
 
 const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");

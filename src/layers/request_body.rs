@@ -23,8 +23,8 @@ use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::{Layer, Service};
 
-use crate::body::{BoxError, GatewayBody};
-use crate::error::GatewayError;
+use crate::http::body::{BoxError, GatewayBody};
+use crate::http::error::GatewayError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RequestBodyLayer {
@@ -141,7 +141,7 @@ mod tests {
            + Send
            + 'static {
         tower::service_fn(|request: Request<Bytes>| async move {
-            Ok::<_, Infallible>(Response::new(crate::body::full(
+            Ok::<_, Infallible>(Response::new(crate::http::body::full(
                 request.body().len().to_string(),
             )))
         })

@@ -18,6 +18,8 @@
 //! advertising keep-alive) is retried once on a fresh, unpooled connection; that is safe because
 //! nothing of a response was received, and the request body is held whole.
 
+pub mod upstream_body;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,12 +36,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{timeout_at, Instant};
 use tower::Service;
 
-use crate::body::{BoxError, GatewayBody};
 use crate::config::UpstreamConfig;
-use crate::error::GatewayError;
-use crate::extensions::{Endpoint, RequestStart, UpstreamReached};
-use crate::metrics::Metrics;
-use crate::upstream_body::UpstreamBody;
+use crate::http::body::{BoxError, GatewayBody};
+use crate::http::context::{Endpoint, RequestStart, UpstreamReached};
+use crate::http::error::GatewayError;
+use crate::observability::metrics::Metrics;
+use crate::proxy::upstream_body::UpstreamBody;
 
 /// How upstream connections are made (TCP, TLS with the trusted roots); built once and shared
 /// by every worker's client.

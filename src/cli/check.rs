@@ -1,0 +1,61 @@
+//! `tollgate check`: validate a config file and print what it would enforce; a non-zero exit with
+//! the first problem when it does not load.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+pub fn run(path: &Path) -> ExitCode {
+    let config = match super::load(Some(path)) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("tollgate: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = &config.server;
+    let upstream = &config.upstream;
+    println!("{}: ok", path.display());
+    println!("  listen            {}", server.listen);
+    println!(
+        "  admin_listen      {}  (/metrics, /healthz, /readyz)",
+        server.admin_listen
+    );
+    println!("  max_body_bytes    {}", server.max_body_bytes);
+    println!("  shutdown_timeout  {:?}", server.shutdown_timeout);
+    println!("  upstream          {}", upstream.base_url());
+    println!(
+        "  credential        {}",
+        match (&upstream.api_key, &upstream.api_key_source) {
+            (Some(_), Some(source)) => format!("from {source} (set)"),
+            (None, Some(source)) => format!("from {source} (NOT SET)"),
+            _ => "none: requests go upstream without Authorization".into(),
+        }
+    );
+    println!(
+        "  timeouts          connect {:?}, response headers {:?}, idle between frames {:?}",
+        upstream.connect_timeout, upstream.response_header_timeout, upstream.idle_timeout
+    );
+    println!("  keys              {}", config.keys.len());
+    for key in &config.keys {
+        let concurrency = key
+            .limits
+            .concurrency
+            .map_or("unlimited".to_owned(), |c| c.to_string());
+        let rate = key.limits.rate.map_or("unlimited".to_owned(), |r| {
+            format!(
+                "{} per {} (burst {})",
+                r.requests,
+                humantime::format_duration(r.per),
+                r.burst
+            )
+        });
+        println!(
+            "    {:<20} concurrency {concurrency}, rate {rate}",
+            key.name
+        );
+    }
+    for warning in config.warnings() {
+        println!("warning: {warning}");
+    }
+    ExitCode::SUCCESS
+}

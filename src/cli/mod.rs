@@ -1,0 +1,24 @@
+//! The `tollgate` subcommands, each behind one `run` function that `main` dispatches to after
+//! parsing the arguments: [`serve`] (the gateway), [`check`] (validate a config and print what it
+//! would enforce), [`keygen`] (a new key and its `[[keys]]` entry), [`report`] (`tollgate usage`,
+//! the usage report over the ledger).
+//!
+//! Each prints its own errors (`tollgate: …` on stderr) and returns the process's exit code.
+
+pub mod check;
+pub mod keygen;
+pub mod report;
+pub mod serve;
+
+use std::path::Path;
+
+use crate::config::{Config, DEFAULT_CONFIG};
+
+/// The config at `path`, or the embedded default config; the error as the user reads it.
+fn load(path: Option<&Path>) -> Result<Config, String> {
+    match path {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
+        None => Config::parse(DEFAULT_CONFIG, "<embedded config/tollgate.toml>")
+            .map_err(|e| e.to_string()),
+    }
+}

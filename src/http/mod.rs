@@ -5,3 +5,7 @@
 pub mod body;
 pub mod context;
 pub mod error;
+
+/// nginx's "client closed request": the status recorded for a request whose client left before
+/// the response headers came.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;

@@ -23,10 +23,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::accounting::CLIENT_CLOSED_REQUEST;
 use crate::http::body::BoxError;
 use crate::http::context::{Endpoint, RequestStart, RequestTags, SharedTags};
 use crate::http::error::ErrorSource;
+use crate::http::CLIENT_CLOSED_REQUEST;
 use crate::observability::metrics::Metrics;
 
 /// The `key` label before (or without) authentication.

@@ -1,0 +1,299 @@
+//! Usage and generated text read from a JSON answer: a complete `chat.completion` or
+//! `text_completion` body, or one SSE chunk (the observer reads its events with the same code).
+//!
+//! Generated text is counted by a lexical walk ([`Cursor`]) that goes only into `choices` and skips
+//! the rest without validating it; usage is read by serde, leniently, and only from JSON that is
+//! valid as a whole.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::cursor::{escaped_chars, Cursor};
+use super::search::may_hold_usage_object;
+use super::Usage;
+
+/// Reads the top-level `usage` of a complete JSON response body (`chat.completion`,
+/// `text_completion`). `None` when the body is not JSON, or `usage` is absent, null or holds no
+/// count.
+pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<UsageOnly>(body).ok()?.usage.0
+}
+
+/// Characters of generated text in a complete JSON response body: `choices[].message.content`,
+/// `choices[].text`, reasoning, refusals and tool calls, as [`SseObserver::completion_chars`]
+/// counts them in a stream (and as leniently). 0 when the body is not a JSON object.
+pub fn completion_chars_from_json(body: &[u8]) -> u64 {
+    scan_chunk(body).map_or(0, |scan| scan.chars)
+}
+
+// === Reading chunks ===
+//
+// `observe` runs on every event of every stream, so the generated text is counted by a lexical
+// walk (`Cursor`) that descends only into `choices[]` and skips everything else without
+// allocating; serde reads (and validates) only an event that carries a `usage` object, about one
+// per stream.
+
+/// What one chunk (or complete body) holds for accounting.
+pub(super) struct ChunkScan {
+    /// Characters of generated text (see [`super::SseObserver::completion_chars`]).
+    pub(super) chars: u64,
+    /// A top-level `usage` member whose value is an object.
+    pub(super) usage_object: bool,
+}
+
+/// Scans a JSON chunk or body. `None` when it is not a JSON object as far as the walk can tell
+/// (the walk does not validate what it skips, so a broken event may still count its text).
+pub(super) fn scan_chunk(json: &[u8]) -> Option<ChunkScan> {
+    let mut scan = ChunkScan {
+        chars: 0,
+        usage_object: false,
+    };
+    // Without a usage object anywhere (most chunks; `"usage": null` is no object), nothing after
+    // `choices` matters: stop there. One vectorised search saves walking the metadata that
+    // follows (llama.cpp puts `choices` first).
+    let may_have_usage = may_hold_usage_object(json);
+    let mut stopped = false;
+    let walked = Cursor::new(json).object(|key, _, c| match key {
+        b"choices" => {
+            c.each_element(|c| {
+                scan.chars += choice_chars(c)?;
+                Some(())
+            })?;
+            stopped = !may_have_usage;
+            if stopped {
+                None
+            } else {
+                Some(())
+            }
+        }
+        b"usage" => {
+            scan.usage_object = c.peek() == Some(b'{');
+            c.skip_value()
+        }
+        _ => c.skip_value(),
+    });
+    (walked.is_some() || stopped).then_some(scan)
+}
+
+/// `choices[i]`: `delta` (streams), `message` (bodies), `text` (legacy completions).
+fn choice_chars(c: &mut Cursor) -> Option<u64> {
+    let mut chars = 0;
+    c.each_member(|key, _, c| {
+        match key {
+            b"delta" | b"message" => chars += message_chars(c)?,
+            b"text" => chars += text_chars(c)?,
+            _ => c.skip_value()?,
+        }
+        Some(())
+    })?;
+    Some(chars)
+}
+
+/// A delta or message: its content, reasoning, refusal and tool calls.
+fn message_chars(c: &mut Cursor) -> Option<u64> {
+    let mut chars = 0;
+    c.each_member(|key, _, c| {
+        match key {
+            b"content" | b"reasoning_content" | b"reasoning" | b"refusal" => {
+                chars += text_chars(c)?;
+            }
+            b"tool_calls" => c.each_element(|c| {
+                c.each_member(|key, _, c| match key {
+                    b"function" => {
+                        chars += function_chars(c)?;
+                        Some(())
+                    }
+                    _ => c.skip_value(),
+                })
+            })?,
+            b"function_call" => chars += function_chars(c)?,
+            _ => c.skip_value()?,
+        }
+        Some(())
+    })?;
+    Some(chars)
+}
+
+/// A function call: its name and arguments.
+fn function_chars(c: &mut Cursor) -> Option<u64> {
+    let mut chars = 0;
+    c.each_member(|key, _, c| {
+        match key {
+            b"name" | b"arguments" => chars += string_chars(c)?,
+            _ => c.skip_value()?,
+        }
+        Some(())
+    })?;
+    Some(chars)
+}
+
+/// Text: a string, a content part (`{"type":"text","text":…}`) or an array of those.
+fn text_chars(c: &mut Cursor) -> Option<u64> {
+    if c.peek() != Some(b'[') {
+        return part_chars(c);
+    }
+    let mut chars = 0;
+    c.each_element(|c| {
+        chars += part_chars(c)?;
+        Some(())
+    })?;
+    Some(chars)
+}
+
+/// A string, or the `text` string of a content part.
+fn part_chars(c: &mut Cursor) -> Option<u64> {
+    if c.peek() != Some(b'{') {
+        return string_chars(c);
+    }
+    let mut chars = 0;
+    c.object(|key, _, c| {
+        match key {
+            b"text" => chars += string_chars(c)?,
+            _ => c.skip_value()?,
+        }
+        Some(())
+    })?;
+    Some(chars)
+}
+
+/// Characters of the string at the cursor; any other value is skipped and counts 0.
+fn string_chars(c: &mut Cursor) -> Option<u64> {
+    if c.peek() != Some(b'"') {
+        c.skip_value()?;
+        return Some(0);
+    }
+    c.string().map(escaped_chars)
+}
+
+// === Reading usage ===
+//
+// Leniently: a `usage` value of an unexpected shape reads as no usage, and never makes the rest of
+// the event unreadable.
+
+/// A body or chunk, for its `usage` only (serde still reads, and so validates, all of it).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub(super) struct UsageOnly {
+    pub(super) usage: UsageField,
+}
+
+/// A `usage` member: `Some` for an object with at least one of the two counts.
+#[derive(Default)]
+pub(super) struct UsageField(pub(super) Option<Usage>);
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum UsageKey {
+    PromptTokens,
+    CompletionTokens,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for UsageField {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct UsageVisitor;
+        impl<'de> Visitor<'de> for UsageVisitor {
+            type Value = UsageField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageField, A::Error> {
+                let (mut prompt, mut completion) = (None, None);
+                while let Some(key) = map.next_key::<UsageKey>()? {
+                    match key {
+                        UsageKey::PromptTokens => prompt = map.next_value::<Count>()?.0,
+                        UsageKey::CompletionTokens => completion = map.next_value::<Count>()?.0,
+                        UsageKey::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                if prompt.is_none() && completion.is_none() {
+                    return Ok(UsageField(None));
+                }
+                Ok(UsageField(Some(Usage {
+                    prompt_tokens: prompt.unwrap_or(0),
+                    completion_tokens: completion.unwrap_or(0),
+                })))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<UsageField, A::Error> {
+                drain_seq(seq).map(|()| UsageField(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<UsageField, E> {
+                Ok(UsageField(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<UsageField, E> {
+                Ok(UsageField(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<UsageField, E> {
+                Ok(UsageField(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<UsageField, E> {
+                Ok(UsageField(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<UsageField, E> {
+                Ok(UsageField(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<UsageField, E> {
+                Ok(UsageField(None))
+            }
+        }
+        deserializer.deserialize_any(UsageVisitor)
+    }
+}
+
+/// A token count: a non-negative integer (also written as an integral float); anything else is
+/// `None`.
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CountVisitor;
+        impl<'de> Visitor<'de> for CountVisitor {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(Some(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(v).ok()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
+                // 2^64 is exactly representable; every integral float below it fits a u64.
+                let fits = (0.0..18_446_744_073_709_551_616.0).contains(&v) && v.fract() == 0.0;
+                Ok(Count(fits.then_some(v as u64)))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
+                drain_seq(seq).map(|()| Count(None))
+            }
+        }
+        deserializer.deserialize_any(CountVisitor)
+    }
+}
+
+fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "json_tests.rs"]
+mod tests;

@@ -18,12 +18,9 @@ use governor::{Quota, RateLimiter};
 use prometheus::IntGauge;
 use ring::rand::SecureRandom;
 
-use crate::config::{KeyConfig, Limits, RateLimit};
+use crate::config::{KeyConfig, Limits, RateLimit, TOKEN_PREFIX};
 use crate::observability::metrics::Metrics;
 use crate::state::clock::Clock;
-
-/// What every key `tollgate keygen` makes starts with, so that a leaked one is recognisable.
-pub const TOKEN_PREFIX: &str = "tg-";
 
 /// The SHA-256 of a bearer token.
 pub fn hash_token(token: &[u8]) -> [u8; 32] {

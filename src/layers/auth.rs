@@ -16,8 +16,7 @@ use crate::http::body::GatewayBody;
 use crate::http::context::{Principal, SharedTags};
 use crate::http::error::GatewayError;
 use crate::keys::SharedKeys;
-use crate::layers::observe::UNAUTHENTICATED;
-use crate::observability::metrics::Metrics;
+use crate::observability::metrics::{Metrics, UNAUTHENTICATED};
 
 #[derive(Clone)]
 pub struct Authenticate {

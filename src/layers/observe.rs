@@ -27,12 +27,7 @@ use crate::http::body::BoxError;
 use crate::http::context::{Endpoint, RequestStart, RequestTags, SharedTags};
 use crate::http::error::ErrorSource;
 use crate::http::CLIENT_CLOSED_REQUEST;
-use crate::observability::metrics::Metrics;
-
-/// The `key` label before (or without) authentication.
-pub const UNAUTHENTICATED: &str = "unauthenticated";
-/// The `model` label when the model is unknown or not one the key names.
-pub const OTHER_MODEL: &str = "other";
+use crate::observability::metrics::{Metrics, OTHER_MODEL, UNAUTHENTICATED};
 
 #[derive(Clone)]
 pub struct ObserveLayer {

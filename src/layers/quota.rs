@@ -33,8 +33,7 @@ use crate::http::context::{
     Endpoint, ParsedRequest, Principal, RequestStart, SharedTags, UpstreamReached,
 };
 use crate::http::error::{retry_after_secs, ErrorSource, GatewayError};
-use crate::layers::observe::OTHER_MODEL;
-use crate::observability::metrics::Metrics;
+use crate::observability::metrics::{Metrics, OTHER_MODEL};
 use crate::state::{Backend, WindowStatus};
 
 const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");

@@ -10,6 +10,11 @@ use prometheus::{
     TextEncoder,
 };
 
+/// The `key` label before (or without) authentication.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+/// The `model` label when the model is unknown or not one the key names.
+pub const OTHER_MODEL: &str = "other";
+
 /// Buckets for whole requests: from a cached short answer to a long generation.
 const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,

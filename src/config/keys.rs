@@ -1,0 +1,282 @@
+//! The `[[keys]]` and `[policies.NAME]` sections validated: each key's name and hashes checked, its
+//! policy merged with its own overrides, and the limits turned into runtime [`Limits`].
+//!
+//! Edge cases: key names are metric labels (1-64 plain characters, never `unauthenticated`, never
+//! twice); a hash may not appear twice across keys, and a token pasted where its hash belongs is
+//! refused with a hint; a key's own field replaces its policy's; `models = ["*"]` is stored as no
+//! list; a key with quotas needs `max_tokens`, so that its worst case is bounded.
+
+use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::load::Source;
+use super::raw::{RawKey, RawLimits, RawQuota, RawRate};
+use super::{ConfigError, KeyConfig, Limits, Quota, RateLimit};
+use crate::observability::metrics::UNAUTHENTICATED;
+
+/// What every key `tollgate keygen` makes starts with, so that a leaked one is recognisable (and
+/// one pasted where its hash belongs is refused).
+pub const TOKEN_PREFIX: &str = "tg-";
+
+/// Key names become metric labels and log fields: keep them plain.
+pub fn is_valid_key_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Builds each key's limits from its policy and its own fields, and checks names and hashes.
+pub(super) fn resolve_keys(
+    policies: &BTreeMap<String, RawLimits>,
+    raw_keys: Vec<RawKey>,
+    src: &Source,
+) -> Result<Vec<KeyConfig>, ConfigError> {
+    for (name, policy) in policies {
+        let prefix = format!("policies.{name}");
+        validate_limits(policy, &prefix, src)?;
+    }
+    let mut names = HashSet::new();
+    let mut hashes = HashSet::new();
+    let mut keys = Vec::with_capacity(raw_keys.len());
+    for (i, raw) in raw_keys.into_iter().enumerate() {
+        let path = |field: &str| format!("keys[{i}].{field}");
+        let name = key_name(&raw.name, &path("name"), &mut names, src)?;
+        let sha256 = key_hashes(&raw.sha256, &path("sha256"), &mut hashes, src)?;
+        let merged = merged_limits(policies, raw, &path("policy"), src)?;
+        let limits = validate_limits(&merged, &format!("keys[{i}]"), src)?;
+        keys.push(KeyConfig {
+            name,
+            sha256,
+            limits,
+        });
+    }
+    Ok(keys)
+}
+
+/// A key's name: plain, not reserved, and not taken by an earlier key.
+fn key_name(
+    name: &Spanned<String>,
+    path: &str,
+    names: &mut HashSet<String>,
+    src: &Source,
+) -> Result<Arc<str>, ConfigError> {
+    let text = name.get_ref().as_str();
+    if !is_valid_key_name(text) {
+        return Err(src.at(
+            name.span(),
+            path,
+            format!("{text:?}: use 1-64 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    if text == UNAUTHENTICATED {
+        return Err(src.at(
+            name.span(),
+            path,
+            format!("{text:?} is reserved for requests without a valid key"),
+        ));
+    }
+    if !names.insert(text.to_owned()) {
+        return Err(src.at(name.span(), path, format!("duplicate key name {text:?}")));
+    }
+    Ok(Arc::from(text))
+}
+
+/// A key's hashes (one, or several while it is rotated), none of them used by an earlier key.
+fn key_hashes(
+    sha256: &Spanned<super::raw::OneOrMany>,
+    path: &str,
+    hashes: &mut HashSet<[u8; 32]>,
+    src: &Source,
+) -> Result<Vec<[u8; 32]>, ConfigError> {
+    let texts = sha256.get_ref().as_slice();
+    if texts.is_empty() {
+        return Err(src.at(sha256.span(), path, "needs at least one hash".to_owned()));
+    }
+    let mut digests = Vec::with_capacity(texts.len());
+    for text in texts {
+        let digest = parse_sha256(text).map_err(|msg| src.at(sha256.span(), path, msg))?;
+        if !hashes.insert(digest) {
+            return Err(src.at(
+                sha256.span(),
+                path,
+                "the same hash is used twice".to_owned(),
+            ));
+        }
+        digests.push(digest);
+    }
+    Ok(digests)
+}
+
+fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
+    let mut digest = [0u8; 32];
+    if text.starts_with(TOKEN_PREFIX) {
+        return Err(
+            "this looks like a key itself; put its SHA-256 here (tollgate keygen prints it)".into(),
+        );
+    }
+    hex::decode_to_slice(text, &mut digest)
+        .map_err(|_| "must be 64 hex digits: the SHA-256 of the key".to_owned())?;
+    Ok(digest)
+}
+
+/// The key's policy (if it names one) with the key's own fields laid over it.
+fn merged_limits(
+    policies: &BTreeMap<String, RawLimits>,
+    raw: RawKey,
+    path: &str,
+    src: &Source,
+) -> Result<RawLimits, ConfigError> {
+    let mut merged = match &raw.policy {
+        Some(policy) => policies.get(policy.get_ref()).cloned().ok_or_else(|| {
+            let known: Vec<&str> = policies.keys().map(String::as_str).collect();
+            src.at(
+                policy.span(),
+                path,
+                format!(
+                    "no policy named {:?} (defined: {known:?})",
+                    policy.get_ref()
+                ),
+            )
+        })?,
+        None => RawLimits::default(),
+    };
+    if raw.quotas.is_some() {
+        merged.quotas = raw.quotas;
+    }
+    if raw.models.is_some() {
+        merged.models = raw.models;
+    }
+    if raw.max_tokens.is_some() {
+        merged.max_tokens = raw.max_tokens;
+    }
+    if raw.concurrency.is_some() {
+        merged.concurrency = raw.concurrency;
+    }
+    if raw.rate.is_some() {
+        merged.rate = raw.rate;
+    }
+    Ok(merged)
+}
+
+/// A policy's or a key's limits, checked; `prefix` is its key path (`keys[0]`, `policies.x`).
+fn validate_limits(raw: &RawLimits, prefix: &str, src: &Source) -> Result<Limits, ConfigError> {
+    let concurrency = at_least_one(
+        raw.concurrency.as_ref(),
+        &format!("{prefix}.concurrency"),
+        "must be at least 1 (leave it out for no limit)",
+        src,
+    )?;
+    let rate = match &raw.rate {
+        Some(spanned) => Some(rate_limit(spanned, &format!("{prefix}.rate"), src)?),
+        None => None,
+    };
+    let max_tokens = at_least_one(
+        raw.max_tokens.as_ref(),
+        &format!("{prefix}.max_tokens"),
+        "must be at least 1 (leave it out for no cap)",
+        src,
+    )?;
+    let mut quotas = Vec::new();
+    if let Some(raw_quotas) = &raw.quotas {
+        let key = format!("{prefix}.quotas");
+        quotas = quota_windows(raw_quotas, &key, src)?;
+        if !quotas.is_empty() && raw.max_tokens.is_none() && prefix.starts_with("keys") {
+            return Err(src.at(
+                raw_quotas.span(),
+                &key,
+                "a key with quotas needs max_tokens: a request that names no max_tokens reserves \
+                 the key's cap, so the worst case must be bounded"
+                    .into(),
+            ));
+        }
+    }
+    // `["*"]` and no list at all mean the same; keep one spelling.
+    let models = raw
+        .models
+        .clone()
+        .filter(|models| !models.iter().any(|m| m == "*"));
+    Ok(Limits {
+        quotas,
+        models,
+        max_tokens,
+        concurrency,
+        rate,
+    })
+}
+
+/// An optional count that, when given, must be at least 1.
+fn at_least_one(
+    value: Option<&Spanned<u32>>,
+    key: &str,
+    message: &str,
+    src: &Source,
+) -> Result<Option<NonZeroU32>, ConfigError> {
+    match value {
+        Some(value) => NonZeroU32::new(*value.get_ref())
+            .map(Some)
+            .ok_or_else(|| src.at(value.span(), key, message.into())),
+        None => Ok(None),
+    }
+}
+
+fn rate_limit(
+    spanned: &Spanned<RawRate>,
+    key: &str,
+    src: &Source,
+) -> Result<RateLimit, ConfigError> {
+    let rate = spanned.get_ref();
+    let requests = NonZeroU32::new(rate.requests)
+        .ok_or_else(|| src.at(spanned.span(), key, "requests must be at least 1".into()))?;
+    if rate.per.is_zero() {
+        return Err(src.at(spanned.span(), key, "per must be longer than 0s".into()));
+    }
+    let burst = match rate.burst {
+        Some(burst) => NonZeroU32::new(burst)
+            .ok_or_else(|| src.at(spanned.span(), key, "burst must be at least 1".into()))?,
+        None => requests,
+    };
+    Ok(RateLimit {
+        requests,
+        per: rate.per,
+        burst,
+    })
+}
+
+/// Token quotas: each with tokens and a window of whole seconds, no two over the same window.
+fn quota_windows(
+    raw_quotas: &Spanned<Vec<RawQuota>>,
+    key: &str,
+    src: &Source,
+) -> Result<Vec<Quota>, ConfigError> {
+    let mut quotas: Vec<Quota> = Vec::new();
+    for quota in raw_quotas.get_ref() {
+        if quota.tokens == 0 || quota.per < Duration::from_secs(1) {
+            return Err(src.at(
+                raw_quotas.span(),
+                key,
+                "each quota needs tokens >= 1 and a window (per) of at least 1s".into(),
+            ));
+        }
+        if quota.per.subsec_nanos() != 0 {
+            return Err(src.at(raw_quotas.span(), key, "windows are whole seconds".into()));
+        }
+        if quotas.iter().any(|q| q.per == quota.per) {
+            return Err(src.at(
+                raw_quotas.span(),
+                key,
+                format!("two quotas over the same window ({:?})", quota.per),
+            ));
+        }
+        quotas.push(Quota {
+            tokens: quota.tokens,
+            per: quota.per,
+        });
+    }
+    Ok(quotas)
+}

@@ -1,0 +1,338 @@
+//! [`RawConfig`] → the validated runtime [`Config`]: one function per section (server, upstream,
+//! state), the keys in [`super::keys`]. Errors name the file, the line and the full key path
+//! (`test.toml:3: upstream.url: …`).
+//!
+//! Edge cases: the upstream credential is read from its environment variable or file here, once
+//! (a variable that is unset is no error: `check` and `warnings` report it); TLS files are loaded
+//! here too, so that `check`, start and reload all refuse files that do not load.
+
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use super::keys::resolve_keys;
+use super::raw::{RawConfig, RawServer, RawState, RawUpstream};
+use super::{Config, ConfigError, RedisConfig, Secret, ServerConfig, StateConfig, UpstreamConfig};
+use crate::server::tls::{self, TlsFiles};
+
+/// More threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
+
+/// The config text and where it came from, to place an error at its line.
+pub(super) struct Source<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Source<'_> {
+    /// An error at a key: `ORIGIN:LINE: key: msg`.
+    pub(super) fn at(&self, span: Range<usize>, key: &str, msg: String) -> ConfigError {
+        ConfigError(format!(
+            "{}:{}: {key}: {msg}",
+            self.origin,
+            line_of(self.text, span.start)
+        ))
+    }
+
+    /// An error without a line (a default, or a value serde does not place): `ORIGIN: msg`.
+    fn whole(&self, msg: &str) -> ConfigError {
+        ConfigError(format!("{}: {msg}", self.origin))
+    }
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
+        Config::parse(&source, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in error messages.
+    pub fn parse(source: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw = parse_raw(source, origin)?;
+        let src = Source {
+            text: source,
+            origin,
+        };
+        let server = server(raw.server, &src)?;
+        let upstream = upstream(raw.upstream, &src)?;
+        let keys = resolve_keys(&raw.policies, raw.keys, &src)?;
+        let state = state(raw.state, &src)?;
+        Ok(Config {
+            server,
+            upstream,
+            keys,
+            state,
+            ledger: raw.ledger.map(|l| l.path),
+        })
+    }
+}
+
+// === [server] ===
+
+fn server(raw: RawServer, src: &Source) -> Result<ServerConfig, ConfigError> {
+    let max_body = raw.max_body_bytes;
+    if *max_body.get_ref() == 0 {
+        return Err(src.at(
+            max_body.span(),
+            "server.max_body_bytes",
+            "must be greater than 0".into(),
+        ));
+    }
+    let max_body_bytes = usize::try_from(*max_body.get_ref()).map_err(|_| {
+        src.at(
+            max_body.span(),
+            "server.max_body_bytes",
+            "is larger than this machine can address".into(),
+        )
+    })?;
+    let workers = match raw.workers {
+        None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+        Some(workers) => usize::try_from(*workers.get_ref())
+            .ok()
+            .filter(|n| (1..=MAX_WORKERS).contains(n))
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| {
+                src.at(
+                    workers.span(),
+                    "server.workers",
+                    format!("must be between 1 and {MAX_WORKERS}"),
+                )
+            })?,
+    };
+    let tls = match raw.tls {
+        Some(spanned) => {
+            let span = spanned.span();
+            let files = spanned.into_inner();
+            // Load them now, so that `check`, start and reload all refuse files that do not.
+            tls::load(&files.cert, &files.key).map_err(|msg| src.at(span, "server.tls", msg))?;
+            Some(TlsFiles {
+                cert: files.cert,
+                key: files.key,
+            })
+        }
+        None => None,
+    };
+    let admin_token = match &raw.admin_token_env {
+        Some(env) => {
+            let token = std::env::var(env.get_ref())
+                .ok()
+                .filter(|t| t.trim().len() >= 16)
+                .ok_or_else(|| {
+                    src.at(
+                        env.span(),
+                        "server.admin_token_env",
+                        format!(
+                            "environment variable {} must hold a token of at least 16 characters",
+                            env.get_ref()
+                        ),
+                    )
+                })?;
+            Some(Secret(token.trim().to_owned()))
+        }
+        None => None,
+    };
+    Ok(ServerConfig {
+        listen: raw.listen,
+        admin_listen: raw.admin_listen,
+        max_body_bytes,
+        shutdown_timeout: raw.shutdown_timeout,
+        header_read_timeout: raw.header_read_timeout,
+        body_read_timeout: raw.body_read_timeout,
+        admin_token,
+        tls,
+        workers,
+    })
+}
+
+// === [upstream] ===
+
+fn upstream(raw: RawUpstream, src: &Source) -> Result<UpstreamConfig, ConfigError> {
+    let (scheme, authority, base_path) = parse_upstream_url(raw.url.get_ref())
+        .map_err(|msg| src.at(raw.url.span(), "upstream.url", msg))?;
+    let (api_key, api_key_source) = upstream_credential(&raw, src)?;
+    Ok(UpstreamConfig {
+        scheme,
+        authority,
+        base_path,
+        api_key,
+        api_key_source,
+        ca_file: raw.ca_file,
+        inject_usage: raw.inject_usage,
+        connect_timeout: raw.connect_timeout,
+        response_header_timeout: raw.response_header_timeout,
+        idle_timeout: raw.idle_timeout,
+        pool_idle_timeout: raw.pool_idle_timeout,
+        pool_max_idle_per_host: raw.pool_max_idle_per_host,
+    })
+}
+
+/// The gateway's own credential, from `api_key_env` or `api_key_file`, and where it came from.
+fn upstream_credential(
+    raw: &RawUpstream,
+    src: &Source,
+) -> Result<(Option<Secret>, Option<String>), ConfigError> {
+    match (&raw.api_key_env, &raw.api_key_file) {
+        (Some(_), Some(file)) => Err(src.at(
+            file.span(),
+            "upstream.api_key_file",
+            "set either api_key_env or api_key_file, not both".into(),
+        )),
+        (Some(env), None) => {
+            let name = env.get_ref();
+            if name.is_empty() {
+                return Err(src.at(
+                    env.span(),
+                    "upstream.api_key_env",
+                    "must name an environment variable".into(),
+                ));
+            }
+            let value = std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+            Ok((
+                value.map(|v| Secret(v.trim().to_owned())),
+                Some(format!("environment variable {name}")),
+            ))
+        }
+        (None, Some(file)) => {
+            let value = std::fs::read_to_string(file.get_ref()).map_err(|e| {
+                src.at(
+                    file.span(),
+                    "upstream.api_key_file",
+                    format!("cannot read {}: {e}", file.get_ref()),
+                )
+            })?;
+            let value = value.trim().to_owned();
+            if value.is_empty() {
+                return Err(src.at(
+                    file.span(),
+                    "upstream.api_key_file",
+                    format!("{} is empty", file.get_ref()),
+                ));
+            }
+            Ok((
+                Some(Secret(value)),
+                Some(format!("file {}", file.get_ref())),
+            ))
+        }
+        (None, None) => Ok((None, None)),
+    }
+}
+
+fn parse_upstream_url(
+    url: &str,
+) -> Result<(http::uri::Scheme, http::uri::Authority, String), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("{url:?} needs a scheme, http:// or https://"))?;
+    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+        return Err(format!("{url:?}: the scheme must be http or https"));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{url:?}: credentials in the URL are not allowed; use api_key_env"
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{url:?}: a base URL takes no query string"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok((scheme, authority, base_path))
+}
+
+// === [state] ===
+
+fn state(raw: RawState, src: &Source) -> Result<StateConfig, ConfigError> {
+    let redis = match raw.backend.get_ref().as_str() {
+        "local" => None,
+        "redis" => Some(redis(&raw, src)?),
+        other => {
+            return Err(src.at(
+                raw.backend.span(),
+                "state.backend",
+                format!("unknown backend {other:?}: use \"local\" or \"redis\""),
+            ))
+        }
+    };
+    if raw.flush_interval.is_zero() {
+        return Err(src.whole("state.flush_interval must be longer than 0s"));
+    }
+    Ok(StateConfig {
+        path: raw.path,
+        flush_interval: raw.flush_interval,
+        redis,
+    })
+}
+
+fn redis(raw: &RawState, src: &Source) -> Result<RedisConfig, ConfigError> {
+    let Some(url) = &raw.redis_url else {
+        return Err(src.at(
+            raw.backend.span(),
+            "state.redis_url",
+            "the redis backend needs redis_url = \"redis://host:6379\"".into(),
+        ));
+    };
+    let scheme_ok = url.get_ref().starts_with("redis://") || url.get_ref().starts_with("rediss://");
+    if !scheme_ok {
+        return Err(src.at(
+            url.span(),
+            "state.redis_url",
+            "must start with redis:// or rediss:// (TLS)".into(),
+        ));
+    }
+    let password = match &raw.password_env {
+        Some(env) => Some(std::env::var(env.get_ref()).map(Secret).map_err(|_| {
+            src.at(
+                env.span(),
+                "state.password_env",
+                format!("environment variable {} is not set", env.get_ref()),
+            )
+        })?),
+        None => None,
+    };
+    if raw.lease < Duration::from_secs(1) {
+        return Err(src.whole("state.lease must be at least 1s"));
+    }
+    Ok(RedisConfig {
+        url: url.get_ref().clone(),
+        password,
+        prefix: raw.prefix.clone(),
+        on_error: raw.on_error,
+        lease: raw.lease,
+    })
+}
+
+// === reading the text ===
+
+fn parse_raw(source: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+    let deserializer = toml::Deserializer::new(source);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let line = inner.span().map(|span| line_of(source, span.start));
+        let message = inner.message().to_owned();
+        match (line, path.as_str()) {
+            (Some(line), ".") => ConfigError(format!("{origin}:{line}: {message}")),
+            (Some(line), path) => ConfigError(format!("{origin}:{line}: {path}: {message}")),
+            (None, ".") => ConfigError(format!("{origin}: {message}")),
+            (None, path) => ConfigError(format!("{origin}: {path}: {message}")),
+        }
+    })
+}
+
+/// The 1-based line of a byte offset.
+fn line_of(source: &str, offset: usize) -> usize {
+    source
+        .get(..offset)
+        .map_or(0, |before| before.matches('\n').count())
+        + 1
+}

@@ -1,0 +1,242 @@
+//! What the config file says, as serde reads it: every section and key, with its default, and
+//! nothing checked beyond types. [`super::load`] validates it into the runtime [`super::Config`].
+//!
+//! Edge cases: unknown keys anywhere are errors (`deny_unknown_fields`); values whose errors must
+//! name their line are kept [`Spanned`]; durations are written `30s`, `1m`, `1d` (humantime).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::OnError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) server: RawServer,
+    pub(super) upstream: RawUpstream,
+    /// Named sets of limits that keys refer to with `policy = "name"`.
+    #[serde(default)]
+    pub(super) policies: BTreeMap<String, RawLimits>,
+    #[serde(default)]
+    pub(super) keys: Vec<RawKey>,
+    #[serde(default)]
+    pub(super) state: RawState,
+    pub(super) ledger: Option<RawLedger>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawState {
+    #[serde(default = "defaults::backend")]
+    pub(super) backend: Spanned<String>,
+    #[serde(default = "defaults::state_path")]
+    pub(super) path: PathBuf,
+    #[serde(default = "defaults::flush_interval", with = "humantime_serde")]
+    pub(super) flush_interval: Duration,
+    pub(super) redis_url: Option<Spanned<String>>,
+    /// The environment variable holding the Redis password: never in the file.
+    pub(super) password_env: Option<Spanned<String>>,
+    #[serde(default = "defaults::prefix")]
+    pub(super) prefix: String,
+    #[serde(default)]
+    pub(super) on_error: OnError,
+    #[serde(default = "defaults::lease", with = "humantime_serde")]
+    pub(super) lease: Duration,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            backend: defaults::backend(),
+            path: defaults::state_path(),
+            flush_interval: defaults::flush_interval(),
+            redis_url: None,
+            password_env: None,
+            prefix: defaults::prefix(),
+            on_error: OnError::default(),
+            lease: defaults::lease(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLedger {
+    pub(super) path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQuota {
+    pub(super) tokens: u64,
+    #[serde(with = "humantime_serde")]
+    pub(super) per: Duration,
+}
+
+/// Limits a policy sets; a key may set the same fields to override its policy.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) quotas: Option<Spanned<Vec<RawQuota>>>,
+    pub(super) models: Option<Vec<String>>,
+    pub(super) max_tokens: Option<Spanned<u32>>,
+    pub(super) concurrency: Option<Spanned<u32>>,
+    pub(super) rate: Option<Spanned<RawRate>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRate {
+    pub(super) requests: u32,
+    #[serde(with = "humantime_serde")]
+    pub(super) per: Duration,
+    pub(super) burst: Option<u32>,
+}
+
+/// One hash, or several while a key is being rotated.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub(super) fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(one) => std::slice::from_ref(one),
+            OneOrMany::Many(many) => many,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKey {
+    pub(super) name: Spanned<String>,
+    pub(super) sha256: Spanned<OneOrMany>,
+    pub(super) policy: Option<Spanned<String>>,
+    pub(super) quotas: Option<Spanned<Vec<RawQuota>>>,
+    pub(super) models: Option<Vec<String>>,
+    pub(super) max_tokens: Option<Spanned<u32>>,
+    pub(super) concurrency: Option<Spanned<u32>>,
+    pub(super) rate: Option<Spanned<RawRate>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    #[serde(default = "defaults::listen")]
+    pub(super) listen: SocketAddr,
+    #[serde(default = "defaults::admin_listen")]
+    pub(super) admin_listen: SocketAddr,
+    #[serde(default = "defaults::max_body_bytes")]
+    pub(super) max_body_bytes: Spanned<u64>,
+    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    pub(super) shutdown_timeout: Duration,
+    #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
+    pub(super) header_read_timeout: Duration,
+    #[serde(default = "defaults::body_read_timeout", with = "humantime_serde")]
+    pub(super) body_read_timeout: Duration,
+    /// The environment variable holding the admin API's bearer token.
+    pub(super) admin_token_env: Option<Spanned<String>>,
+    pub(super) tls: Option<Spanned<RawTls>>,
+    /// Threads serving client connections; the machine's CPU count when absent.
+    pub(super) workers: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub(super) url: Spanned<String>,
+    pub(super) api_key_env: Option<Spanned<String>>,
+    pub(super) api_key_file: Option<Spanned<String>>,
+    /// Extra trusted CA certificates (PEM), for an upstream behind a private CA.
+    pub(super) ca_file: Option<std::path::PathBuf>,
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub(super) connect_timeout: Duration,
+    #[serde(
+        default = "defaults::response_header_timeout",
+        with = "humantime_serde"
+    )]
+    pub(super) response_header_timeout: Duration,
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub(super) idle_timeout: Duration,
+    #[serde(default = "defaults::pool_idle_timeout", with = "humantime_serde")]
+    pub(super) pool_idle_timeout: Duration,
+    #[serde(default = "defaults::pool_max_idle_per_host")]
+    pub(super) pool_max_idle_per_host: usize,
+    #[serde(default = "defaults::inject_usage")]
+    pub(super) inject_usage: bool,
+}
+
+pub(super) mod defaults {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+    use toml::Spanned;
+
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 8080))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 9090))
+    }
+    pub fn max_body_bytes() -> Spanned<u64> {
+        Spanned::new(0..0, 4 * 1024 * 1024)
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn body_read_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    /// A non-streamed completion sends its headers only when the whole answer is generated.
+    pub fn response_header_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn pool_idle_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn pool_max_idle_per_host() -> usize {
+        256
+    }
+    pub fn inject_usage() -> bool {
+        true
+    }
+    pub fn backend() -> Spanned<String> {
+        Spanned::new(0..0, "local".to_owned())
+    }
+    pub fn state_path() -> std::path::PathBuf {
+        "state/tollgate.db".into()
+    }
+    pub fn flush_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn prefix() -> String {
+        "tollgate:".to_owned()
+    }
+    pub fn lease() -> Duration {
+        Duration::from_secs(30)
+    }
+}

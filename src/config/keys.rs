@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::load::Source;
 use super::raw::{RawKey, RawLimits, RawQuota, RawRate};
+use super::source::Source;
 use super::{ConfigError, KeyConfig, Limits, Quota, RateLimit};
 use crate::observability::metrics::UNAUTHENTICATED;
 

@@ -7,39 +7,17 @@
 //! here too, so that `check`, start and reload all refuse files that do not load.
 
 use std::num::NonZeroUsize;
-use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
 use super::keys::resolve_keys;
 use super::raw::{RawConfig, RawServer, RawState, RawUpstream};
+use super::source::{line_of, Source};
+use super::tls::{self, TlsFiles};
 use super::{Config, ConfigError, RedisConfig, Secret, ServerConfig, StateConfig, UpstreamConfig};
-use crate::server::tls::{self, TlsFiles};
 
 /// More threads than this is a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
-
-/// The config text and where it came from, to place an error at its line.
-pub(super) struct Source<'a> {
-    text: &'a str,
-    origin: &'a str,
-}
-
-impl Source<'_> {
-    /// An error at a key: `ORIGIN:LINE: key: msg`.
-    pub(super) fn at(&self, span: Range<usize>, key: &str, msg: String) -> ConfigError {
-        ConfigError(format!(
-            "{}:{}: {key}: {msg}",
-            self.origin,
-            line_of(self.text, span.start)
-        ))
-    }
-
-    /// An error without a line (a default, or a value serde does not place): `ORIGIN: msg`.
-    fn whole(&self, msg: &str) -> ConfigError {
-        ConfigError(format!("{}: {msg}", self.origin))
-    }
-}
 
 impl Config {
     /// Reads and validates the config file at `path`.
@@ -52,10 +30,7 @@ impl Config {
     /// Parses and validates config text; `origin` names it in error messages.
     pub fn parse(source: &str, origin: &str) -> Result<Config, ConfigError> {
         let raw = parse_raw(source, origin)?;
-        let src = Source {
-            text: source,
-            origin,
-        };
+        let src = Source::new(source, origin);
         let server = server(raw.server, &src)?;
         let upstream = upstream(raw.upstream, &src)?;
         let keys = resolve_keys(&raw.policies, raw.keys, &src)?;
@@ -327,12 +302,4 @@ fn parse_raw(source: &str, origin: &str) -> Result<RawConfig, ConfigError> {
             (None, path) => ConfigError(format!("{origin}: {path}: {message}")),
         }
     })
-}
-
-/// The 1-based line of a byte offset.
-fn line_of(source: &str, offset: usize) -> usize {
-    source
-        .get(..offset)
-        .map_or(0, |before| before.matches('\n').count())
-        + 1
 }

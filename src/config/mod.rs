@@ -11,8 +11,10 @@
 mod keys;
 mod load;
 mod raw;
+mod source;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
 pub use self::keys::{is_valid_key_name, TOKEN_PREFIX};
 
@@ -148,7 +150,7 @@ pub struct ServerConfig {
     /// The admin API's bearer token; `None` disables `/admin/*`.
     pub admin_token: Option<Secret>,
     /// TLS on the client listener; `None`: plain HTTP (and h2c).
-    pub tls: Option<crate::server::tls::TlsFiles>,
+    pub tls: Option<tls::TlsFiles>,
     /// Threads serving client connections, each with its own event loop and upstream pool.
     pub workers: NonZeroUsize,
 }

@@ -5,41 +5,15 @@
 //! connections already open keep theirs. Files that do not load are an error at start and on
 //! reload — where the certificate in force stays.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-/// Loads a certificate chain and its private key from PEM files.
-pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("{}: no certificate in the file", cert.display()));
-    }
-    let private =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let signing = rustls::crypto::ring::default_provider()
-        .key_provider
-        .load_private_key(private)
-        .map_err(|e| format!("{}: {e}", key.display()))?;
-    let certified = CertifiedKey::new(chain, signing);
-    certified.keys_match().map_err(|e| {
-        format!(
-            "{} does not belong to {}: {e}",
-            key.display(),
-            cert.display()
-        )
-    })?;
-    Ok(certified)
-}
+use crate::config::tls::load;
 
 /// Serves whichever certificate was loaded last.
 #[derive(Debug)]
@@ -77,11 +51,4 @@ pub fn acceptor(resolver: Arc<CertResolver>) -> Result<TlsAcceptor, String> {
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// The files of `[server.tls]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }

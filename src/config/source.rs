@@ -1,0 +1,40 @@
+//! Where a config problem is: the text's origin (its file name) and the line of a key, so that
+//! every error reads `FILE:LINE: key.path: what is wrong`.
+
+use std::ops::Range;
+
+use super::ConfigError;
+
+/// The config text and where it came from, to place an error at its line.
+pub(super) struct Source<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl<'a> Source<'a> {
+    pub(super) fn new(text: &'a str, origin: &'a str) -> Self {
+        Source { text, origin }
+    }
+
+    /// An error at a key: `ORIGIN:LINE: key: msg`.
+    pub(super) fn at(&self, span: Range<usize>, key: &str, msg: String) -> ConfigError {
+        ConfigError(format!(
+            "{}:{}: {key}: {msg}",
+            self.origin,
+            line_of(self.text, span.start)
+        ))
+    }
+
+    /// An error without a line (a default, or a value serde does not place): `ORIGIN: msg`.
+    pub(super) fn whole(&self, msg: &str) -> ConfigError {
+        ConfigError(format!("{}: {msg}", self.origin))
+    }
+}
+
+/// The 1-based line of a byte offset.
+pub(super) fn line_of(source: &str, offset: usize) -> usize {
+    source
+        .get(..offset)
+        .map_or(0, |before| before.matches('\n').count())
+        + 1
+}

@@ -4,12 +4,14 @@
 //! the number of keys, and the table holds no token. On reload a new table is built and swapped in
 //! atomically; a key whose name and rate are unchanged keeps its limiter (and so its state), and
 //! every key keeps its in-flight count by name, so streams running across a reload are still
-//! counted against the new limits.
+//! counted against the new limits. The counts live in a registry that every table hands on to
+//! the next and that holds them only weakly: a key removed while its requests still run, then
+//! added back, finds the count they hold; a count nothing holds any more is forgotten.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use arc_swap::ArcSwap;
 use governor::middleware::StateInformationMiddleware;
@@ -52,14 +54,45 @@ pub struct KeyEntry {
 pub struct KeyStore {
     by_hash: HashMap<[u8; 32], Arc<KeyEntry>>,
     by_name: HashMap<Arc<str>, Arc<KeyEntry>>,
+    inflight: Arc<InflightRegistry>,
     clock: Clock,
+}
+
+/// Every key's in-flight count by name, held weakly: by the tables that have the key, and by the
+/// guards of its requests in flight.
+#[derive(Default)]
+struct InflightRegistry(Mutex<HashMap<Arc<str>, Weak<Inflight>>>);
+
+impl InflightRegistry {
+    /// The count of `name`, the one its running requests hold if any do.
+    fn get(&self, name: &Arc<str>, metrics: &Metrics) -> Arc<Inflight> {
+        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get(name).and_then(Weak::upgrade) {
+            return count;
+        }
+        let count = Arc::new(Inflight {
+            count: AtomicU32::new(0),
+            gauge: metrics.inflight_requests.with_label_values(&[&**name]),
+        });
+        counts.insert(name.clone(), Arc::downgrade(&count));
+        count
+    }
+
+    /// Forgets counts that nothing holds any more (keys removed, their requests over).
+    fn prune(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, count| count.strong_count() > 0);
+    }
 }
 
 pub type SharedKeys = Arc<ArcSwap<KeyStore>>;
 
 impl KeyStore {
-    /// Builds the table for `keys`, carrying over limiter state and in-flight counts from
-    /// `previous` where a key of the same name is in both.
+    /// Builds the table for `keys`, carrying over limiter state from `previous` where a key of
+    /// the same name is in both, and in-flight counts from every earlier table (see the module
+    /// doc).
     pub fn build(
         keys: &[KeyConfig],
         previous: Option<&KeyStore>,
@@ -68,6 +101,8 @@ impl KeyStore {
     ) -> KeyStore {
         let mut by_hash = HashMap::with_capacity(keys.len());
         let mut by_name = HashMap::with_capacity(keys.len());
+        let registry = previous.map_or_else(Arc::default, |store| store.inflight.clone());
+        registry.prune();
         for key in keys {
             let old = previous.and_then(|store| store.by_name.get(&key.name));
             let limiter = match (key.limits.rate, old) {
@@ -75,13 +110,7 @@ impl KeyStore {
                 (Some(rate), Some(old)) if old.limits.rate == Some(rate) => old.limiter.clone(),
                 (Some(rate), _) => Some(Arc::new(new_limiter(rate, clock))),
             };
-            let inflight = match old {
-                Some(old) => old.inflight.clone(),
-                None => Arc::new(Inflight {
-                    count: AtomicU32::new(0),
-                    gauge: metrics.inflight_requests.with_label_values(&[&key.name]),
-                }),
-            };
+            let inflight = registry.get(&key.name, metrics);
             let entry = Arc::new(KeyEntry {
                 name: key.name.clone(),
                 limits: key.limits.clone(),
@@ -96,6 +125,7 @@ impl KeyStore {
         KeyStore {
             by_hash,
             by_name,
+            inflight: registry,
             clock: clock.clone(),
         }
     }
@@ -280,6 +310,34 @@ mod tests {
         assert!(
             b.limiter.as_ref().expect("limited").check().is_ok(),
             "changed rate starts afresh"
+        );
+    }
+
+    #[test]
+    fn a_key_removed_and_added_back_keeps_the_count_its_requests_hold() {
+        let metrics = Metrics::new();
+        let clock = Clock::manual();
+        let with = [key("a", "ta", Limits::default())];
+        let first = KeyStore::build(&with, None, &clock, &metrics);
+        let held = first.get("a").expect("a").inflight.try_acquire(None);
+        let without = KeyStore::build(&[], Some(&first), &clock, &metrics);
+        drop(first);
+        let again = KeyStore::build(&with, Some(&without), &clock, &metrics);
+        let a = again.get("a").expect("a back");
+        assert_eq!(a.inflight.current(), 1, "the running request still counts");
+        drop(held);
+        assert_eq!(
+            a.inflight.current(),
+            0,
+            "and is released into the same count"
+        );
+
+        let idle = KeyStore::build(&[], Some(&again), &clock, &metrics);
+        drop(again);
+        let later = KeyStore::build(&[], Some(&idle), &clock, &metrics);
+        assert!(
+            later.inflight.0.lock().expect("registry").is_empty(),
+            "a count nothing holds any more is forgotten at the next build"
         );
     }
 

@@ -60,6 +60,20 @@ async fn post_with_key(
     post(url, body, &[("authorization", &auth)]).await
 }
 
+/// A stream of `chunks` chunks, 30 ms apart, started with `key` (its headers are in).
+async fn start_stream(url: &str, key: &str, chunks: &str) -> reqwest::Response {
+    common::client()
+        .post(url)
+        .header("authorization", format!("Bearer {key}"))
+        .header("x-mock-chunks", chunks)
+        .header("x-mock-chunk-delay-ms", "30")
+        .header("content-type", "application/json")
+        .body(chat_body(true, false))
+        .send()
+        .await
+        .expect("stream starts")
+}
+
 fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -393,19 +407,9 @@ async fn reload_adds_removes_and_changes_keys_without_dropping_streams() {
     let mut gw = FileGateway::start(&upstream.url(), &before).await;
 
     // Load across the reload: streams of a kept key and of the key about to be removed.
-    let client = common::client();
     let mut running = Vec::new();
     for token in ["tg-a", "tg-b"].repeat(6) {
-        let response = client
-            .post(gw.url())
-            .header("authorization", format!("Bearer {token}"))
-            .header("x-mock-chunks", "10")
-            .header("x-mock-chunk-delay-ms", "30")
-            .header("content-type", "application/json")
-            .body(chat_body(true, false))
-            .send()
-            .await
-            .expect("stream starts");
+        let response = start_stream(&gw.url(), token, "10").await;
         assert_eq!(response.status(), 200, "{token} admitted before the reload");
         running.push(response);
     }
@@ -452,6 +456,44 @@ async fn reload_adds_removes_and_changes_keys_without_dropping_streams() {
         Some("5"),
         "changed limit applies"
     );
+}
+
+#[tokio::test]
+async fn a_key_removed_and_added_back_keeps_counting_its_streams_in_flight() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let keys = key_entry("c", "tg-c", "concurrency = 2");
+    let mut gw = FileGateway::start(&upstream.url(), &keys).await;
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let response = start_stream(&gw.url(), "tg-c", "100").await;
+        assert_eq!(response.status(), 200, "both slots taken");
+        running.push(response);
+    }
+
+    gw.write("");
+    assert_eq!(gw.gateway.reload().expect("reload").removed, ["c"]);
+    gw.write(&keys);
+    assert_eq!(gw.gateway.reload().expect("reload").added, ["c"]);
+
+    assert_eq!(
+        post_with_key(&gw.url(), "tg-c", &chat_body(false, false))
+            .await
+            .0,
+        429,
+        "the two streams still running hold both slots"
+    );
+    drop(running);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = post_with_key(&gw.url(), "tg-c", &chat_body(false, false))
+            .await
+            .0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "their slots come back when they end");
 }
 
 #[tokio::test]

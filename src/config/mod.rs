@@ -72,7 +72,8 @@ pub struct RedisConfig {
     /// Every Redis key the gateway writes starts with this.
     pub prefix: String,
     pub on_error: OnError,
-    /// How long a concurrency slot outlives a replica that stopped renewing it.
+    /// How long a concurrency slot or a quota reservation outlives a replica that stopped
+    /// renewing it.
     pub lease: Duration,
 }
 

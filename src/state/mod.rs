@@ -19,7 +19,7 @@ use std::time::Duration;
 use governor::clock::Clock as _;
 
 use self::local::LocalState;
-use self::redis::{Admit, Lease, RedisState, Unavailable};
+use self::redis::{Admit, Lease, RedisState, Reserved, Unavailable};
 use crate::config::{OnError, Quota};
 use crate::keys::{InflightGuard, KeyEntry};
 use crate::observability::metrics::Metrics;
@@ -78,14 +78,23 @@ pub struct Admission {
 }
 
 /// Where a reservation was made, so that it is settled in the same place.
-#[derive(Debug)]
 pub struct Held {
     pub reservation: Reservation,
     /// Made in this process (the local backend, or Redis's fail-open fallback).
     local: bool,
+    /// What holds it in Redis (given back when dropped unsettled).
+    lease: Option<Lease>,
 }
 
 impl Held {
+    fn new(reservation: Reservation, local: bool, lease: Option<Lease>) -> Held {
+        Held {
+            reservation,
+            local,
+            lease,
+        }
+    }
+
     pub fn amount(&self) -> u64 {
         self.reservation.amount
     }
@@ -185,20 +194,24 @@ impl Backend {
         quotas: &[Quota],
         amount: u64,
     ) -> Result<Result<(Held, Vec<WindowStatus>), QuotaDenied>, Unavailable> {
-        let (result, local) = match &self.store {
-            Store::Local(local) => (local.reserve(key, quotas, amount), true),
+        let in_process = |state: &LocalState| {
+            let result = state.reserve(key, quotas, amount);
+            result.map(|(reservation, status)| (Held::new(reservation, true, None), status))
+        };
+        let result = match &self.store {
+            Store::Local(local) => in_process(local),
             Store::Redis { redis, fallback } => match redis.reserve(key, quotas, amount).await {
-                Ok(result) => (result, false),
+                Ok(result) => result
+                    .map(|r: Reserved| (Held::new(r.reservation, false, Some(r.lease)), r.status)),
                 Err(unavailable) if redis.on_error() == OnError::FailClosed => {
                     return Err(unavailable)
                 }
-                Err(_) => (fallback.reserve(key, quotas, amount), true),
+                Err(_) => in_process(fallback),
             },
         };
-        let result = result.map(|(reservation, status)| {
+        if let Ok((_, status)) = &result {
             self.set_gauges(key, quotas, status.iter().map(|s| s.used));
-            (Held { reservation, local }, status)
-        });
+        }
         Ok(result)
     }
 
@@ -216,6 +229,7 @@ impl Backend {
                 let redis = redis.clone();
                 let metrics = self.metrics.clone();
                 let quotas = quotas.to_vec();
+                let member = held.lease.map(Lease::into_settled);
                 let reservation = if held.local {
                     // Charged locally while Redis was away: settle here, and add the usage to
                     // Redis (now if it is back, or when it returns).
@@ -233,7 +247,8 @@ impl Backend {
                     let settling = self.settling.clone();
                     settling.fetch_add(1, Ordering::AcqRel);
                     runtime.spawn(async move {
-                        if let Ok(totals) = redis.settle(&reservation, used).await {
+                        let settled = redis.settle(&reservation, member.as_deref(), used).await;
+                        if let Ok(totals) = settled {
                             set_gauges(&metrics, &reservation.key, &quotas, totals.into_iter());
                         }
                         settling.fetch_sub(1, Ordering::AcqRel);

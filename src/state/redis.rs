@@ -8,8 +8,20 @@
 //!   within `state.lease`.
 //! - `{prefix}quota:{name}:{seconds}` — a hash `{start, used, reserved}` per window; expires two
 //!   windows after its last use.
+//! - `{prefix}reservations:{name}:{seconds}` — the reservations counted in that window's
+//!   `reserved`, a sorted set of leases as above (members `<id>:<tokens>`); expires with the hash.
+//!   Each script that reads a window first gives back the reservations whose lease ended, so a
+//!   replica killed mid-request holds its requests' tokens for at most `state.lease`, not until
+//!   the window ends.
 //!
 //! Every script reads the time from Redis (`TIME`), so replicas with skewed clocks agree.
+//!
+//! Whatever a call takes (a slot, a reservation) is held by a [`Lease`] made before the call,
+//! so a request dropped mid-call (its client left while Redis was slow) gives it back; a
+//! reservation is given back exactly once — by its settlement, its release or its expiry,
+//! whichever removes its lease first. A lease that fails to renew for `state.lease` (Redis
+//! unreachable from this replica that long) ends even though its request still runs; until that
+//! request settles, the window may then admit more than its quota.
 //!
 //! When Redis cannot be reached, `on_error` decides: `fail_closed` refuses with 503;
 //! `fail_open` admits on this replica's local limits, and the usage it charges meanwhile is kept
@@ -68,22 +80,65 @@ end
 return {0, remaining, reset_us}
 ";
 
-/// Reserves ARGV[1] tokens in every window (KEYS[i], length ARGV[1+i] s, limit ARGV[1+n+i]) or
-/// none. Returns `{0, i, used, reset}` for the window that refuses (the one resetting last), or
+/// Functions the token-window scripts share. A window is a hash `{start, used, reserved}` and a
+/// sorted set of the reservations in it, members `<id>:<tokens>` scored by lease expiry (ms).
+/// Invariant: a member in the set is counted in the hash's `reserved` for its current `start`
+/// (a window that starts again empties both together), so a member removed exactly once gives its
+/// tokens back exactly once, whoever removes it — its settlement, its release, or its expiry.
+const WINDOW_FUNCTIONS: &str = r"
+local function amount_of(member)
+  return tonumber(string.match(member, ':(%d+)$') or '0')
+end
+local function give_back(hash, amount)
+  if amount > 0 and redis.call('HINCRBY', hash, 'reserved', -amount) < 0 then
+    redis.call('HSET', hash, 'reserved', 0)
+  end
+end
+-- Reservations whose holder stopped renewing them (a replica that died) end here; at most 1000
+-- per call, the rest at the next one.
+local function expire(hash, leases, now_ms)
+  local stale = redis.call('ZRANGEBYSCORE', leases, '-inf', now_ms, 'LIMIT', 0, 1000)
+  if #stale == 0 then return end
+  local freed = 0
+  for _, member in ipairs(stale) do freed = freed + amount_of(member) end
+  redis.call('ZREM', leases, unpack(stale))
+  give_back(hash, freed)
+end
+local function restart(hash, leases, start)
+  redis.call('HSET', hash, 'start', start, 'used', 0, 'reserved', 0)
+  redis.call('DEL', leases)
+end
+-- Both expire together, two windows and a minute after their last use (renewals may keep the
+-- set longer, never shorter: a set gone before its hash would strand what it counted).
+local function keep(hash, leases, per)
+  redis.call('EXPIRE', hash, per * 2 + 60)
+  redis.call('EXPIRE', leases, per * 2 + 60)
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local now_ms = now * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS / 2
+";
+
+/// Reserves ARGV[1] tokens as member ARGV[2] under a lease of ARGV[3] ms in every window
+/// (KEYS[i] and its leases KEYS[n+i], length ARGV[3+i] s, limit ARGV[3+n+i]) or in none. Returns
+/// `{0, i, used, reset}` for the window that refuses (the one resetting last), or
 /// `{1, start_1, used_1, reset_1, …}`.
 const RESERVE: &str = r"
-local now = tonumber(redis.call('TIME')[1])
-local amount = tonumber(ARGV[1])
-local n = #KEYS
-local starts, taken = {}, {}
+local amount, member, lease_ms = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local starts, current, taken = {}, {}, {}
 local denied, denied_reset, denied_used = 0, -1, 0
 for i = 1, n do
-  local per = tonumber(ARGV[1 + i])
-  local limit = tonumber(ARGV[1 + n + i])
+  local per = tonumber(ARGV[3 + i])
+  local limit = tonumber(ARGV[3 + n + i])
   local start = now - (now % per)
-  local h = redis.call('HMGET', KEYS[i], 'start', 'used', 'reserved')
   local used = 0
-  if tonumber(h[1]) == start then used = tonumber(h[2] or '0') + tonumber(h[3] or '0') end
+  current[i] = tonumber(redis.call('HGET', KEYS[i], 'start') or '-1') == start
+  if current[i] then
+    expire(KEYS[i], KEYS[n + i], now_ms)
+    local h = redis.call('HMGET', KEYS[i], 'used', 'reserved')
+    used = tonumber(h[1] or '0') + tonumber(h[2] or '0')
+  end
   starts[i], taken[i] = start, used
   if used + amount > limit and start + per - now > denied_reset then
     denied, denied_reset, denied_used = i, start + per - now, used
@@ -92,12 +147,11 @@ end
 if denied > 0 then return {0, denied, denied_used, denied_reset} end
 local out = {1}
 for i = 1, n do
-  local per = tonumber(ARGV[1 + i])
-  if tonumber(redis.call('HGET', KEYS[i], 'start') or '-1') ~= starts[i] then
-    redis.call('HSET', KEYS[i], 'start', starts[i], 'used', 0, 'reserved', 0)
-  end
+  local per = tonumber(ARGV[3 + i])
+  if not current[i] then restart(KEYS[i], KEYS[n + i], starts[i]) end
   redis.call('HINCRBY', KEYS[i], 'reserved', amount)
-  redis.call('EXPIRE', KEYS[i], per * 2 + 60)
+  redis.call('ZADD', KEYS[n + i], now_ms + lease_ms, member)
+  keep(KEYS[i], KEYS[n + i], per)
   table.insert(out, starts[i])
   table.insert(out, taken[i] + amount)
   table.insert(out, starts[i] + per - now)
@@ -105,60 +159,63 @@ end
 return out
 ";
 
-/// Releases ARGV[1] reserved tokens from the window that started at ARGV[2+i] and adds ARGV[2]
-/// used tokens to the window current now. Returns `{used_1, reset_1, …}`.
+/// Gives back the reservation ARGV[2] (none when empty) in every window (KEYS[i] and its leases
+/// KEYS[n+i], length ARGV[2+i] s) if it is still held, and adds ARGV[1] used tokens to the window
+/// current now. Returns `{used_1, reset_1, …}`.
 const SETTLE: &str = r"
-local now = tonumber(redis.call('TIME')[1])
-local amount = tonumber(ARGV[1])
-local used = tonumber(ARGV[2])
-local n = #KEYS
+local used, member = tonumber(ARGV[1]), ARGV[2]
 local out = {}
 for i = 1, n do
-  local start = tonumber(ARGV[2 + i])
-  local per = tonumber(ARGV[2 + n + i])
-  local current = now - (now % per)
-  local hstart = tonumber(redis.call('HGET', KEYS[i], 'start') or '-1')
-  if hstart == start and amount > 0 then
-    local left = redis.call('HINCRBY', KEYS[i], 'reserved', -amount)
-    if left < 0 then redis.call('HSET', KEYS[i], 'reserved', 0) end
+  local hash, leases = KEYS[i], KEYS[n + i]
+  local per = tonumber(ARGV[2 + i])
+  local start = now - (now % per)
+  if member ~= '' and redis.call('ZREM', leases, member) == 1 then
+    give_back(hash, amount_of(member))
   end
-  if hstart ~= current then
-    redis.call('HSET', KEYS[i], 'start', current, 'used', 0, 'reserved', 0)
+  if tonumber(redis.call('HGET', hash, 'start') or '-1') == start then
+    expire(hash, leases, now_ms)
+  else
+    restart(hash, leases, start)
   end
-  local total = redis.call('HINCRBY', KEYS[i], 'used', used)
-  redis.call('EXPIRE', KEYS[i], per * 2 + 60)
-  local reserved = tonumber(redis.call('HGET', KEYS[i], 'reserved') or '0')
+  local total = redis.call('HINCRBY', hash, 'used', used)
+  keep(hash, leases, per)
+  local reserved = tonumber(redis.call('HGET', hash, 'reserved') or '0')
   table.insert(out, total + reserved)
-  table.insert(out, current + per - now)
+  table.insert(out, start + per - now)
 end
 return out
 ";
 
-/// The current window of each KEYS[i] (length ARGV[i] s): `{used + reserved, reset, …}`.
+/// The current window of each KEYS[i] (leases KEYS[n+i], length ARGV[i] s):
+/// `{used + reserved, reset, …}`.
 const STATUS: &str = r"
-local now = tonumber(redis.call('TIME')[1])
 local out = {}
-for i = 1, #KEYS do
+for i = 1, n do
   local per = tonumber(ARGV[i])
   local start = now - (now % per)
-  local h = redis.call('HMGET', KEYS[i], 'start', 'used', 'reserved')
   local used = 0
-  if tonumber(h[1]) == start then used = tonumber(h[2] or '0') + tonumber(h[3] or '0') end
+  if tonumber(redis.call('HGET', KEYS[i], 'start') or '-1') == start then
+    expire(KEYS[i], KEYS[n + i], now_ms)
+    local h = redis.call('HMGET', KEYS[i], 'used', 'reserved')
+    used = tonumber(h[1] or '0') + tonumber(h[2] or '0')
+  end
   table.insert(out, used)
   table.insert(out, start + per - now)
 end
 return out
 ";
 
-/// Moves the expiry of each lease (KEYS[i], member ARGV[1+i]) to now + ARGV[1] ms, if it still
-/// exists.
+/// Moves the expiry of each lease (sorted set KEYS[i], member ARGV[1+i]) to now + ARGV[1] ms, if
+/// it is still there, and keeps each set at least twice that long.
 const RENEW: &str = r"
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])
 for i = 1, #KEYS do
   redis.call('ZADD', KEYS[i], 'XX', now_ms + lease_ms, ARGV[1 + i])
-  redis.call('PEXPIRE', KEYS[i], lease_ms * 2)
+  if redis.call('PTTL', KEYS[i]) < lease_ms * 2 then
+    redis.call('PEXPIRE', KEYS[i], lease_ms * 2)
+  end
 end
 return #KEYS
 ";
@@ -177,6 +234,13 @@ pub enum Admit {
     },
 }
 
+/// Tokens reserved in Redis: what to settle, the lease that holds them, each window's status.
+pub struct Reserved {
+    pub reservation: Reservation,
+    pub lease: Lease,
+    pub status: Vec<WindowStatus>,
+}
+
 /// The backend could not answer.
 #[derive(Debug, thiserror::Error)]
 #[error("state backend unavailable: {0}")]
@@ -191,8 +255,8 @@ pub struct RedisState {
     /// This process's name in lease ids.
     replica: String,
     next_lease: AtomicU64,
-    /// Leases held now, renewed until released: id → sorted-set key.
-    leases: Mutex<HashMap<String, String>>,
+    /// Leases held now, renewed until released: member → the sorted sets it is in.
+    leases: Mutex<HashMap<String, Vec<String>>>,
     /// Whether the last call failed, to log an outage once at each end.
     down: AtomicBool,
     /// Usage charged while Redis was away, per `(quota key, window length, window start)`.
@@ -227,6 +291,7 @@ impl RedisState {
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|e| format!("state: redis client: {e}"))?;
         let replica = uuid::Uuid::new_v4().simple().to_string();
+        let window_script = |body: &str| Script::new(&format!("{WINDOW_FUNCTIONS}{body}"));
         Ok(RedisState {
             conn,
             prefix: config.prefix.clone(),
@@ -239,15 +304,28 @@ impl RedisState {
             down: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             admit: Script::new(ADMIT),
-            reserve: Script::new(RESERVE),
-            settle: Script::new(SETTLE),
+            reserve: window_script(RESERVE),
+            settle: window_script(SETTLE),
             renew: Script::new(RENEW),
-            status: Script::new(STATUS),
+            status: window_script(STATUS),
         })
     }
 
     pub fn on_error(&self) -> OnError {
         self.on_error
+    }
+
+    fn lease_ms(&self) -> u64 {
+        u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A lease id no other request of any replica has.
+    fn next_member(&self) -> String {
+        format!(
+            "{}-{}",
+            self.replica,
+            self.next_lease.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     fn inflight_key(&self, name: &str) -> String {
@@ -256,6 +334,11 @@ impl RedisState {
 
     fn quota_key(&self, name: &str, per_secs: u64) -> String {
         format!("{}quota:{name}:{per_secs}", self.prefix)
+    }
+
+    /// The sorted set of the reservations held in a window.
+    fn reservations_key(&self, name: &str, per_secs: u64) -> String {
+        format!("{}reservations:{name}:{per_secs}", self.prefix)
     }
 
     /// Notes a failed call: counted, and logged when an outage begins.
@@ -280,10 +363,6 @@ impl RedisState {
         }
     }
 
-    pub fn is_down(&self) -> bool {
-        self.down.load(Ordering::Acquire)
-    }
-
     /// Takes a concurrency slot and a rate cell for `name`, in one round trip.
     pub async fn admit(
         self: &Arc<Self>,
@@ -291,12 +370,8 @@ impl RedisState {
         concurrency: Option<u32>,
         rate: Option<RateLimit>,
     ) -> Result<Admit, Unavailable> {
-        let id = format!(
-            "{}-{}",
-            self.replica,
-            self.next_lease.fetch_add(1, Ordering::Relaxed)
-        );
         let zset = self.inflight_key(name);
+        let member = self.next_member();
         let (period_us, burst) = rate.map_or((0, 0), |r| {
             let period = r.per / r.requests.get();
             (
@@ -304,49 +379,24 @@ impl RedisState {
                 r.burst.get(),
             )
         });
-        let mut conn = self.conn.clone();
-        let reply: Vec<i64> = self
-            .admit
+        let mut invocation = self.admit.prepare_invoke();
+        invocation
             .key(&zset)
             .key(format!("{}rate:{name}", self.prefix))
             .arg(concurrency.unwrap_or(0))
-            .arg(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX))
-            .arg(&id)
+            .arg(self.lease_ms())
+            .arg(&member)
             .arg(period_us)
-            .arg(burst)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.failed("admit", &e))?;
+            .arg(burst);
+        // Held from before the call: dropped with the request, it gives back what the call took.
+        let lease = concurrency.map(|_| Lease::new(self, member, Leased::Slot { zset }));
+        let mut conn = self.conn.clone();
+        let reply = match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(reply) => reply,
+            Err(error) => return Err(self.unanswered("admit", &error, lease)),
+        };
         self.succeeded();
-        let micros =
-            |v: Option<&i64>| Duration::from_micros(v.copied().unwrap_or(0).max(0).unsigned_abs());
-        match reply.first() {
-            Some(0) => {
-                let lease = concurrency.map(|_| {
-                    self.leases
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(id.clone(), zset.clone());
-                    Lease {
-                        state: self.clone(),
-                        zset,
-                        id,
-                    }
-                });
-                let rate = match reply.get(1) {
-                    Some(&remaining) if remaining >= 0 => Some((
-                        u32::try_from(remaining).unwrap_or(u32::MAX),
-                        micros(reply.get(2)),
-                    )),
-                    _ => None,
-                };
-                Ok(Admit::Admitted { lease, rate })
-            }
-            Some(1) => Ok(Admit::ConcurrencyFull),
-            _ => Ok(Admit::RateLimited {
-                wait: micros(reply.get(1)),
-            }),
-        }
+        Ok(admit_reply(&reply, lease))
     }
 
     /// Reserves `amount` tokens in every window of `quotas`, in one round trip.
@@ -355,81 +405,60 @@ impl RedisState {
         name: &Arc<str>,
         quotas: &[Quota],
         amount: u64,
-    ) -> Result<Result<(Reservation, Vec<WindowStatus>), QuotaDenied>, Unavailable> {
+    ) -> Result<Result<Reserved, QuotaDenied>, Unavailable> {
+        let member = format!("{}:{amount}", self.next_member());
         let mut invocation = self.reserve.prepare_invoke();
         for quota in quotas {
             invocation.key(self.quota_key(name, quota.per_secs()));
         }
-        invocation.arg(amount);
+        for quota in quotas {
+            invocation.key(self.reservations_key(name, quota.per_secs()));
+        }
+        invocation.arg(amount).arg(&member).arg(self.lease_ms());
         for quota in quotas {
             invocation.arg(quota.per_secs());
         }
         for quota in quotas {
             invocation.arg(quota.tokens);
         }
+        // Held from before the call: dropped with the request, it gives back what the call took.
+        let tokens = Leased::Tokens {
+            name: name.clone(),
+            windows: quotas.iter().map(Quota::per_secs).collect(),
+        };
+        let lease = Lease::new(self, member, tokens);
         let mut conn = self.conn.clone();
-        let reply: Vec<i64> = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.failed("reserve", &e))?;
+        let reply = match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(reply) => reply,
+            Err(error) => return Err(self.unanswered("reserve", &error, Some(lease))),
+        };
         self.succeeded();
-        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0).unsigned_abs();
-        if reply.first() == Some(&0) {
-            let window = quotas
-                .get(usize::try_from(at(1)).unwrap_or(1).saturating_sub(1))
-                .copied()
-                .unwrap_or(quotas[0]);
-            return Ok(Err(QuotaDenied {
-                per: window.per,
-                limit: window.tokens,
-                used: at(2),
-                needed: amount,
-                retry_after: Duration::from_secs(at(3)),
-            }));
-        }
-        let mut windows = Vec::with_capacity(quotas.len());
-        let mut status = Vec::with_capacity(quotas.len());
-        for (i, quota) in quotas.iter().enumerate() {
-            let (start, used, reset) = (at(1 + 3 * i), at(2 + 3 * i), at(3 + 3 * i));
-            windows.push((quota.per_secs(), start));
-            status.push(WindowStatus {
-                per: quota.per,
-                limit: quota.tokens,
-                used,
-                remaining: quota.tokens.saturating_sub(used),
-                reset_after: Duration::from_secs(reset),
-            });
-        }
-        Ok(Ok((
-            Reservation {
-                key: name.clone(),
-                windows,
-                amount,
-            },
-            status,
-        )))
+        Ok(reserve_reply(&reply, name, quotas, amount, lease))
     }
 
-    /// Settles a reservation to `used` tokens (a `reservation.amount` of 0 releases nothing: used
-    /// for usage charged while Redis was away). On failure the usage is kept and applied later.
+    /// A call that would have taken something under `lease` failed. Whether it ran is unknown
+    /// unless it was never sent: then the lease is forgotten, otherwise it is released.
+    fn unanswered(&self, op: &str, error: &redis::RedisError, lease: Option<Lease>) -> Unavailable {
+        if let (Some(lease), true) = (lease, error.is_connection_refusal()) {
+            lease.forget();
+        }
+        self.failed(op, error)
+    }
+
+    /// Settles a reservation to `used` tokens, giving back the tokens `member` still holds (none
+    /// for usage charged while Redis was away). On failure the usage is kept and applied later;
+    /// the reservation, renewed no more, ends with its lease.
     pub async fn settle(
         self: &Arc<Self>,
         reservation: &Reservation,
+        member: Option<&str>,
         used: u64,
     ) -> Result<Vec<u64>, Unavailable> {
-        let mut invocation = self.settle.prepare_invoke();
-        for (per_secs, _) in &reservation.windows {
-            invocation.key(self.quota_key(&reservation.key, *per_secs));
-        }
-        invocation.arg(reservation.amount).arg(used);
-        for (_, start) in &reservation.windows {
-            invocation.arg(*start);
-        }
-        for (per_secs, _) in &reservation.windows {
-            invocation.arg(*per_secs);
-        }
-        let mut conn = self.conn.clone();
-        match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
+        let windows = reservation.windows.iter().map(|(per_secs, _)| *per_secs);
+        match self
+            .invoke_settle(&reservation.key, windows, member.unwrap_or(""), used)
+            .await
+        {
             Ok(reply) => {
                 self.succeeded();
                 Ok(reply
@@ -446,6 +475,28 @@ impl RedisState {
         }
     }
 
+    async fn invoke_settle(
+        &self,
+        name: &str,
+        windows: impl Iterator<Item = u64> + Clone,
+        member: &str,
+        used: u64,
+    ) -> redis::RedisResult<Vec<i64>> {
+        let mut invocation = self.settle.prepare_invoke();
+        for per_secs in windows.clone() {
+            invocation.key(self.quota_key(name, per_secs));
+        }
+        for per_secs in windows.clone() {
+            invocation.key(self.reservations_key(name, per_secs));
+        }
+        invocation.arg(used).arg(member);
+        for per_secs in windows {
+            invocation.arg(per_secs);
+        }
+        let mut conn = self.conn.clone();
+        invocation.invoke_async(&mut conn).await
+    }
+
     /// Used (settled + reserved) tokens and time to reset of each window of `quotas`, now.
     pub async fn status(
         self: &Arc<Self>,
@@ -457,6 +508,9 @@ impl RedisState {
             invocation
                 .key(self.quota_key(name, quota.per_secs()))
                 .arg(quota.per_secs());
+        }
+        for quota in quotas {
+            invocation.key(self.reservations_key(name, quota.per_secs()));
         }
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = invocation
@@ -517,7 +571,7 @@ impl RedisState {
                 windows: vec![(per_secs, start)],
                 amount: 0,
             };
-            if self.settle(&reservation, used).await.is_ok() {
+            if self.settle(&reservation, None, used).await.is_ok() {
                 applied += used;
             }
         }
@@ -528,26 +582,28 @@ impl RedisState {
         );
     }
 
-    /// Renews every lease this replica holds, every third of the lease time, until the process
-    /// ends.
+    /// Renews every lease this replica holds (slots and reservations), every third of the lease
+    /// time, until the process ends.
     pub async fn run_renewer(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(self.lease / 3);
         loop {
             ticker.tick().await;
-            let leases: Vec<(String, String)> = self
+            let mut invocation = self.renew.prepare_invoke();
+            invocation.arg(self.lease_ms());
+            let mut any = false;
+            for (member, zsets) in self
                 .leases
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .iter()
-                .map(|(id, zset)| (id.clone(), zset.clone()))
-                .collect();
-            if leases.is_empty() {
-                continue;
+            {
+                for zset in zsets {
+                    invocation.key(zset).arg(member);
+                    any = true;
+                }
             }
-            let mut invocation = self.renew.prepare_invoke();
-            invocation.arg(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX));
-            for (id, zset) in &leases {
-                invocation.key(zset).arg(id);
+            if !any {
+                continue;
             }
             let mut conn = self.conn.clone();
             match invocation.invoke_async::<i64>(&mut conn).await {
@@ -574,40 +630,184 @@ impl RedisState {
         }
     }
 
-    fn release(&self, zset: String, id: String) {
+    /// Stops renewing `member`.
+    fn unregister(&self, member: &str) {
         self.leases
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
-        let mut conn = self.conn.clone();
-        let metrics = self.metrics.clone();
-        // Dropped outside a runtime (process exit): the lease expires by itself.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let result: redis::RedisResult<i64> = redis::cmd("ZREM")
-                    .arg(&zset)
-                    .arg(&id)
-                    .query_async(&mut conn)
-                    .await;
-                if result.is_err() {
-                    // The lease expires by itself within `state.lease`.
-                    metrics.state_error("release");
+            .remove(member);
+    }
+
+    /// Gives back what `member` holds, in the background. Outside a runtime (process exit), or
+    /// when the call fails, the lease expires by itself within `state.lease`.
+    fn release(self: &Arc<Self>, member: String, leased: Leased) {
+        self.unregister(&member);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let state = self.clone();
+        runtime.spawn(async move {
+            let result = match leased {
+                Leased::Slot { zset } => {
+                    let mut conn = state.conn.clone();
+                    redis::cmd("ZREM")
+                        .arg(&zset)
+                        .arg(&member)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                        .map(drop)
                 }
-            });
+                Leased::Tokens { name, windows } => state
+                    .invoke_settle(&name, windows.into_iter(), &member, 0)
+                    .await
+                    .map(drop),
+            };
+            if result.is_err() {
+                state.metrics.state_error("release");
+            }
+        });
+    }
+}
+
+/// What the admission script's reply means; `lease` is kept only by an admitted request.
+fn admit_reply(reply: &[i64], lease: Option<Lease>) -> Admit {
+    let micros =
+        |v: Option<&i64>| Duration::from_micros(v.copied().unwrap_or(0).max(0).unsigned_abs());
+    match reply.first() {
+        Some(0) => {
+            let rate = match reply.get(1) {
+                Some(&remaining) if remaining >= 0 => Some((
+                    u32::try_from(remaining).unwrap_or(u32::MAX),
+                    micros(reply.get(2)),
+                )),
+                _ => None,
+            };
+            Admit::Admitted { lease, rate }
+        }
+        refused => {
+            // Refused: the script took nothing.
+            if let Some(lease) = lease {
+                lease.forget();
+            }
+            match refused {
+                Some(1) => Admit::ConcurrencyFull,
+                _ => Admit::RateLimited {
+                    wait: micros(reply.get(1)),
+                },
+            }
         }
     }
 }
 
-/// A concurrency slot held in Redis; released when dropped.
+/// What the reservation script's reply means; `lease` is kept only by a reservation made.
+fn reserve_reply(
+    reply: &[i64],
+    name: &Arc<str>,
+    quotas: &[Quota],
+    amount: u64,
+    lease: Lease,
+) -> Result<Reserved, QuotaDenied> {
+    let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0).unsigned_abs();
+    if reply.first() == Some(&0) {
+        lease.forget();
+        let window = quotas
+            .get(usize::try_from(at(1)).unwrap_or(1).saturating_sub(1))
+            .copied()
+            .unwrap_or(quotas[0]);
+        return Err(QuotaDenied {
+            per: window.per,
+            limit: window.tokens,
+            used: at(2),
+            needed: amount,
+            retry_after: Duration::from_secs(at(3)),
+        });
+    }
+    let mut windows = Vec::with_capacity(quotas.len());
+    let mut status = Vec::with_capacity(quotas.len());
+    for (i, quota) in quotas.iter().enumerate() {
+        let (start, used, reset) = (at(1 + 3 * i), at(2 + 3 * i), at(3 + 3 * i));
+        windows.push((quota.per_secs(), start));
+        status.push(WindowStatus {
+            per: quota.per,
+            limit: quota.tokens,
+            used,
+            remaining: quota.tokens.saturating_sub(used),
+            reset_after: Duration::from_secs(reset),
+        });
+    }
+    let reservation = Reservation {
+        key: name.clone(),
+        windows,
+        amount,
+    };
+    Ok(Reserved {
+        reservation,
+        lease,
+        status,
+    })
+}
+
+/// Something this replica holds in Redis: a concurrency slot, or a reservation's tokens in each
+/// of its windows. Renewed every third of `state.lease` while held; given back (in the
+/// background) when dropped or settled, and by Redis itself once nobody renews it — a replica
+/// killed mid-request leaves nothing behind for longer than `state.lease`.
+///
+/// A lease exists from *before* the round trip that takes it, so that a request dropped while
+/// Redis has not answered yet (its client left) still gives back whatever that round trip took:
+/// the release goes out on the same connection after the call, and takes nothing if the call
+/// took nothing.
 pub struct Lease {
     state: Arc<RedisState>,
-    zset: String,
-    id: String,
+    member: String,
+    /// `None` once nothing is left to give back.
+    held: Option<Leased>,
+}
+
+enum Leased {
+    Slot { zset: String },
+    Tokens { name: Arc<str>, windows: Vec<u64> },
+}
+
+impl Lease {
+    fn new(state: &Arc<RedisState>, member: String, leased: Leased) -> Lease {
+        let zsets = match &leased {
+            Leased::Slot { zset } => vec![zset.clone()],
+            Leased::Tokens { name, windows } => windows
+                .iter()
+                .map(|per_secs| state.reservations_key(name, *per_secs))
+                .collect(),
+        };
+        state
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(member.clone(), zsets);
+        Lease {
+            state: state.clone(),
+            member,
+            held: Some(leased),
+        }
+    }
+
+    /// The call took nothing (refused, or never sent): nothing to give back.
+    fn forget(mut self) {
+        self.held = None;
+        self.state.unregister(&self.member);
+    }
+
+    /// Hands the reservation over to its settlement, which gives its tokens back along with the
+    /// usage: the lease id to settle.
+    pub fn into_settled(mut self) -> String {
+        self.held = None;
+        self.state.unregister(&self.member);
+        std::mem::take(&mut self.member)
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.state
-            .release(std::mem::take(&mut self.zset), std::mem::take(&mut self.id));
+        if let Some(leased) = self.held.take() {
+            self.state.release(std::mem::take(&mut self.member), leased);
+        }
     }
 }

@@ -81,3 +81,68 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A TCP proxy in front of a Redis server that passes commands through at once and holds every
+/// reply back for `delay`: a slow Redis, over real sockets. Stops when dropped.
+pub struct SlowProxy {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    pub async fn start(target_port: u16, delay: Duration) -> SlowProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(relay(client, target_port, delay));
+            }
+        });
+        SlowProxy { port, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One connection: client → server at once; server → client each read `delay` after it came.
+async fn relay(client: tokio::net::TcpStream, target_port: u16, delay: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let upstream = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    });
+    let reader = tokio::spawn(async move {
+        let mut buffer = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = server_read.read(&mut buffer).await {
+            if tx
+                .send((tokio::time::Instant::now(), buffer[..n].to_vec()))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    while let Some((read_at, bytes)) = rx.recv().await {
+        tokio::time::sleep_until(read_at + delay).await;
+        if client_write.write_all(&bytes).await.is_err() {
+            break;
+        }
+    }
+    upstream.abort();
+    reader.abort();
+}

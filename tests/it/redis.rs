@@ -2,13 +2,13 @@
 //! documented behaviour when Redis goes away and comes back.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::common::redis_server::RedisServer;
+use crate::common::redis_server::{RedisServer, SlowProxy};
 use crate::common::upstream::MockUpstream;
 use crate::common::{self, key_entry, TestGateway};
 
@@ -37,6 +37,91 @@ fn config(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{upstream}\"\n{}{keys}\n{ledger}",
         state_section(redis, prefix, state_extra)
     )
+}
+
+/// A replica in its own process, so that the test can SIGKILL it; killed when dropped.
+struct ChildReplica {
+    child: Child,
+    port: u16,
+    _config: tempfile::NamedTempFile,
+}
+
+impl ChildReplica {
+    /// Runs `tollgate serve` on `toml` with both listeners on fixed free ports.
+    fn start(toml: &str) -> ChildReplica {
+        let port = common::closed_port();
+        let admin = common::closed_port();
+        let config = tempfile::NamedTempFile::new().expect("config file");
+        let toml = toml
+            .replace(
+                "admin_listen = \"127.0.0.1:0\"",
+                &format!("admin_listen = \"127.0.0.1:{admin}\""),
+            )
+            .replace(
+                "\nlisten = \"127.0.0.1:0\"",
+                &format!("\nlisten = \"127.0.0.1:{port}\""),
+            );
+        std::fs::write(config.path(), toml).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(config.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start replica");
+        ChildReplica {
+            child,
+            port,
+            _config: config,
+        }
+    }
+
+    /// Starts up to `n` long streams of `body` (retrying while the replica starts), each read
+    /// up to its first chunk and then left running.
+    async fn hold_streams(
+        &self,
+        key: &str,
+        body: Value,
+        n: usize,
+    ) -> Vec<impl futures_util::Stream + use<>> {
+        let client = common::client();
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            if held.len() == n {
+                break;
+            }
+            let sent = client
+                .post(format!("http://127.0.0.1:{}{CHAT}", self.port))
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .header("x-mock-chunks", "1000")
+                .header("x-mock-chunk-delay-ms", "50")
+                .body(body.to_string())
+                .send()
+                .await;
+            match sent {
+                Ok(response) if response.status() == 200 => {
+                    let mut body = response.bytes_stream();
+                    let _ = body.next().await;
+                    held.push(body);
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        held
+    }
+
+    /// SIGKILL: no settlement, no release, no goodbye to Redis.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildReplica {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 async fn replicas(n: usize, toml: &str) -> Vec<TestGateway> {
@@ -236,58 +321,21 @@ async fn concurrency_is_one_limit_across_replicas_and_a_killed_replicas_slots_co
     drop(b);
 
     // A replica that dies holding slots: they come back when its leases expire.
-    let port = common::closed_port();
-    let admin = common::closed_port();
-    let file = tempfile::NamedTempFile::new().expect("config file");
-    let child_toml = toml
-        .replace(
-            "admin_listen = \"127.0.0.1:0\"",
-            &format!("admin_listen = \"127.0.0.1:{admin}\""),
+    let mut doomed = ChildReplica::start(&toml);
+    let held = doomed
+        .hold_streams(
+            "tg-c",
+            json!({"model": "m", "messages": [{"role": "user", "content": "s"}], "stream": true}),
+            2,
         )
-        .replace(
-            "\nlisten = \"127.0.0.1:0\"",
-            &format!("\nlisten = \"127.0.0.1:{port}\""),
-        );
-    std::fs::write(file.path(), child_toml).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(file.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start replica");
-    let client = common::client();
-    let mut held = Vec::new();
-    for _ in 0..100 {
-        if held.len() == 2 {
-            break;
-        }
-        let sent = client
-            .post(format!("http://127.0.0.1:{port}{CHAT}"))
-            .header("authorization", "Bearer tg-c")
-            .header("content-type", "application/json")
-            .header("x-mock-chunks", "1000")
-            .header("x-mock-chunk-delay-ms", "50")
-            .body(json!({"model": "m", "messages": [{"role": "user", "content": "s"}], "stream": true}).to_string())
-            .send()
-            .await;
-        match sent {
-            Ok(response) if response.status() == 200 => {
-                let mut body = response.bytes_stream();
-                let _ = body.next().await;
-                held.push(body);
-            }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+        .await;
     assert_eq!(held.len(), 2, "the doomed replica holds both slots");
     assert_eq!(
         chat(&gateways[0], "tg-c", small_chat(3), &[]).await.0,
         429,
         "slots held"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    doomed.kill();
     drop(held);
     let started = std::time::Instant::now();
     let mut status = 0;
@@ -539,4 +587,260 @@ async fn redis_keys_are_namespaced_expire_and_hold_no_secrets() {
         };
         assert!(!dump.contains("secret"), "no token in a value: {dump}");
     }
+}
+
+/// `field` of the hash `key`, 0 when either is missing.
+fn hget(redis: &RedisServer, key: &str, field: &str) -> u64 {
+    let mut conn = redis.client().get_connection().expect("redis");
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .query::<Option<u64>>(&mut conn)
+        .expect("HGET")
+        .unwrap_or(0)
+}
+
+/// Polls `probe` every 50 ms until it returns `want` or `timeout` passes; returns the last value.
+async fn poll_until<T: PartialEq + Copy>(
+    timeout: Duration,
+    want: T,
+    mut probe: impl FnMut() -> T,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        let value = probe();
+        if value == want || started.elapsed() > timeout {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_replicas_reservations_are_renewed_while_it_lives_and_expire_after_it_dies() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let keys = key_entry(
+        "k",
+        "tg-k",
+        "max_tokens = 400\nquotas = [{ tokens = 1000, per = \"30d\" }]",
+    );
+    let toml = config(
+        &upstream.url(),
+        &redis,
+        "t7:",
+        "lease = \"2s\"",
+        &keys,
+        None,
+    );
+    let gateway = TestGateway::start_toml(&toml).await;
+    let mut doomed = ChildReplica::start(&toml);
+    let big = json!({"model": "m", "messages": [{"role": "user", "content": "s"}], "max_tokens": 400, "stream": true});
+    let held = doomed.hold_streams("tg-k", big.clone(), 2).await;
+    assert_eq!(held.len(), 2, "two streams run on the doomed replica");
+    let window = "t7:quota:k:2592000";
+    let reserved = hget(&redis, window, "reserved");
+    assert!(
+        reserved > 800,
+        "both streams' worst case is reserved: {reserved}"
+    );
+
+    // Longer than the lease: the living replica renews what its streams hold.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(
+        chat(&gateway, "tg-k", big.clone(), &[]).await.0,
+        429,
+        "running requests keep their reservations past the lease"
+    );
+
+    doomed.kill();
+    drop(held);
+    let started = std::time::Instant::now();
+    let mut status = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        status = chat(&gateway, "tg-k", big.clone(), &[]).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "the dead replica's reservations came back");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "within the 2 s lease (plus a poll): {:?}",
+        started.elapsed()
+    );
+    let left = poll_until(Duration::from_secs(3), 0, || {
+        hget(&redis, window, "reserved")
+    })
+    .await;
+    assert_eq!(
+        left, 0,
+        "nothing stays reserved once the last request settled"
+    );
+    assert!(
+        hget(&redis, window, "used") > 0,
+        "the settled request is charged"
+    );
+}
+
+/// A gateway whose Redis answers every call half a second late (commands reach Redis at once),
+/// with `keys`, in front of a fresh mock upstream. The first, patient request loads the scripts
+/// into Redis (three slow round trips), so that each later request's call runs at once.
+async fn slow_redis_gateway(
+    redis: &RedisServer,
+    prefix: &str,
+    keys: &str,
+    key: &str,
+) -> (SlowProxy, MockUpstream, TestGateway) {
+    let slow = SlowProxy::start(redis.port, Duration::from_millis(500)).await;
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let toml =
+        config(&upstream.url(), redis, prefix, "", keys, None).replace(&redis.url(), &slow.url());
+    let gateway = TestGateway::start_toml(&toml).await;
+    assert_eq!(chat(&gateway, key, small_chat(99), &[]).await.0, 200);
+    (slow, upstream, gateway)
+}
+
+/// A request whose client gives up after 250 ms, while the gateway still waits for Redis.
+async fn hang_up_during_redis_call(gateway: &TestGateway, key: &str, i: usize) {
+    let sent = reqwest::Client::builder()
+        .timeout(Duration::from_millis(250))
+        .build()
+        .expect("client")
+        .post(format!("{}{CHAT}", gateway.url()))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(small_chat(i).to_string())
+        .send()
+        .await;
+    assert!(
+        sent.is_err(),
+        "the client hung up before Redis answered: {sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_leaving_during_a_slow_reservation_leaves_nothing_reserved() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // Quotas only: the reservation is the one round trip to Redis.
+    let keys = key_entry(
+        "s",
+        "tg-s",
+        "max_tokens = 100\nquotas = [{ tokens = 100000, per = \"30d\" }]",
+    );
+    let (_slow, upstream, gateway) = slow_redis_gateway(&redis, "t8:", &keys, "tg-s").await;
+    let window = "t8:quota:s:2592000";
+    let settled = poll_until(Duration::from_secs(5), 0, || {
+        hget(&redis, window, "reserved")
+    })
+    .await;
+    assert_eq!(settled, 0, "the first request settled");
+    for i in 0..3 {
+        hang_up_during_redis_call(&gateway, "tg-s", i).await;
+    }
+    let reserved = poll_until(Duration::from_secs(3), 0, || {
+        hget(&redis, window, "reserved")
+    })
+    .await;
+    assert_eq!(
+        reserved, 0,
+        "what the lost round trips reserved is given back"
+    );
+    assert_eq!(
+        upstream.request_count(),
+        1,
+        "only the first request was forwarded"
+    );
+}
+
+#[tokio::test]
+async fn a_client_leaving_during_a_slow_admission_leaves_no_slot_taken() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // Concurrency only: admission is the one round trip to Redis.
+    let keys = key_entry("a", "tg-a", "concurrency = 5");
+    let (_slow, _upstream, gateway) = slow_redis_gateway(&redis, "t9:", &keys, "tg-a").await;
+    hang_up_during_redis_call(&gateway, "tg-a", 0).await;
+    let mut conn = redis.client().get_connection().expect("redis");
+    // The lease (30 s by default) would keep it far longer than this.
+    let slots = poll_until(Duration::from_secs(3), 0, || {
+        redis::cmd("ZCARD")
+            .arg("t9:inflight:a")
+            .query::<u64>(&mut conn)
+            .expect("ZCARD")
+    })
+    .await;
+    assert_eq!(slots, 0, "the slot the lost round trip took is given back");
+}
+
+#[tokio::test]
+async fn a_reservation_is_given_back_once_whether_it_lapsed_settled_or_was_dropped() {
+    use std::sync::Arc;
+    use tollgate::state::redis::RedisState;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let keys = key_entry(
+        "l",
+        "tg-l",
+        "max_tokens = 600\nquotas = [{ tokens = 1000, per = \"1h\" }]",
+    );
+    let toml = config(
+        "http://127.0.0.1:9",
+        &redis,
+        "t10:",
+        "lease = \"1s\"",
+        &keys,
+        None,
+    );
+    let config = tollgate::Config::parse(&toml, "test.toml").expect("config");
+    let redis_config = config.state.redis.as_ref().expect("redis state");
+    let metrics = Arc::new(tollgate::metrics::Metrics::new());
+    // No renewer runs: every lease lapses after 1 s, as a dead replica's would.
+    let state = Arc::new(RedisState::connect(redis_config, metrics).expect("client"));
+    let quotas = &config.keys[0].limits.quotas;
+    let name: Arc<str> = Arc::from("l");
+    let reserve = |amount| {
+        let state = state.clone();
+        let name = name.clone();
+        async move {
+            state
+                .reserve(&name, quotas, amount)
+                .await
+                .expect("Redis answers")
+        }
+    };
+    let lapsed = reserve(600).await.expect("600 of 1000");
+    assert!(reserve(600).await.is_err(), "1200 > 1000 while it holds");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = reserve(600)
+        .await
+        .expect("the first lapsed: its 600 came back");
+    let window = "t10:quota:l:3600";
+    assert_eq!(hget(&redis, window, "reserved"), 600);
+
+    // Settling the lapsed one charges its usage and gives back nothing more.
+    let member = lapsed.lease.into_settled();
+    state
+        .settle(&lapsed.reservation, Some(&member), 50)
+        .await
+        .expect("settled");
+    assert_eq!(hget(&redis, window, "used"), 50, "its usage is charged");
+    assert_eq!(
+        hget(&redis, window, "reserved"),
+        600,
+        "the second reservation is still whole"
+    );
+    drop(second);
+    let left = poll_until(Duration::from_secs(2), 0, || {
+        hget(&redis, window, "reserved")
+    })
+    .await;
+    assert_eq!(left, 0, "a reservation dropped unsettled is given back");
 }

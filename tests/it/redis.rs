@@ -801,7 +801,7 @@ async fn a_reservation_is_given_back_once_whether_it_lapsed_settled_or_was_dropp
     );
     let config = tollgate::Config::parse(&toml, "test.toml").expect("config");
     let redis_config = config.state.redis.as_ref().expect("redis state");
-    let metrics = Arc::new(tollgate::metrics::Metrics::new());
+    let metrics = Arc::new(tollgate::observability::metrics::Metrics::new());
     // No renewer runs: every lease lapses after 1 s, as a dead replica's would.
     let state = Arc::new(RedisState::connect(redis_config, metrics).expect("client"));
     let quotas = &config.keys[0].limits.quotas;

@@ -7,17 +7,18 @@
 //! 3. `Observe`          + [`RequestStart`], [`RequestTags`]; writes the access log and request
 //!    metrics when the response body ends
 //! 4. `CatchPanic`       a panic below becomes a 500 in the error shape, not a dropped connection
-//! 5. `Route`            + [`Endpoint`] (and `RequestTags::endpoint`); 404/405 otherwise
-//! 6. `Authenticate`     + [`Principal`] (and `RequestTags::key`); 401 otherwise
-//! 7. `RateLimit`        ? [`Principal`]; in-flight slot and request rate, 429 otherwise
-//! 8. `RequestBody`      reads the body whole, capped (413), into `Request<Bytes>`
-//! 9. `ValidateBody`     ? [`Endpoint`]; + [`ParsedRequest`]; JSON and schema, 400 otherwise
-//! 10. `EnforcePolicy`   ? [`Principal`], ? [`ParsedRequest`]; models and max_tokens cap, 400
+//! 5. `RequestHead`      request line and header fields within `max_header_bytes`, 431 otherwise
+//! 6. `Route`            + [`Endpoint`] (and `RequestTags::endpoint`); 404/405 otherwise
+//! 7. `Authenticate`     + [`Principal`] (and `RequestTags::key`); 401 otherwise
+//! 8. `RateLimit`        ? [`Principal`]; in-flight slot and request rate, 429 otherwise
+//! 9. `RequestBody`      reads the body whole, capped (413), into `Request<Bytes>`
+//! 10. `ValidateBody`    ? [`Endpoint`]; + [`ParsedRequest`]; JSON and schema, 400 otherwise
+//! 11. `EnforcePolicy`   ? [`Principal`], ? [`ParsedRequest`]; models and max_tokens cap, 400
 //!     otherwise (and `RequestTags::model`)
-//! 11. `Quota`           ? [`Principal`], ? [`ParsedRequest`], ? `RequestTags::model`; reserves the
+//! 12. `Quota`           ? [`Principal`], ? [`ParsedRequest`], ? `RequestTags::model`; reserves the
 //!     worst case in every token window (429 otherwise); sets `include_usage` upstream when the
 //!     client did not; settles to the real usage when the answer ends (`AccountedBody`)
-//! 12. `Proxy`           ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
+//! 13. `Proxy`           ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
 //!
 //! [`RequestStart`]: crate::http::context::RequestStart
 //! [`RequestTags`]: crate::http::context::RequestTags
@@ -50,6 +51,7 @@ use crate::layers::policy::policy_layer;
 use crate::layers::quota::QuotaLayer;
 use crate::layers::rate_limit::RateLimitLayer;
 use crate::layers::request_body::RequestBodyLayer;
+use crate::layers::request_head::RequestHeadLayer;
 use crate::layers::route::RouteLayer;
 use crate::layers::validate::{validate_layer, Schemas};
 use crate::observability::metrics::Metrics;
@@ -86,6 +88,8 @@ pub fn build_stack(
         .layer(ObserveLayer::new(metrics.clone()))
         // Inside Observe, so a panic's 500 is still logged and counted.
         .layer(CatchPanicLayer::custom(panic_response))
+        // First of the checks: an oversized head is refused before anything reads it.
+        .layer(RequestHeadLayer::new(config.server.max_header_bytes))
         // Before any work on the body: unknown paths cost nothing.
         .layer(RouteLayer)
         // Before limits: an unknown caller must not spend anyone's allowance.

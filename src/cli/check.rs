@@ -22,6 +22,10 @@ pub fn run(path: &Path) -> ExitCode {
     );
     println!("  max_body_bytes    {}", server.max_body_bytes);
     println!("  shutdown_timeout  {:?}", server.shutdown_timeout);
+    println!(
+        "  connections       at most {}, closed after {:?} idle; heads up to {} bytes",
+        server.max_connections, server.idle_timeout, server.max_header_bytes
+    );
     println!("  upstream          {}", upstream.base_url());
     println!(
         "  credential        {}",

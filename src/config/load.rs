@@ -7,11 +7,14 @@
 //! here too, so that `check`, start and reload all refuse files that do not load.
 
 use std::num::NonZeroUsize;
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
+use toml::Spanned;
+
 use super::keys::resolve_keys;
-use super::raw::{RawConfig, RawServer, RawState, RawUpstream};
+use super::raw::{RawConfig, RawServer, RawState, RawTls, RawUpstream};
 use super::source::{line_of, Source};
 use super::tls::{self, TlsFiles};
 use super::{Config, ConfigError, RedisConfig, Secret, ServerConfig, StateConfig, UpstreamConfig};
@@ -77,19 +80,21 @@ fn server(raw: RawServer, src: &Source) -> Result<ServerConfig, ConfigError> {
                 )
             })?,
     };
-    let tls = match raw.tls {
-        Some(spanned) => {
-            let span = spanned.span();
-            let files = spanned.into_inner();
-            // Load them now, so that `check`, start and reload all refuse files that do not.
-            tls::load(&files.cert, &files.key).map_err(|msg| src.at(span, "server.tls", msg))?;
-            Some(TlsFiles {
-                cert: files.cert,
-                key: files.key,
-            })
-        }
-        None => None,
-    };
+    let tls = load_tls(raw.tls, "server.tls", src)?;
+    let admin_tls = load_tls(raw.admin_tls, "server.admin_tls", src)?;
+    let max_connections = within(
+        &raw.max_connections,
+        "server.max_connections",
+        1..=1 << 24,
+        src,
+    )?;
+    let max_connections = NonZeroUsize::new(max_connections).unwrap_or(NonZeroUsize::MIN);
+    let max_header_bytes = within(
+        &raw.max_header_bytes,
+        "server.max_header_bytes",
+        1024..=1 << 20,
+        src,
+    )?;
     let admin_token = match &raw.admin_token_env {
         Some(env) => {
             let token = std::env::var(env.get_ref())
@@ -116,10 +121,50 @@ fn server(raw: RawServer, src: &Source) -> Result<ServerConfig, ConfigError> {
         shutdown_timeout: raw.shutdown_timeout,
         header_read_timeout: raw.header_read_timeout,
         body_read_timeout: raw.body_read_timeout,
+        idle_timeout: raw.idle_timeout,
+        max_connections,
+        max_header_bytes,
         admin_token,
         tls,
+        admin_tls,
         workers,
     })
+}
+
+/// TLS files, loaded now so that `check`, start and reload all refuse files that do not load.
+fn load_tls(
+    raw: Option<Spanned<RawTls>>,
+    key: &str,
+    src: &Source,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let Some(spanned) = raw else {
+        return Ok(None);
+    };
+    let span = spanned.span();
+    let files = spanned.into_inner();
+    tls::load(&files.cert, &files.key).map_err(|msg| src.at(span, key, msg))?;
+    Ok(Some(TlsFiles {
+        cert: files.cert,
+        key: files.key,
+    }))
+}
+
+/// A count that must lie in `range`, as a `usize`.
+fn within(
+    value: &Spanned<u64>,
+    key: &str,
+    range: RangeInclusive<u64>,
+    src: &Source,
+) -> Result<usize, ConfigError> {
+    if !range.contains(value.get_ref()) {
+        let (low, high) = range.into_inner();
+        return Err(src.at(
+            value.span(),
+            key,
+            format!("must be between {low} and {high}"),
+        ));
+    }
+    usize::try_from(*value.get_ref()).map_err(|_| src.at(value.span(), key, "too large".into()))
 }
 
 // === [upstream] ===

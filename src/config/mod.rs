@@ -148,10 +148,18 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// A client must finish sending its request body within this time (slowloris guard).
     pub body_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Client connections open at once; more are closed as they come.
+    pub max_connections: NonZeroUsize,
+    /// The largest request head (request line and header fields) answered, else 431.
+    pub max_header_bytes: usize,
     /// The admin API's bearer token; `None` disables `/admin/*`.
     pub admin_token: Option<Secret>,
     /// TLS on the client listener; `None`: plain HTTP (and h2c).
     pub tls: Option<tls::TlsFiles>,
+    /// TLS on the admin listener; `None`: plain HTTP.
+    pub admin_tls: Option<tls::TlsFiles>,
     /// Threads serving client connections, each with its own event loop and upstream pool.
     pub workers: NonZeroUsize,
 }

@@ -143,9 +143,16 @@ pub(super) struct RawServer {
     pub(super) header_read_timeout: Duration,
     #[serde(default = "defaults::body_read_timeout", with = "humantime_serde")]
     pub(super) body_read_timeout: Duration,
+    #[serde(default = "defaults::server_idle_timeout", with = "humantime_serde")]
+    pub(super) idle_timeout: Duration,
+    #[serde(default = "defaults::max_connections")]
+    pub(super) max_connections: Spanned<u64>,
+    #[serde(default = "defaults::max_header_bytes")]
+    pub(super) max_header_bytes: Spanned<u64>,
     /// The environment variable holding the admin API's bearer token.
     pub(super) admin_token_env: Option<Spanned<String>>,
     pub(super) tls: Option<Spanned<RawTls>>,
+    pub(super) admin_tls: Option<Spanned<RawTls>>,
     /// Threads serving client connections; the machine's CPU count when absent.
     pub(super) workers: Option<Spanned<u64>>,
 }
@@ -201,6 +208,15 @@ pub(super) mod defaults {
     }
     pub fn header_read_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn server_idle_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn max_connections() -> Spanned<u64> {
+        Spanned::new(0..0, 10_000)
+    }
+    pub fn max_header_bytes() -> Spanned<u64> {
+        Spanned::new(0..0, 64 * 1024)
     }
     pub fn body_read_timeout() -> Duration {
         Duration::from_secs(60)

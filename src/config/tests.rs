@@ -22,6 +22,29 @@ fn defaults_fill_missing_keys() {
     assert_eq!(config.upstream.base_path, "");
     assert_eq!(config.upstream.response_header_timeout.as_secs(), 300);
     assert!(config.upstream.api_key.is_none());
+    assert_eq!(config.server.idle_timeout, Duration::from_secs(300));
+    assert_eq!(config.server.max_connections.get(), 10_000);
+    assert_eq!(config.server.max_header_bytes, 64 * 1024);
+    assert!(config.server.admin_tls.is_none());
+}
+
+#[test]
+fn connection_limits_out_of_range_are_refused_with_their_line() {
+    for (line, key) in [
+        ("max_connections = 0", "server.max_connections"),
+        ("max_header_bytes = 100", "server.max_header_bytes"),
+        ("max_header_bytes = 2000000", "server.max_header_bytes"),
+    ] {
+        let err = parse(&format!(
+            "[server]\n{line}\n[upstream]\nurl = \"http://a\"\n"
+        ))
+        .expect_err("out of range");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("test.toml:2: {key}: must be between")),
+            "{line}: {err}"
+        );
+    }
 }
 
 #[test]

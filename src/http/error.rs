@@ -27,6 +27,8 @@ pub enum GatewayError {
     PayloadTooLarge { limit: usize },
     #[error("the request body did not arrive in time")]
     RequestTimeout,
+    #[error("request line and header fields larger than {limit} bytes")]
+    HeaderFieldsTooLarge { limit: usize },
     #[error("{0}")]
     BadRequest(String),
     #[error("the request body does not match the API schema ({total} problem(s)); see errors[]")]
@@ -116,6 +118,9 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::HeaderFieldsTooLarge { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
             | GatewayError::ModelNotFound { .. }
@@ -142,6 +147,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::RequestTimeout
+            | GatewayError::HeaderFieldsTooLarge { .. }
             | GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
             | GatewayError::ModelNotFound { .. }

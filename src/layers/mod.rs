@@ -2,13 +2,14 @@
 //! (outermost first):
 //!
 //! 1. [`observe`]: the request's clock, access log line and request metrics
-//! 2. [`route`]: the path → an endpoint, or 404/405
-//! 3. [`auth`]: the bearer key → the key's principal, or 401
-//! 4. [`rate_limit`]: in-flight slot and request rate per key, or 429
-//! 5. [`request_body`]: the body read whole under a size cap, or 413
-//! 6. [`validate`]: JSON parse and the route's schema, or 400
-//! 7. [`policy`]: model allow-list and `max_tokens` cap, or 400
-//! 8. [`quota`]: the token reservation on the way in, accounting on the way out, or 429
+//! 2. [`request_head`]: the request line and header fields within `max_header_bytes`, or 431
+//! 3. [`route`]: the path → an endpoint, or 404/405
+//! 4. [`auth`]: the bearer key → the key's principal, or 401
+//! 5. [`rate_limit`]: in-flight slot and request rate per key, or 429
+//! 6. [`request_body`]: the body read whole under a size cap, or 413
+//! 7. [`validate`]: JSON parse and the route's schema, or 400
+//! 8. [`policy`]: model allow-list and `max_tokens` cap, or 400
+//! 9. [`quota`]: the token reservation on the way in, accounting on the way out, or 429
 
 pub mod auth;
 pub mod observe;
@@ -16,5 +17,6 @@ pub mod policy;
 pub mod quota;
 pub mod rate_limit;
 pub mod request_body;
+pub mod request_head;
 pub mod route;
 pub mod validate;

@@ -11,6 +11,9 @@
 //! - A client that trickles its body slower than `server.body_read_timeout` allows gets a 408.
 //! - Each of these answers carries `Connection: close`: the unread rest of the body would be
 //!   taken for the next request, and a client that reuses the connection would see it closed.
+//! - After a 413 on HTTP/1.1 the rest of the body is read and dropped for a while ([`linger`],
+//!   nginx's lingering close), so that a client that sends its whole body before it reads (as
+//!   Python's `http.client` and `urllib` do) reads the 413 rather than a reset connection.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -18,13 +21,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{header, HeaderValue, Request, Response};
+use http::{header, HeaderValue, Request, Response, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::{Layer, Service};
 
 use crate::http::body::{BoxError, GatewayBody};
 use crate::http::error::GatewayError;
+
+/// How long, and how much, of a refused body is read and dropped before the connection closes.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RequestBodyLayer {
@@ -64,7 +71,7 @@ where
         + Send
         + 'static,
     S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = Response<GatewayBody>;
@@ -83,7 +90,12 @@ where
         Box::pin(async move {
             let error = match tokio::time::timeout(timeout, read_capped(request, limit)).await {
                 Ok(Ok(request)) => return inner.call(request).await,
-                Ok(Err(error)) => error,
+                Ok(Err((error, rest))) => {
+                    if let Some(rest) = rest {
+                        tokio::spawn(linger(rest));
+                    }
+                    error
+                }
                 Err(_) => GatewayError::RequestTimeout,
             };
             // The body was not read to its end, so the rest of it is still on the connection:
@@ -98,9 +110,14 @@ where
     }
 }
 
-async fn read_capped<B>(request: Request<B>, limit: usize) -> Result<Request<Bytes>, GatewayError>
+/// The body read whole, or why not — with the unread rest of a body too large, when it is to be
+/// drained ([`linger`]).
+async fn read_capped<B>(
+    request: Request<B>,
+    limit: usize,
+) -> Result<Request<Bytes>, (GatewayError, Option<B>)>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
     let declared = request
@@ -108,22 +125,46 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let (parts, mut body) = request.into_parts();
+    // HTTP/2 ends a stream whose body is not read without closing the connection: no need.
+    let lingers = parts.version <= Version::HTTP_11;
+    let too_large = |rest: B| {
+        (
+            GatewayError::PayloadTooLarge { limit },
+            lingers.then_some(rest),
+        )
+    };
     if declared.is_some_and(|length| length > limit as u64) {
-        return Err(GatewayError::PayloadTooLarge { limit });
+        return Err(too_large(body));
     }
-    let (parts, body) = request.into_parts();
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<LengthLimitError>() => {
-            return Err(GatewayError::PayloadTooLarge { limit })
-        }
-        Err(error) => {
-            return Err(GatewayError::BadRequest(format!(
-                "could not read the request body: {error}"
-            )))
+    match Limited::new(&mut body, limit).collect().await {
+        Ok(collected) => Ok(Request::from_parts(parts, collected.to_bytes())),
+        Err(error) if error.is::<LengthLimitError>() => Err(too_large(body)),
+        Err(error) => Err((
+            GatewayError::BadRequest(format!("could not read the request body: {error}")),
+            None,
+        )),
+    }
+}
+
+/// Reads and drops what is left of a refused body, for at most [`LINGER_TIME`] and
+/// [`LINGER_BYTES`]. Closing a socket with unread data in it resets the connection, and the
+/// reset throws away the answer on its way to a client still busy sending; once the body is
+/// read, hyper closes the connection (the answer said `Connection: close`) with a clean FIN.
+async fn linger<B>(mut body: B)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let drain = async {
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => drained += frame.data_ref().map_or(0, Bytes::len),
+                Some(Err(_)) | None => break,
+            }
         }
     };
-    Ok(Request::from_parts(parts, bytes))
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 #[cfg(test)]

@@ -13,10 +13,15 @@
 //! frame as the upstream sends it ([`UpstreamBody`]).
 //!
 //! Upstream failures: unreachable → 502, no response headers within
-//! `upstream.response_header_timeout` → 504, connection broken before a response → 502. A pooled
-//! connection the upstream had already closed (llama.cpp's server closes after every stream while
-//! advertising keep-alive) is retried once on a fresh, unpooled connection; that is safe because
-//! nothing of a response was received, and the request body is held whole.
+//! `upstream.response_header_timeout` → 504, connection broken before a response → 502.
+//!
+//! A request is sent again only when it provably never left: hyper hands back a request it did
+//! not start writing (its error is `is_canceled`). hyper-util's client already sends such a
+//! request again when the connection was a pooled one — the case of llama.cpp's server, which
+//! closes after every stream while advertising keep-alive — and the proxy does it once more, on
+//! a fresh unpooled connection, when the connection was new. A request the upstream may have
+//! received (it was written, and the connection broke or closed with no answer) is never sent
+//! again: a completion costs money and need not be idempotent. That client gets one 502.
 
 pub mod upstream_body;
 
@@ -76,7 +81,7 @@ pub struct Proxy {
 struct Shared {
     /// Pooled keep-alive connections, HTTP/2 where the upstream offers it through ALPN.
     client: UpstreamClient,
-    /// No pool: for the one retry after a pooled connection turned out to be dead.
+    /// No pool: for the one retry of a request that never left.
     fresh: UpstreamClient,
     upstream: UpstreamConfig,
     authorization: Option<HeaderValue>,
@@ -214,8 +219,8 @@ impl Shared {
         }
         let deadline = Instant::now() + self.upstream.response_header_timeout;
         let response = match self.send(&self.client, build(), deadline).await {
-            Err(Failure::Stale(error)) => {
-                tracing::debug!(%error, "pooled upstream connection was closed; retrying on a fresh one");
+            Err(Failure::NotSent(error)) => {
+                tracing::debug!(%error, "the request never left; sending it on a fresh connection");
                 self.metrics.upstream_error("retried");
                 self.send(&self.fresh, build(), deadline).await
             }
@@ -250,7 +255,7 @@ impl Shared {
             Err(_elapsed) => Err(Failure::Timeout),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) if error.is_connect() => Err(Failure::Unreachable(error.into())),
-            Ok(Err(error)) if nothing_received(&error) => Err(Failure::Stale(error.into())),
+            Ok(Err(error)) if never_sent(&error) => Err(Failure::NotSent(error.into())),
             Ok(Err(error)) => Err(Failure::Broken(error.into())),
         }
     }
@@ -265,7 +270,7 @@ impl Shared {
                 self.metrics.upstream_error("connect");
                 GatewayError::UpstreamUnreachable(error)
             }
-            Failure::Stale(error) | Failure::Broken(error) => {
+            Failure::NotSent(error) | Failure::Broken(error) => {
                 self.metrics.upstream_error("broken");
                 GatewayError::UpstreamBroken(error)
             }
@@ -309,29 +314,24 @@ impl Shared {
 enum Failure {
     Timeout,
     Unreachable(BoxError),
-    /// The connection ended before any byte of a response: safe to send again.
-    Stale(BoxError),
+    /// hyper gave the request back unwritten: safe to send again.
+    NotSent(BoxError),
+    /// The request may have reached the upstream: never sent again.
     Broken(BoxError),
 }
 
-/// Whether the upstream closed or reset the connection before sending anything back. Walks the
-/// error's causes rather than matching on messages.
-fn nothing_received(error: &hyper_util::client::legacy::Error) -> bool {
+/// Whether hyper gave the request back without writing any of it (a connection that closed
+/// before the request's turn came). A connection that closed or reset after the request was
+/// written is not this case, whatever was answered. Walks the error's causes rather than
+/// matching on messages.
+fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(cause) = source {
-        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
-            if hyper_error.is_incomplete_message() || hyper_error.is_canceled() {
-                return true;
-            }
-        }
-        if let Some(io_error) = cause.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            if matches!(
-                io_error.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-            ) {
-                return true;
-            }
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
         }
         source = cause.source();
     }

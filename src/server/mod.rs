@@ -3,10 +3,12 @@
 //! requests and streams finish for up to `server.shutdown_timeout`, then close what is left.
 //!
 //! The admin listener runs beside it until the client side has drained, so that metrics can be
-//! scraped during a shutdown.
+//! scraped during a shutdown; with `[server] admin_tls` it speaks HTTPS, so that the admin token
+//! never crosses the network in the clear.
 
 pub mod admin;
 pub mod first_bytes;
+pub mod idle;
 pub mod reload;
 pub mod tls;
 pub mod worker;
@@ -23,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::accounting::ledger::Ledger;
 use crate::config::Config;
@@ -33,13 +36,22 @@ use crate::observability::metrics::Metrics;
 use crate::server::admin::Admin;
 use crate::server::reload::Reloader;
 use crate::server::tls::CertResolver;
-use crate::server::worker::{ConnectionSettings, Phase, Worker};
+use crate::server::worker::{ConnectionLimit, ConnectionSettings, Phase, Worker};
 use crate::stack::build_stack;
 use crate::stack::Accounting;
 use crate::state::clock::Clock;
 use crate::state::local::LocalState;
 use crate::state::redis::RedisState;
 use crate::state::{Backend, Store};
+
+/// HTTP/2 connections are pinged after this long without a frame, and closed when the ping is
+/// not answered within [`H2_KEEP_ALIVE_TIMEOUT`]: a peer that vanished does not hold a socket.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// hyper's own HTTP/1.1 read buffer (~400 KiB), which also bounds a request head.
+const H1_DEFAULT_BUF: usize = 8192 + 4096 * 100;
+const ALPN_CLIENT: &[&[u8]] = &[b"h2", b"http/1.1"];
+const ALPN_ADMIN: &[&[u8]] = &[b"http/1.1"];
 
 /// A bound, not yet running, gateway: both listeners are open, so their addresses are known
 /// (useful with port 0 in tests).
@@ -50,6 +62,7 @@ pub struct Server {
     schemas: Arc<Schemas>,
     accounting: Accounting,
     tls: Option<Arc<CertResolver>>,
+    admin_tls: Option<Arc<CertResolver>>,
     reloader: Option<Arc<Reloader>>,
     listener: TcpListener,
     admin_listener: TcpListener,
@@ -79,15 +92,17 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let store = KeyStore::build(&config.keys, None, &options.clock, &metrics);
         let keys: SharedKeys = Arc::new(ArcSwap::from_pointee(store));
-        let tls = match &config.server.tls {
-            Some(files) => Some(Arc::new(CertResolver::new(&files.cert, &files.key)?)),
-            None => None,
+        let resolver = |files: &Option<crate::config::tls::TlsFiles>| match files {
+            Some(files) => CertResolver::new(&files.cert, &files.key).map(|r| Some(Arc::new(r))),
+            None => Ok(None),
         };
+        let tls = resolver(&config.server.tls)?;
+        let admin_tls = resolver(&config.server.admin_tls)?;
         let reloader = options.config_path.map(|path| {
             Arc::new(Reloader::new(
                 path,
                 keys.clone(),
-                tls.clone(),
+                [tls.clone(), admin_tls.clone()],
                 metrics.clone(),
                 config.clone(),
             ))
@@ -116,6 +131,7 @@ impl Server {
             schemas,
             accounting,
             tls,
+            admin_tls,
             reloader,
             listener,
             admin_listener,
@@ -179,21 +195,24 @@ impl Server {
         };
         let admin_addr = self.admin_addr()?;
         let listen_addr = self.local_addr()?;
-        let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin));
+        let admin_tls = match &self.admin_tls {
+            Some(resolver) => Some(crate::server::tls::acceptor(resolver.clone(), ALPN_ADMIN)?),
+            None => None,
+        };
+        let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin, admin_tls));
 
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.config.server.header_read_timeout);
-        builder.http2().timer(TokioTimer::new());
+        let server = &self.config.server;
         let settings = Arc::new(ConnectionSettings {
-            builder,
+            builder: connection_builder(server),
             tls: match &self.tls {
-                Some(resolver) => Some(crate::server::tls::acceptor(resolver.clone())?),
+                Some(resolver) => {
+                    Some(crate::server::tls::acceptor(resolver.clone(), ALPN_CLIENT)?)
+                }
                 None => None,
             },
-            head_timeout: self.config.server.header_read_timeout,
+            head_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            limit: ConnectionLimit::new(server.max_connections),
         });
 
         // Dropping `phase` (an error below, or this future dropped) ends every worker.
@@ -276,7 +295,27 @@ impl Server {
     }
 }
 
-async fn serve_admin(listener: TcpListener, admin: Admin) {
+/// How client connections speak HTTP. A request head past `server.max_header_bytes` is answered
+/// 431 in the error shape by the stack (`request_head`); hyper's own limits sit at twice that,
+/// so that only heads far past it meet hyper's bare 431.
+fn connection_builder(server: &crate::config::ServerConfig) -> auto::Builder<TokioExecutor> {
+    let hard_limit = server.max_header_bytes.saturating_mul(2);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(hard_limit.max(H1_DEFAULT_BUF));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+        .max_header_list_size(u32::try_from(hard_limit).unwrap_or(u32::MAX));
+    builder
+}
+
+async fn serve_admin(listener: TcpListener, admin: Admin, tls: Option<TlsAcceptor>) {
     loop {
         let (stream, _peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -287,16 +326,30 @@ async fn serve_admin(listener: TcpListener, admin: Admin) {
             }
         };
         let admin = admin.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| admin.clone().handle(request));
-            let result = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let result = match &tls {
+                None => serve_admin_connection(stream, admin).await,
+                Some(acceptor) => match crate::server::tls::accept(acceptor, stream).await {
+                    Some(stream) => serve_admin_connection(stream, admin).await,
+                    None => return,
+                },
+            };
             if let Err(error) = result {
                 tracing::debug!(%error, "admin connection ended with an error");
             }
         });
     }
+}
+
+async fn serve_admin_connection<I>(io: I, admin: Admin) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| admin.clone().handle(request));
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(io), service)
+        .await
 }

@@ -1,7 +1,7 @@
 //! Reloading the config without a restart: on SIGHUP, and when the config file changes.
 //!
 //! What a reload changes: the keys and their limits, for new requests (in-flight requests and
-//! streams run on undisturbed). A key removed is refused from the next request; a key whose name
+//! streams run on undisturbed), and the certificates of both listeners, for new handshakes. A key removed is refused from the next request; a key whose name
 //! and rate are unchanged keeps its limiter state. Anything else that changed (listeners,
 //! upstream, timeouts) needs a restart and is logged as such. An invalid new config is refused
 //! with its reason logged, and the running config stays in force.
@@ -32,8 +32,8 @@ pub struct ReloadSummary {
 pub struct Reloader {
     path: PathBuf,
     keys: SharedKeys,
-    /// The listener's certificate, re-read on every reload.
-    tls: Option<Arc<CertResolver>>,
+    /// The certificates of the client and the admin listener, re-read on every reload.
+    tls: [Option<Arc<CertResolver>>; 2],
     metrics: Arc<Metrics>,
     /// The config in force, to tell what a new one changes.
     current: Mutex<Config>,
@@ -43,7 +43,7 @@ impl Reloader {
     pub fn new(
         path: PathBuf,
         keys: SharedKeys,
-        tls: Option<Arc<CertResolver>>,
+        tls: [Option<Arc<CertResolver>>; 2],
         metrics: Arc<Metrics>,
         current: Config,
     ) -> Self {
@@ -64,10 +64,17 @@ impl Reloader {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Certificates first: files that do not load refuse the whole reload.
-        if let (Some(resolver), Some(files)) = (&self.tls, &new.server.tls) {
-            resolver
-                .reload(&files.cert, &files.key)
-                .map_err(|e| ConfigError::new(format!("server.tls: {e}")))?;
+        let [client, admin] = &self.tls;
+        let pairs = [
+            (client, &new.server.tls, "server.tls"),
+            (admin, &new.server.admin_tls, "server.admin_tls"),
+        ];
+        for (resolver, files, key) in pairs {
+            if let (Some(resolver), Some(files)) = (resolver, files) {
+                resolver
+                    .reload(&files.cert, &files.key)
+                    .map_err(|e| ConfigError::new(format!("{key}: {e}")))?;
+            }
         }
         for what in needs_restart(&current, &new) {
             tracing::warn!("config reload: {what} changed; it takes effect only after a restart");
@@ -170,8 +177,18 @@ fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
     if current.server.tls.is_some() != new.server.tls.is_some() {
         changed.push("[server.tls] (on or off)");
     }
+    if current.server.admin_tls.is_some() != new.server.admin_tls.is_some() {
+        changed.push("server.admin_tls (on or off)");
+    }
     if current.server.max_body_bytes != new.server.max_body_bytes {
         changed.push("server.max_body_bytes");
+    }
+    let limits = |c: &Config| {
+        let s = &c.server;
+        (s.idle_timeout, s.max_connections, s.max_header_bytes)
+    };
+    if limits(current) != limits(new) {
+        changed.push("server.idle_timeout, max_connections or max_header_bytes");
     }
     if current.upstream.base_url() != new.upstream.base_url()
         || current.upstream.api_key != new.upstream.api_key

@@ -1,4 +1,5 @@
-//! TLS on the client listener: rustls, TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`.
+//! TLS on the client listener (`[server] tls`: rustls, TLS 1.2 and 1.3, ALPN `h2` and
+//! `http/1.1`) and on the admin listener (`[server] admin_tls`: ALPN `http/1.1`, all it serves).
 //!
 //! The certificate is served through a resolver that holds it behind an `ArcSwap`, so a reload
 //! (SIGHUP, or the config file changing) swaps in a new certificate for new handshakes while
@@ -7,13 +8,18 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::tls::load;
+
+/// A client must finish its TLS handshake within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves whichever certificate was loaded last.
 #[derive(Debug)]
@@ -41,14 +47,34 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
-/// The acceptor for the client listener.
-pub fn acceptor(resolver: Arc<CertResolver>) -> Result<TlsAcceptor, String> {
+/// An acceptor serving `resolver`'s certificate, offering `alpn` (most preferred first).
+pub fn acceptor(resolver: Arc<CertResolver>, alpn: &[&[u8]]) -> Result<TlsAcceptor, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The server side of a TLS handshake on `stream`, within [`HANDSHAKE_TIMEOUT`]; `None` (logged
+/// at debug) when it fails or takes too long. Run it in the connection's own task: a slow
+/// client then delays only itself.
+pub async fn accept<IO>(acceptor: &TlsAcceptor, stream: IO) -> Option<TlsStream<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
 }

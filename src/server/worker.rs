@@ -15,8 +15,15 @@
 //! and let connections finish (`Drain`), cut what is left (`Cut`), and end the thread (`Exit`).
 //! Between `Cut` and `Exit` the runtime still runs, so what a cut request does as it drops
 //! (settling its usage) completes.
+//!
+//! What a connection may cost: at most `server.max_connections` are open at once across all
+//! workers (one more is closed as soon as it is accepted); one with nothing in flight is closed
+//! after `server.idle_timeout` (after `server.header_read_timeout` before its first request; see
+//! `idle`). When `accept` fails — out of descriptors (EMFILE) most often — the worker backs off
+//! briefly and tries again, and says so once per episode, not once per attempt.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +33,6 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
@@ -36,9 +42,12 @@ use tower::Service;
 
 use crate::http::body::BoxError;
 use crate::server::first_bytes::FirstBytesDeadline;
+use crate::server::idle::{Activity, Tracked};
 
-/// A client must finish its TLS handshake within this time.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a worker waits before it tries `accept` again after it failed.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a connection being closed with nothing in flight may take to say goodbye.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Where the server is in its life; workers watch it. Ordered: each phase implies the ones
 /// before it.
@@ -83,8 +92,73 @@ impl<B> ResponseBody for B where B: Body<Data = Bytes, Error = BoxError> + Send 
 pub struct ConnectionSettings {
     pub builder: auto::Builder<TokioExecutor>,
     pub tls: Option<TlsAcceptor>,
-    /// The client must show which protocol it speaks within this time (see `first_bytes`).
+    /// The client must show which protocol it speaks, and send its first request, within this
+    /// time (see `first_bytes` and `idle`).
     pub head_timeout: Duration,
+    /// A connection with nothing in flight for this long is closed.
+    pub idle_timeout: Duration,
+    pub limit: ConnectionLimit,
+}
+
+/// Client connections open across all workers, against `server.max_connections`.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    max: usize,
+    open: Arc<AtomicUsize>,
+    /// Whether new connections are being turned away, and whether `accept` is failing: each
+    /// is logged when it starts and when it ends.
+    refusing: AtomicBool,
+    accept_failing: AtomicBool,
+}
+
+/// One open connection's place under the cap; its drop gives the place back.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnectionLimit {
+    pub fn new(max: std::num::NonZeroUsize) -> Self {
+        ConnectionLimit {
+            max: max.get(),
+            open: Arc::new(AtomicUsize::new(0)),
+            refusing: AtomicBool::new(false),
+            accept_failing: AtomicBool::new(false),
+        }
+    }
+
+    fn admit(&self) -> Option<Slot> {
+        let open = self.open.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(self.open.clone());
+        if open < self.max {
+            if self.refusing.swap(false, Ordering::Relaxed) {
+                tracing::info!(max = self.max, "accepting new connections again");
+            }
+            return Some(slot);
+        }
+        if !self.refusing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max = self.max,
+                "server.max_connections reached: new connections are closed until some end"
+            );
+        }
+        None
+    }
+
+    fn accept_failed(&self, error: &std::io::Error) {
+        if !self.accept_failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%error, "accept failed; retrying every {ACCEPT_BACKOFF:?} until it works");
+        }
+    }
+
+    fn accepted(&self) {
+        if self.accept_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("accept works again");
+        }
+    }
 }
 
 /// A running worker thread.
@@ -138,25 +212,28 @@ async fn serve<S, B>(
     S: Stack<B>,
     B: ResponseBody,
 {
-    let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     match TcpListener::from_std(listener) {
         Ok(listener) => loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _peer)) => {
-                        let service = TowerToHyperService::new(stack.clone());
-                        connections.spawn(serve_connection(
-                            stream,
-                            service,
-                            settings.clone(),
-                            graceful.watcher(),
-                        ));
+                        settings.limit.accepted();
+                        // Past the cap, the stream is dropped here: closed at once.
+                        if let Some(slot) = settings.limit.admit() {
+                            connections.spawn(serve_connection(
+                                stream,
+                                stack.clone(),
+                                settings.clone(),
+                                phase.clone(),
+                                slot,
+                            ));
+                        }
                     }
                     Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        // Out of descriptors and the like: back off instead of spinning.
+                        settings.limit.accept_failed(&error);
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
                 },
                 // Finished connections leave the set as they end, so it holds only open ones.
@@ -166,9 +243,13 @@ async fn serve<S, B>(
         },
         Err(error) => tracing::error!(%error, "a worker cannot use the listener"),
     }
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = reached(&mut phase, Phase::Cut) => connections.shutdown().await,
+    // Each connection saw `Drain` too, and is finishing its requests.
+    let finished = tokio::select! {
+        () = async { while connections.join_next().await.is_some() {} } => true,
+        () = reached(&mut phase, Phase::Cut) => false,
+    };
+    if !finished {
+        connections.shutdown().await;
     }
     let _ = closed.send(());
     reached(&mut phase, Phase::Exit).await;
@@ -181,9 +262,10 @@ async fn reached(phase: &mut watch::Receiver<Phase>, target: Phase) {
 
 async fn serve_connection<S, B>(
     stream: TcpStream,
-    service: TowerToHyperService<S>,
+    stack: S,
     settings: Arc<ConnectionSettings>,
-    watcher: Watcher,
+    phase: watch::Receiver<Phase>,
+    _slot: Slot,
 ) where
     S: Stack<B>,
     B: ResponseBody,
@@ -193,33 +275,25 @@ async fn serve_connection<S, B>(
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
     let result = match &settings.tls {
-        None => serve_http(stream, service, &settings, watcher).await,
-        // The handshake runs in the connection's task: a slow client delays only itself.
-        Some(acceptor) => {
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_http(stream, service, &settings, watcher).await,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("TLS handshake timed out");
-                    return;
-                }
-            }
-        }
+        None => serve_http(stream, stack, &settings, phase).await,
+        Some(acceptor) => match crate::server::tls::accept(acceptor, stream).await {
+            Some(stream) => serve_http(stream, stack, &settings, phase).await,
+            None => return,
+        },
     };
     if let Err(error) = result {
         tracing::debug!(error = %error, "client connection ended with an error");
     }
 }
 
-/// HTTP/1.1 or h2c over `io` (plain TCP or TLS), until the connection ends or drains.
+/// HTTP/1.1 or h2c over `io` (plain TCP or TLS), until the connection ends, drains, or has been
+/// idle too long. Both of the last two close it gracefully: hyper finishes what is in flight
+/// (on HTTP/2 after a GOAWAY), then closes.
 async fn serve_http<I, S, B>(
     io: I,
-    service: TowerToHyperService<S>,
+    stack: S,
     settings: &ConnectionSettings,
-    watcher: Watcher,
+    mut phase: watch::Receiver<Phase>,
 ) -> Result<(), BoxError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -227,6 +301,28 @@ where
     B: ResponseBody,
 {
     let io = FirstBytesDeadline::new(io, settings.head_timeout);
+    let activity = Activity::new();
+    let service = TowerToHyperService::new(Tracked::new(stack, activity.clone()));
     let connection = settings.builder.serve_connection(TokioIo::new(io), service);
-    watcher.watch(connection.into_owned()).await
+    let idle = activity.idle(settings.head_timeout, settings.idle_timeout);
+    let drain = reached(&mut phase, Phase::Drain);
+    tokio::pin!(connection, idle, drain);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => return result,
+            () = &mut drain, if !closing => {}
+            () = &mut idle, if !closing => {}
+            // An HTTP/2 graceful close waits for the peer to answer a PING, which a silent peer
+            // never does: with nothing in flight, there is nothing to wait for.
+            () = tokio::time::sleep(CLOSE_GRACE), if closing => {
+                if !activity.busy() {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
+        closing = true;
+        connection.as_mut().graceful_shutdown();
+    }
 }

@@ -5,6 +5,7 @@ mod common;
 
 mod accounting;
 mod binary;
+mod connections;
 mod dashboard;
 mod hardening;
 mod keys;

@@ -1,4 +1,4 @@
-//! The operators' view: TLS on the client listener, and the admin API.
+//! The operators' view: TLS on the client and admin listeners, and the admin API.
 
 use std::io::Write;
 use std::time::Duration;
@@ -38,25 +38,56 @@ fn https_client(cert_pem: &str, http1: bool) -> reqwest::Client {
     builder.build().expect("https client")
 }
 
+/// A certificate and its key written to files in a directory of their own.
+struct CertFiles {
+    dir: tempfile::TempDir,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+impl CertFiles {
+    /// Files holding a fresh certificate; returns them and the certificate's PEM.
+    fn new() -> (CertFiles, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = CertFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            dir,
+        };
+        let pem = files.replace();
+        (files, pem)
+    }
+
+    /// Writes a new certificate over the old one; returns its PEM.
+    fn replace(&self) -> String {
+        let (cert, key) = certificate();
+        write(&self.cert, &cert);
+        write(&self.key, &key);
+        cert
+    }
+
+    /// The `[server]` line `name = { cert, key }` for these files.
+    fn toml(&self, name: &str) -> String {
+        format!(
+            "{name} = {{ cert = \"{}\", key = \"{}\" }}",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+
+    /// A gateway reading a config file (here too) with `server` lines, in front of `upstream`.
+    async fn gateway(&self, upstream: &str, server: &str) -> TestGateway {
+        let config_file = self.dir.path().join("tollgate.toml");
+        write(&config_file, &common::config_toml(upstream, server, "", ""));
+        TestGateway::start_file(&config_file, Clock::real()).await
+    }
+}
+
 #[tokio::test]
 async fn tls_serves_h2_and_http1_and_a_reload_swaps_the_certificate_without_dropping_connections() {
     let upstream = MockUpstream::start().await.expect("mock upstream");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let (old_cert, old_key) = certificate();
-    write(&cert_path, &old_cert);
-    write(&key_path, &old_key);
-    let tls = format!(
-        "tls = {{ cert = \"{}\", key = \"{}\" }}",
-        cert_path.display(),
-        key_path.display()
-    );
-    let config_file = tempfile::NamedTempFile::new().expect("config file");
-    write(
-        config_file.path(),
-        &common::config_toml(&upstream.url(), &tls, "", ""),
-    );
-    let gateway = TestGateway::start_file(config_file.path(), Clock::real()).await;
+    let (files, old_cert) = CertFiles::new();
+    let gateway = files.gateway(&upstream.url(), &files.toml("tls")).await;
     let url = format!(
         "https://localhost:{}/v1/chat/completions",
         gateway.addr.port()
@@ -103,9 +134,7 @@ async fn tls_serves_h2_and_http1_and_a_reload_swaps_the_certificate_without_drop
     assert_eq!(first.status(), 200);
     first.bytes().await.expect("body");
 
-    let (new_cert, new_key) = certificate();
-    write(&cert_path, &new_cert);
-    write(&key_path, &new_key);
+    let new_cert = files.replace();
     gateway.reload().expect("reload with valid new files");
 
     let again = old_client
@@ -134,7 +163,7 @@ async fn tls_serves_h2_and_http1_and_a_reload_swaps_the_certificate_without_drop
     );
 
     // Files that do not load: the reload is refused and the certificate in force stays.
-    write(&key_path, "not a key");
+    write(&files.key, "not a key");
     let error = gateway
         .reload()
         .expect_err("a broken key refuses the reload");
@@ -147,6 +176,70 @@ async fn tls_serves_h2_and_http1_and_a_reload_swaps_the_certificate_without_drop
         still.is_ok_and(|r| r.status() == 200),
         "the old certificate stays in force"
     );
+}
+
+async fn admin_healthz(port: u16, cert: &str) -> Result<u16, reqwest::Error> {
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).expect("PEM"))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("https client");
+    let response = client
+        .get(format!("https://localhost:{port}/healthz"))
+        .send()
+        .await?;
+    Ok(response.status().as_u16())
+}
+
+#[tokio::test]
+async fn the_admin_listener_serves_tls_and_a_reload_swaps_its_certificate() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let (files, old_cert) = CertFiles::new();
+    let gateway = files
+        .gateway(&upstream.url(), &files.toml("admin_tls"))
+        .await;
+    let port = gateway.admin_addr.port();
+    assert_eq!(
+        admin_healthz(port, &old_cert)
+            .await
+            .expect("HTTPS /healthz"),
+        200
+    );
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(
+        !plain.is_ok_and(|r| r.status() == 200),
+        "plain HTTP is not served on a TLS admin listener"
+    );
+    // The client listener stays plain: admin_tls is the admin listener's alone.
+    let (status, _, _) = common::post(
+        &format!("{}/v1/chat/completions", gateway.url()),
+        &common::chat_body(false, false),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let new_cert = files.replace();
+    gateway.reload().expect("reload with valid new files");
+    assert!(
+        admin_healthz(port, &old_cert).await.is_err(),
+        "a new handshake no longer gets the old certificate"
+    );
+    assert_eq!(
+        admin_healthz(port, &new_cert)
+            .await
+            .expect("new certificate"),
+        200
+    );
+    write(&files.key, "not a key");
+    let error = gateway
+        .reload()
+        .expect_err("a broken key refuses the reload");
+    assert!(error.to_string().contains("server.admin_tls"), "{error}");
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //!
 //! - validation: JSON parse + schema check of a typical 2 KB chat body and a 200 KB one (a long
 //!   conversation) — targets: under 20 µs and under 1 ms;
-//! - accounting on streams: a 32-event SSE answer pumped through `AccountedBody` (observing every
-//!   frame, settling at the end) against the same frames pumped bare — target: at least 0.95×
+//! - accounting on streams: a 32-event SSE answer pumped through `WatchedBody` under the end hook
+//!   (observing every frame, settling at the end) against the same frames pumped bare — target: at least 0.95×
 //!   the throughput; also with usage injection's stripper on.
 //!
 //! `cargo bench --bench components` (about 20 s). The machine is shared and noisy: each figure is
@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
-use tollgate::accounting::{AccountedBody, Settlement};
+use tollgate::accounting::{Settlement, UsageWatch, WatchedBody};
 use tollgate::config::{KeyConfig, Limits, Quota};
 use tollgate::http::body::{BoxError, GatewayBody};
-use tollgate::http::context::Endpoint;
+use tollgate::http::context::{Ending, Endpoint, Outcome, RequestContext};
+use tollgate::http::end::{End, Hook, HookBody};
 use tollgate::keys::KeyStore;
 use tollgate::layers::validate::Schemas;
 use tollgate::observability::metrics::Metrics;
@@ -156,26 +157,49 @@ async fn bench_accounting() {
     let frames = sse_frames();
     let streams = 2_000;
 
-    let settlement = || async {
-        let (held, _) = backend
-            .reserve(&entry.name, &quotas, 600)
-            .await
-            .expect("local state answers")
-            .expect("room in the window");
-        Settlement {
-            backend: backend.clone(),
-            ledger: None,
-            metrics: metrics.clone(),
-            key: entry.clone(),
-            model: Arc::from("m"),
-            endpoint: "chat_completions",
-            request_id: None,
-            start: tokio::time::Instant::now(),
-            held: Some(held),
-            prompt_estimate: 20,
-            status: 200,
-            reached_upstream: true,
-            settled: false,
+    // One request's context with its settlement registered, and its answer watched under the
+    // end hook, as the stack does.
+    let accounted = |strip: bool| {
+        let backend = backend.clone();
+        let metrics = metrics.clone();
+        let entry = entry.clone();
+        let quotas = quotas.clone();
+        let frames = &frames;
+        async move {
+            let (held, _) = backend
+                .reserve(&entry.name, &quotas, 600)
+                .await
+                .expect("local state answers")
+                .expect("room in the window");
+            let context = Arc::new(RequestContext::new(
+                http::HeaderValue::from_static("bench"),
+                http::Method::POST,
+                "/v1/chat/completions",
+            ));
+            context.set_endpoint(Endpoint::ChatCompletions);
+            context.set_key(entry);
+            let watch = Arc::new(UsageWatch::default());
+            context.at_end(Settlement {
+                backend,
+                ledger: None,
+                metrics,
+                held: Some(held),
+                prompt_estimate: 20,
+                watch: watch.clone(),
+            });
+            let body = WatchedBody::new(bare(frames), watch, true, strip);
+            let hook = Hook::new(move |end: End<'_>| {
+                context.run_end_actions(&Ending {
+                    status: http::StatusCode::OK,
+                    outcome: match end {
+                        End::Cancelled => Outcome::ClientGone,
+                        _ => Outcome::Complete,
+                    },
+                    upstream_reached: true,
+                    error: None,
+                })
+            });
+            HookBody::new(body, hook)
         }
     };
 
@@ -191,15 +215,13 @@ async fn bench_accounting() {
 
         let start = Instant::now();
         for _ in 0..streams {
-            let settlement = settlement().await;
-            black_box(drain(AccountedBody::new(bare(&frames), true, false, settlement)).await);
+            black_box(drain(accounted(false).await).await);
         }
         accounted_rates.push(streams as f64 / start.elapsed().as_secs_f64());
 
         let start = Instant::now();
         for _ in 0..streams {
-            let settlement = settlement().await;
-            black_box(drain(AccountedBody::new(bare(&frames), true, true, settlement)).await);
+            black_box(drain(accounted(true).await).await);
         }
         stripped_rates.push(streams as f64 / start.elapsed().as_secs_f64());
     }

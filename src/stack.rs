@@ -1,30 +1,34 @@
 //! The only place the request stack is assembled.
 //!
-//! Layers, outermost first, and the request extensions each adds (+) or reads (?):
+//! Layers share one [`RequestContext`] per request (an `Arc` in the request's extensions): each
+//! fills the facts it learns, and registers what must run when the request ends. Outermost first,
+//! what each layer sets in the context (+) or reads from it (?):
 //!
-//! 1. `SetRequestId`     + `x-request-id` header: the client's, or a new UUID
-//! 2. `PropagateRequestId` copies `x-request-id` onto every response
-//! 3. `Observe`          + [`RequestStart`], [`RequestTags`]; writes the access log and request
-//!    metrics when the response body ends
-//! 4. `CatchPanic`       a panic below becomes a 500 in the error shape, not a dropped connection
-//! 5. `RequestHead`      request line and header fields within `max_header_bytes`, 431 otherwise
-//! 6. `Route`            + [`Endpoint`] (and `RequestTags::endpoint`); 404/405 otherwise
-//! 7. `Authenticate`     + [`Principal`] (and `RequestTags::key`); 401 otherwise
-//! 8. `RateLimit`        ? [`Principal`]; in-flight slot and request rate, 429 otherwise
-//! 9. `RequestBody`      reads the body whole, capped (413), into `Request<Bytes>`
-//! 10. `ValidateBody`    ? [`Endpoint`]; + [`ParsedRequest`]; JSON and schema, 400 otherwise
-//! 11. `EnforcePolicy`   ? [`Principal`], ? [`ParsedRequest`]; models and max_tokens cap, 400
-//!     otherwise (and `RequestTags::model`)
-//! 12. `Quota`           ? [`Principal`], ? [`ParsedRequest`], ? `RequestTags::model`; reserves the
-//!     worst case in every token window (429 otherwise); sets `include_usage` upstream when the
-//!     client did not; settles to the real usage when the answer ends (`AccountedBody`)
-//! 13. `Proxy`           ? [`Endpoint`], ? [`RequestStart`]; forwards and streams the answer back
+//! 1. `Observe`          + the context: id (the client's `x-request-id`, or a new UUID), start,
+//!    method, path; `x-request-id` on every response. Owns the one end-of-request hook: when the
+//!    answer ends (or the client leaves, before the headers too) it runs the context's end
+//!    actions, then writes the access line and the request metrics
+//! 2. `CatchPanic`       a panic below becomes a 500 in the error shape, not a dropped connection
+//! 3. `RequestHead`      request line and header fields within `max_header_bytes`, 431 otherwise
+//! 4. `Route`            + endpoint; 404/405 otherwise
+//! 5. `Authenticate`     + key; 401 otherwise
+//! 6. `RateLimit`        ? key; in-flight slot (given back by an end action) and request rate,
+//!    429 otherwise
+//! 7. `RequestBody`      reads the body whole, capped (413), into `Request<Bytes>`
+//! 8. `ValidateBody`     ? endpoint; + the [`ParsedRequest`] extension; JSON and schema, 400
+//!    otherwise
+//! 9. `EnforcePolicy`    ? key, ? [`ParsedRequest`]; + model label; models and max_tokens cap,
+//!    400 otherwise
+//! 10. `Quota`           ? key, ? [`ParsedRequest`]; reserves the worst case in every token
+//!     window (429 otherwise); sets `include_usage` upstream when the client did not; + the
+//!     settlement as an end action, and watches the answer for usage ([`WatchedBody`])
+//! 11. `Proxy`           ? endpoint, ? start; forwards and streams the answer back, marked
+//!     [`UpstreamReached`]
 //!
-//! [`RequestStart`]: crate::http::context::RequestStart
-//! [`RequestTags`]: crate::http::context::RequestTags
-//! [`Endpoint`]: crate::http::context::Endpoint
-//! [`Principal`]: crate::http::context::Principal
+//! [`RequestContext`]: crate::http::context::RequestContext
 //! [`ParsedRequest`]: crate::http::context::ParsedRequest
+//! [`UpstreamReached`]: crate::http::context::UpstreamReached
+//! [`WatchedBody`]: crate::accounting::WatchedBody
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -36,9 +40,6 @@ use http_body::Body;
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
 
 use crate::accounting::ledger::Ledger;
 use crate::config::Config;
@@ -81,10 +82,8 @@ pub fn build_stack(
 > {
     let proxy = Proxy::new(&config.upstream, connector.clone(), metrics.clone())?;
     Ok(ServiceBuilder::new()
-        // First, so that even the access log and error answers carry the id.
-        .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        // Outside everything that can answer, so every answer is logged and counted once.
+        // Outside everything that can answer, so that every answer carries the request's id and
+        // is settled, logged and counted once.
         .layer(ObserveLayer::new(metrics.clone()))
         // Inside Observe, so a panic's 500 is still logged and counted.
         .layer(CatchPanicLayer::custom(panic_response))
@@ -114,19 +113,6 @@ pub fn build_stack(
             config.upstream.inject_usage,
         ))
         .service(proxy))
-}
-
-/// A random (v4) UUID for a request that came without an `x-request-id`: tower-http's
-/// `MakeRequestUuid`, but formatted on the stack instead of through a `String` and a parse.
-#[derive(Clone, Copy)]
-struct RandomRequestId;
-
-impl MakeRequestId for RandomRequestId {
-    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
-        let mut buffer = uuid::Uuid::encode_buffer();
-        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
-        http::HeaderValue::from_str(id).ok().map(RequestId::new)
-    }
 }
 
 /// Where usage is charged and written.

@@ -1,7 +1,7 @@
-//! The response body on its way out, watched for token usage, and the one settlement of each
-//! request: quota windows charged, metrics counted, ledger line written — exactly once, at the end
-//! of the body, on a body error, or when the body is dropped because the client left (or the
-//! request itself, when the client left before the response headers).
+//! The response body on its way out, watched for token usage ([`body`]), and the one settlement
+//! of each request ([`settlement`]): quota windows charged, metrics counted, ledger line written
+//! — exactly once, by the request's end hook: at the end of the body, on a body error, or when
+//! the client left (before or after the response headers).
 //!
 //! Frames pass through untouched (the same `Bytes`), except when the gateway asked the upstream
 //! for stream usage on the client's behalf: then [`UsageStripper`] takes out of the client's
@@ -18,5 +18,5 @@ pub mod ledger;
 pub mod settlement;
 pub mod usage;
 
-pub use self::body::AccountedBody;
-pub use self::settlement::{Outcome, Settlement};
+pub use self::body::{UsageWatch, WatchedBody};
+pub use self::settlement::Settlement;

@@ -1,57 +1,34 @@
-//! The one settlement of each request: its quota reservation charged to what was used, its
-//! metrics counted, its ledger line written — exactly once, by [`Settlement::settle`] at the end of
-//! the answer, or on drop when the client left before the response headers.
+//! The one settlement of each request: its quota reservation charged to what was used, its token
+//! metrics counted, its ledger line written. A [`Settlement`] is registered in the request
+//! context by the quota layer before the request goes upstream, and run once by the request's
+//! end hook ([`AtEnd`]) — at the end of the answer, on a body error, or when the client left,
+//! before or after the response headers. The request's id, start, key, model and endpoint are
+//! read from the context: the settlement holds only what is its own.
 //!
-//! Edge cases: a request dropped while a panic unwinds is recorded as a 500 (what `CatchPanic`
-//! answers), one dropped before any status as a 499; counts an upstream reports beyond
-//! [`MAX_TOKENS_PER_REQUEST`] are capped, so the quota arithmetic cannot overflow.
+//! Edge cases: counts an upstream reports beyond [`MAX_TOKENS_PER_REQUEST`] are capped, so the
+//! quota arithmetic cannot overflow; a request without a key in its context (which the quota
+//! layer never registers) charges nothing.
 
 use std::sync::Arc;
 
-use http::HeaderValue;
-use tokio::time::Instant;
-
+use crate::accounting::body::{Observed, UsageWatch};
 use crate::accounting::ledger::{now_rfc3339, Ledger, LedgerEntry};
-use crate::accounting::usage::{estimate_tokens_from_chars, Usage};
+use crate::accounting::usage::estimate_tokens_from_chars;
+use crate::http::context::{AtEnd, Ending, RequestContext};
 use crate::http::CLIENT_CLOSED_REQUEST;
 use crate::keys::KeyEntry;
 use crate::observability::metrics::Metrics;
 use crate::state::{Backend, Held};
 
-/// Everything needed to settle one request once its answer is over.
+/// Everything needed to settle one request once its answer is over, besides its context.
 pub struct Settlement {
     pub backend: Arc<Backend>,
     pub ledger: Option<Arc<Ledger>>,
     pub metrics: Arc<Metrics>,
-    pub key: Arc<KeyEntry>,
-    pub model: Arc<str>,
-    pub endpoint: &'static str,
-    pub request_id: Option<HeaderValue>,
-    pub start: Instant,
     pub held: Option<Held>,
     pub prompt_estimate: u64,
-    pub status: u16,
-    /// Whether the upstream saw the request at all.
-    pub reached_upstream: bool,
-    /// Charged already: a later drop has nothing left to do.
-    pub settled: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub enum Outcome {
-    Complete,
-    ClientGone,
-    UpstreamError,
-}
-
-impl Outcome {
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Complete => "complete",
-            Outcome::ClientGone => "client_gone",
-            Outcome::UpstreamError => "upstream_error",
-        }
-    }
+    /// What the answer's body showed of its usage (nothing, when no body was watched).
+    pub watch: Arc<UsageWatch>,
 }
 
 /// The most one request is charged for its prompt, and for its completion: far beyond any real
@@ -61,116 +38,123 @@ impl Outcome {
 /// (release builds).
 const MAX_TOKENS_PER_REQUEST: u64 = 1 << 32;
 
-impl Settlement {
-    /// Charges what the request used. Consumes the settlement: it cannot happen twice.
-    pub fn settle(
-        mut self,
-        usage: Option<Usage>,
-        completion_chars: u64,
-        ttft: Option<f64>,
-        outcome: Outcome,
-    ) {
-        self.charge(usage, completion_chars, ttft, outcome);
-    }
+/// What one request is charged.
+struct Charge {
+    prompt: u64,
+    completion: u64,
+    /// `reported` (the upstream's usage) or `estimated`.
+    source: &'static str,
+}
 
-    fn charge(
-        &mut self,
-        usage: Option<Usage>,
-        completion_chars: u64,
-        ttft: Option<f64>,
-        outcome: Outcome,
-    ) {
-        let success = (200..300).contains(&self.status);
+impl AtEnd for Settlement {
+    fn at_end(mut self: Box<Self>, context: &RequestContext, ending: &Ending) {
+        let Some(key) = context.key() else {
+            return;
+        };
+        let observed = self.watch.observed();
+        let charge = self.charge(key, &observed, ending);
+        self.settle_quota(key, &charge);
+        let ttft = observed
+            .first_data
+            .map(|first| (first - context.start()).as_secs_f64());
+        self.count(context, &charge, ttft);
+        if let Some(ledger) = &self.ledger {
+            ledger.record(ledger_entry(context, ending, &charge, ttft));
+        }
+    }
+}
+
+impl Settlement {
+    /// The tokens to charge: the upstream's usage; else, for an answer that came (or a client
+    /// that left once the upstream had the prompt), an estimate; else nothing.
+    fn charge(&self, key: &KeyEntry, observed: &Observed, ending: &Ending) -> Charge {
+        let status = ending.status.as_u16();
         // A client that left before the answer leaves the prompt charged, as one that leaves
         // mid-stream does: the upstream had it.
-        let answered = success || self.status == CLIENT_CLOSED_REQUEST;
-        let (prompt, completion, source) = match usage {
+        let answered = (200..300).contains(&status) || status == CLIENT_CLOSED_REQUEST;
+        let (prompt, completion, source) = match observed.usage {
             Some(usage) => (usage.prompt_tokens, usage.completion_tokens, "reported"),
-            None if answered && self.reached_upstream => (
+            None if answered && ending.upstream_reached => (
                 self.prompt_estimate,
-                estimate_tokens_from_chars(completion_chars),
+                estimate_tokens_from_chars(observed.completion_chars),
                 "estimated",
             ),
             None => (0, 0, "estimated"),
         };
         if prompt.max(completion) > MAX_TOKENS_PER_REQUEST {
             tracing::warn!(
-                key = &*self.key.name,
+                key = &*key.name,
                 prompt,
                 completion,
                 "implausible usage from the upstream; charging {MAX_TOKENS_PER_REQUEST} at most"
             );
         }
-        let prompt = prompt.min(MAX_TOKENS_PER_REQUEST);
-        let completion = completion.min(MAX_TOKENS_PER_REQUEST);
-        let total = prompt.saturating_add(completion);
-        let name: &str = &self.key.name;
-        if let Some(held) = self.held.take() {
-            if total > held.amount() {
-                self.metrics
-                    .quota_overrun_tokens_total
-                    .with_label_values(&[name])
-                    .inc_by(total - held.amount());
-            }
-            self.backend.settle(held, total, &self.key.limits.quotas);
+        Charge {
+            prompt: prompt.min(MAX_TOKENS_PER_REQUEST),
+            completion: completion.min(MAX_TOKENS_PER_REQUEST),
+            source,
         }
-        let model: &str = &self.model;
-        for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
+    }
+
+    /// Replaces the reservation by what was used; counts what went past it.
+    fn settle_quota(&mut self, key: &KeyEntry, charge: &Charge) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let total = charge.prompt.saturating_add(charge.completion);
+        if total > held.amount() {
+            self.metrics
+                .quota_overrun_tokens_total
+                .with_label_values(&[&key.name])
+                .inc_by(total - held.amount());
+        }
+        self.backend.settle(held, total, &key.limits.quotas);
+    }
+
+    /// The token and time-to-first-token metrics.
+    fn count(&self, context: &RequestContext, charge: &Charge, ttft: Option<f64>) {
+        let (key, model) = (context.key_label(), context.model_label());
+        for (kind, tokens) in [("prompt", charge.prompt), ("completion", charge.completion)] {
             if tokens > 0 {
                 self.metrics
                     .tokens_total
-                    .with_label_values(&[name, model, kind, source])
+                    .with_label_values(&[key, model, kind, charge.source])
                     .inc_by(tokens);
             }
         }
         if let Some(ttft) = ttft {
             self.metrics
                 .time_to_first_token_seconds
-                .with_label_values(&[name, model])
+                .with_label_values(&[key, model])
                 .observe(ttft);
         }
-        if let Some(ledger) = &self.ledger {
-            ledger.record(LedgerEntry {
-                time: now_rfc3339(),
-                request_id: self
-                    .request_id
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-")
-                    .to_owned(),
-                key: name.to_owned(),
-                model: model.to_owned(),
-                endpoint: self.endpoint,
-                status: self.status,
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-                source,
-                duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,
-                ttft_ms: ttft.map(|t| t * 1000.0),
-                outcome: outcome.label(),
-            });
-        }
-        self.settled = true;
     }
 }
 
-impl Drop for Settlement {
-    /// Dropped unsettled: the future that held it was dropped while the request was with the
-    /// upstream — its client left before the response headers (hyper drops the service future of
-    /// a closed connection). Without this, such a request was never charged, had no ledger line,
-    /// and its quota reservation stayed held until its window ended.
-    fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        if std::thread::panicking() {
-            // Unwinding from a panic below: the client gets a 500 (CatchPanic), not a 499.
-            self.status = 500;
-        } else if self.status == 0 {
-            self.status = CLIENT_CLOSED_REQUEST;
-        }
-        // The proxy had the request: it sends at once, and holds nothing back.
-        self.reached_upstream = true;
-        self.charge(None, 0, None, Outcome::ClientGone);
+/// The request's ledger line. A gateway-made upstream error (502/504) is `upstream_error`
+/// however its short body ended.
+fn ledger_entry(
+    context: &RequestContext,
+    ending: &Ending,
+    charge: &Charge,
+    ttft: Option<f64>,
+) -> LedgerEntry {
+    let outcome = match ending.error {
+        Some(_) => "upstream_error",
+        None => ending.outcome.ledger_label(),
+    };
+    LedgerEntry {
+        time: now_rfc3339(),
+        request_id: context.id().to_owned(),
+        key: context.key_label().to_owned(),
+        model: context.model_label().to_owned(),
+        endpoint: context.endpoint_label(),
+        status: ending.status.as_u16(),
+        prompt_tokens: charge.prompt,
+        completion_tokens: charge.completion,
+        source: charge.source,
+        duration_ms: context.start().elapsed().as_secs_f64() * 1000.0,
+        ttft_ms: ttft.map(|t| t * 1000.0),
+        outcome,
     }
 }

@@ -1,35 +1,206 @@
-//! Typed request extensions: the contract between layers. A layer reads only what an outer layer
-//! put here, and adds only what it owns.
+//! The request context: one per request, made by the outermost layer (observe) and shared as an
+//! `Arc` through the request's extensions. It holds what the request learns on its way in — its
+//! id, its start, the endpoint, the key, the model label — each fact set once by the layer that
+//! learns it, and the actions that must run once when the answer ends, registered by the layers
+//! that took something to give back (a quota reservation, an in-flight slot). There is no second
+//! copy of the id or of a label anywhere: the ledger, the access log and the metrics read them
+//! here.
 //!
-//! | extension        | added by  | read by                     |
-//! |------------------|-----------|-----------------------------|
-//! | [`RequestStart`] | observe   | proxy (overhead metric)     |
-//! | [`RequestTags`]  | observe   | inner layers fill it; observe reads it for metrics and the access log |
-//! | [`Endpoint`]     | route     | proxy (route also notes it in the tags) |
-//! | [`Principal`]    | auth      | rate_limit, policy (auth also notes the key name in the tags) |
-//! | [`ParsedRequest`]| validate  | policy, and later accounting (policy notes the model label in the tags) |
+//! | fact / action        | set by    | read by                                               |
+//! |----------------------|-----------|-------------------------------------------------------|
+//! | id, start, method, path | observe | proxy (start: overhead metric), the end (ledger, access log) |
+//! | endpoint             | route     | validate, proxy, the end (labels)                     |
+//! | key                  | auth      | rate_limit, policy, quota, the end (labels)           |
+//! | model label          | policy    | quota, the end (labels)                               |
+//! | end actions          | rate_limit (slot), quota (settlement) | the end, inner first     |
+//!
+//! Other request extensions: [`ParsedRequest`] (validate → policy, quota); on the response,
+//! [`UpstreamReached`] (proxy → the end).
+//!
+//! Later facts (group, upstream pool and endpoint, trace span) belong here too.
+//!
+//! Edge cases: a layer that finds no context answers 500 (the stack is mis-assembled) rather
+//! than let the request through unaccounted; end actions run in reverse order of registration,
+//! as a response unwinds the stack, so the settlement (innermost) runs before the slot is given
+//! back, and both before the access line is written.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use http::{HeaderValue, Method, Request, StatusCode};
 use tokio::time::Instant;
 
-/// When the gateway received the request.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestStart(pub Instant);
+use crate::http::error::ErrorSource;
+use crate::keys::KeyEntry;
+use crate::observability::metrics::{OTHER_MODEL, UNAUTHENTICATED};
 
-/// Facts inner layers learn about a request that the outer observe layer reports: set once,
-/// read when the response ends.
-#[derive(Debug, Default)]
-pub struct RequestTags {
-    /// The API operation, once routed.
-    pub endpoint: OnceLock<Endpoint>,
-    /// The configured name of the caller's key.
-    pub key: OnceLock<Arc<str>>,
-    /// The model label: a model the key may use, or `other` (bounded, never raw client input).
-    pub model: OnceLock<Arc<str>>,
+/// What a request learns on its way, and what must happen when it ends.
+pub struct RequestContext {
+    /// The id the gateway logs, forwards and returns: the client's, or a new UUID.
+    id: HeaderValue,
+    start: Instant,
+    method: Method,
+    /// The path only: a query string may carry things that do not belong in logs.
+    path: Box<str>,
+    endpoint: OnceLock<Endpoint>,
+    key: OnceLock<Arc<KeyEntry>>,
+    /// A model the key names exactly, or unset (`other`): never raw client input.
+    model: OnceLock<Arc<str>>,
+    at_end: Mutex<Vec<Box<dyn AtEnd>>>,
 }
 
-pub type SharedTags = Arc<RequestTags>;
+pub type SharedContext = Arc<RequestContext>;
+
+impl RequestContext {
+    /// A request received now.
+    pub fn new(id: HeaderValue, method: Method, path: &str) -> RequestContext {
+        RequestContext {
+            id,
+            start: Instant::now(),
+            method,
+            path: path.into(),
+            endpoint: OnceLock::new(),
+            key: OnceLock::new(),
+            model: OnceLock::new(),
+            at_end: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The context the outer layer gave `request`.
+    pub fn of<B>(request: &Request<B>) -> Option<&SharedContext> {
+        request.extensions().get::<SharedContext>()
+    }
+
+    pub fn id_header(&self) -> &HeaderValue {
+        &self.id
+    }
+
+    /// The id as text; `-` when the client sent one that is not.
+    pub fn id(&self) -> &str {
+        self.id.to_str().unwrap_or("-")
+    }
+
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn endpoint(&self) -> Option<Endpoint> {
+        self.endpoint.get().copied()
+    }
+
+    /// The `endpoint` label: `none` before routing.
+    pub fn endpoint_label(&self) -> &'static str {
+        self.endpoint().map_or("none", Endpoint::label)
+    }
+
+    /// Set once, by the route layer (a second set is ignored).
+    pub fn set_endpoint(&self, endpoint: Endpoint) {
+        let _ = self.endpoint.set(endpoint);
+    }
+
+    /// The authenticated caller's entry in the live key table.
+    pub fn key(&self) -> Option<&Arc<KeyEntry>> {
+        self.key.get()
+    }
+
+    /// The `key` label: the key's configured name, or `unauthenticated`.
+    pub fn key_label(&self) -> &str {
+        self.key.get().map_or(UNAUTHENTICATED, |key| &key.name)
+    }
+
+    /// Set once, by the auth layer.
+    pub fn set_key(&self, key: Arc<KeyEntry>) {
+        let _ = self.key.set(key);
+    }
+
+    /// The `model` label: a model the key names exactly, or `other`.
+    pub fn model_label(&self) -> &str {
+        self.model.get().map_or(OTHER_MODEL, |model| model)
+    }
+
+    /// Set once, by the policy layer.
+    pub fn set_model_label(&self, model: &str) {
+        let _ = self.model.set(Arc::from(model));
+    }
+
+    /// Registers `action` to run once when the answer ends (or the request is dropped).
+    pub fn at_end(&self, action: impl AtEnd + 'static) {
+        self.actions().push(Box::new(action));
+    }
+
+    /// Runs the registered end actions, the last registered (innermost layer) first. Called by
+    /// the end-of-request hook, once.
+    pub fn run_end_actions(&self, ending: &Ending) {
+        let actions = std::mem::take(&mut *self.actions());
+        for action in actions.into_iter().rev() {
+            action.at_end(self, ending);
+        }
+    }
+
+    fn actions(&self) -> std::sync::MutexGuard<'_, Vec<Box<dyn AtEnd>>> {
+        // A panic elsewhere while the list was held leaves it intact: keep using it.
+        self.at_end.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Something a layer took for a request that must be given back, charged or written once the
+/// answer is over.
+pub trait AtEnd: Send {
+    fn at_end(self: Box<Self>, context: &RequestContext, ending: &Ending);
+}
+
+/// How a request ended, as its end actions are told.
+#[derive(Debug)]
+pub struct Ending {
+    /// The status the client got; 499 when it left before the response headers, 500 when the
+    /// request was dropped by a panic.
+    pub status: StatusCode,
+    pub outcome: Outcome,
+    /// Whether the upstream saw the request (it may have used tokens).
+    pub upstream_reached: bool,
+    /// The gateway's own error answer, with what the access log says about it.
+    pub error: Option<ErrorSource>,
+}
+
+/// How the answer's body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its last frame (or its trailers) went out.
+    Complete,
+    /// The client left first: before the response headers, or mid-body.
+    ClientGone,
+    /// The body failed: the upstream broke off or went idle.
+    UpstreamError,
+}
+
+impl Outcome {
+    /// The access log's word: `complete`, `client_gone`, `body_error` (the body failed).
+    pub fn log_label(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::ClientGone => "client_gone",
+            Outcome::UpstreamError => "body_error",
+        }
+    }
+
+    /// The ledger's word: `complete`, `client_gone`, `upstream_error` (the upstream failed the
+    /// request, mid-body or before it). Both words are read by users and tools: each output keeps
+    /// its own.
+    pub fn ledger_label(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::ClientGone => "client_gone",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+}
 
 /// The API operation a request addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,10 +233,6 @@ impl Endpoint {
 /// was sent): such a request may have used tokens.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamReached;
-
-/// The authenticated caller: its key's entry in the live key table.
-#[derive(Clone)]
-pub struct Principal(pub Arc<crate::keys::KeyEntry>);
 
 /// The request body, parsed and checked against the schema, with the fields later layers use.
 #[derive(Debug)]

@@ -1,10 +1,13 @@
 //! What every layer shares about a request and its answer: the one response body type
-//! ([`body`]), the one error answer ([`error`]), and the typed request extensions by which the
-//! layers hand facts to one another ([`context`]).
+//! ([`body`]), the one error answer ([`error`]), the request context the layers fill and the end
+//! reads ([`context`]), the one end-of-request hook ([`end`]), and the response headers the
+//! gateway owns ([`headers`]).
 
 pub mod body;
 pub mod context;
+pub mod end;
 pub mod error;
+pub mod headers;
 
 /// nginx's "client closed request": the status recorded for a request whose client left before
 /// the response headers came.

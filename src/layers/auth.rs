@@ -1,4 +1,4 @@
-//! Authentication: the presented key → the [`Principal`] extension, or 401.
+//! Authentication: the presented key → the key in the request context, or 401.
 //!
 //! The key is read from `Authorization: Bearer <key>`, or from `api-key:` / `x-api-key:` (which
 //! some clients send). It is hashed and looked up in the live key table; it is never logged,
@@ -13,7 +13,7 @@ use http::{header, HeaderMap, Request, Response};
 use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 use crate::http::body::GatewayBody;
-use crate::http::context::{Principal, SharedTags};
+use crate::http::context::RequestContext;
 use crate::http::error::GatewayError;
 use crate::keys::SharedKeys;
 use crate::observability::metrics::{Metrics, UNAUTHENTICATED};
@@ -36,6 +36,12 @@ impl<B> ValidateRequest<B> for Authenticate {
     type ResponseBody = GatewayBody;
 
     fn validate(&mut self, request: &mut Request<B>) -> Result<(), Response<GatewayBody>> {
+        let Some(context) = RequestContext::of(request) else {
+            return Err(
+                GatewayError::Internal("auth reached without a request context".into())
+                    .into_response(),
+            );
+        };
         let entry = presented_key(request.headers())
             .and_then(|token| {
                 self.keys
@@ -48,11 +54,7 @@ impl<B> ValidateRequest<B> for Authenticate {
                 self.metrics.rejection(UNAUTHENTICATED, error.reason());
                 error.into_response()
             })?;
-        if let Some(tags) = request.extensions().get::<SharedTags>() {
-            // Set once per request: the auth layer runs once.
-            let _ = tags.key.set(entry.name.clone());
-        }
-        request.extensions_mut().insert(Principal(entry));
+        context.set_key(entry);
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! The request's steps, one tower layer per file, in the order [`crate::stack`] puts them
 //! (outermost first):
 //!
-//! 1. [`observe`]: the request's clock, access log line and request metrics
+//! 1. [`observe`]: the request's context (id, clock) and its one end: settlement, slot, access
+//!    line and request metrics, once
 //! 2. [`request_head`]: the request line and header fields within `max_header_bytes`, or 431
 //! 3. [`route`]: the path → an endpoint, or 404/405
 //! 4. [`auth`]: the bearer key → the key's principal, or 401

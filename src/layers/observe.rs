@@ -1,14 +1,19 @@
-//! The outer observer of every request: starts its clock, gives inner layers a [`RequestTags`]
-//! to fill, and when the response's last byte has gone (or the client left, or the body broke)
-//! writes the access-log line and the request metrics — exactly once.
+//! The outermost layer: it gives each request its [`RequestContext`] (its id — the client's
+//! `x-request-id`, or a new UUID — and its clock), and owns the request's one end-of-request
+//! [`Hook`]. The hook runs when the response's last frame has gone, its body failed, or the
+//! client left (before the response headers too): first the end actions inner layers registered
+//! (settlement, then the in-flight slot), then the access line and the request metrics — exactly
+//! once.
+//!
+//! Every response carries the id the gateway logged as `x-request-id`, replacing any other (the
+//! proxy keeps the upstream's own as `x-upstream-request-id`).
 //!
 //! Edge cases:
-//! - End of stream may come with the last data frame: `is_end_stream` is checked after every
-//!   frame, because the consumer may not poll again.
-//! - A response body dropped before its end (client gone) is still logged and counted, with
-//!   outcome `client_gone`; a body that errors (upstream broke off) with outcome `body_error`.
-//! - A request whose client leaves before the response headers is logged and counted too, with
-//!   outcome `client_gone` and status 499 (nginx's "client closed request").
+//! - A request whose client leaves before the response headers (hyper drops this layer's
+//!   future) ends with status 499 (nginx's "client closed request") and outcome `client_gone`;
+//!   one dropped while a panic unwinds, with 500 (what `CatchPanic` would have answered).
+//! - A client's `x-request-id` that is not text is forwarded and returned as sent, and logged as
+//!   `-`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,18 +21,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http::{HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 use tower::{Layer, Service};
 
+use http_body::Body;
+
 use crate::http::body::BoxError;
-use crate::http::context::{Endpoint, RequestStart, RequestTags, SharedTags};
+use crate::http::context::{Ending, Outcome, RequestContext, SharedContext, UpstreamReached};
+use crate::http::end::{End, Hook, HookBody, OnEnd};
 use crate::http::error::ErrorSource;
+use crate::http::headers::X_REQUEST_ID;
 use crate::http::CLIENT_CLOSED_REQUEST;
-use crate::observability::metrics::{Metrics, OTHER_MODEL, UNAUTHENTICATED};
+use crate::observability::access;
+use crate::observability::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct ObserveLayer {
@@ -60,8 +67,9 @@ pub struct Observe<S> {
 impl<S, B, ResBody> Service<Request<B>> for Observe<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>, Error = Infallible>,
+    ResBody: Body<Error = BoxError>,
 {
-    type Response = Response<ObservedBody<ResBody>>;
+    type Response = Response<HookBody<ResBody, Finish>>;
     type Error = Infallible;
     type Future = ResponseFuture<S::Future>;
 
@@ -70,195 +78,241 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let start = Instant::now();
-        let tags = SharedTags::default();
-        request.extensions_mut().insert(RequestStart(start));
-        request.extensions_mut().insert(tags.clone());
-        let record = Record {
-            start,
-            method: request.method().clone(),
-            // The path only: a query string may carry things that do not belong in logs.
-            path: request.uri().path().to_owned(),
-            request_id: request.headers().get("x-request-id").cloned(),
-            tags,
+        let id = match request.headers().get(X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = random_request_id();
+                request.headers_mut().insert(X_REQUEST_ID, id.clone());
+                id
+            }
+        };
+        let context = Arc::new(RequestContext::new(
+            id,
+            request.method().clone(),
+            request.uri().path(),
+        ));
+        request.extensions_mut().insert(context.clone());
+        let finish = Finish {
+            context,
             metrics: self.metrics.clone(),
-            status: StatusCode::OK,
-            error: None,
+            head: None,
         };
         ResponseFuture {
             inner: self.inner.call(request),
-            record: Some(record),
+            hook: Hook::new(finish),
         }
     }
 }
 
+/// A random (v4) UUID, formatted on the stack rather than through a `String` and a parse.
+fn random_request_id() -> HeaderValue {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
 pin_project! {
+    /// Holds the hook until the response head comes; dropped before that, the hook fires
+    /// (the client left).
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        record: Option<Record>,
-    }
-
-    impl<F> PinnedDrop for ResponseFuture<F> {
-        /// Dropped before the response: the client left while the request was being handled
-        /// (hyper drops the service future of a closed connection). Without this such a request
-        /// had no access-log line and was not counted at all.
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(mut record) = this.project().record.take() {
-                record.status = StatusCode::from_u16(CLIENT_CLOSED_REQUEST)
-                    .unwrap_or(StatusCode::BAD_REQUEST);
-                record.finish(Outcome::ClientGone);
-            }
-        }
+        hook: Hook<Finish>,
     }
 }
 
-impl<F, ResBody> Future for ResponseFuture<F>
+impl<F, B> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<Response<ResBody>, Infallible>>,
+    F: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body<Error = BoxError>,
 {
-    type Output = Result<Response<ObservedBody<ResBody>>, Infallible>;
+    type Output = Result<Response<HookBody<B, Finish>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(response) = ready!(this.inner.poll(cx));
-        let mut record = this.record.take();
-        if let Some(record) = record.as_mut() {
-            record.status = response.status();
-            record.error = response.extensions().get::<ErrorSource>().cloned();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        let mut hook = std::mem::replace(this.hook, Hook::fired());
+        if let Some(finish) = hook.get_mut() {
+            finish.head = Some(Head::of(&response));
+            response
+                .headers_mut()
+                .insert(X_REQUEST_ID, finish.context.id_header().clone());
         }
-        Poll::Ready(Ok(response.map(|inner| ObservedBody { inner, record })))
+        Poll::Ready(Ok(response.map(|body| HookBody::new(body, hook))))
     }
 }
 
-pin_project! {
-    /// The response body, watched for its end.
-    pub struct ObservedBody<B> {
-        #[pin]
-        inner: B,
-        record: Option<Record>,
-    }
-
-    impl<B> PinnedDrop for ObservedBody<B> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(record) = this.project().record.take() {
-                record.finish(Outcome::ClientGone);
-            }
-        }
-    }
-}
-
-impl<B> Body for ObservedBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        let polled = ready!(this.inner.as_mut().poll_frame(cx));
-        let outcome = match &polled {
-            None => Some(Outcome::Complete),
-            Some(Err(_)) => Some(Outcome::BodyError),
-            Some(Ok(_)) if this.inner.is_end_stream() => Some(Outcome::Complete),
-            Some(Ok(_)) => None,
-        };
-        if let Some(outcome) = outcome {
-            if let Some(record) = this.record.take() {
-                record.finish(outcome);
-            }
-        }
-        Poll::Ready(polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Outcome {
-    Complete,
-    ClientGone,
-    BodyError,
-}
-
-impl Outcome {
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Complete => "complete",
-            Outcome::ClientGone => "client_gone",
-            Outcome::BodyError => "body_error",
-        }
-    }
-}
-
-/// What the access log and the request metrics need, gathered on the way in and out.
-struct Record {
-    start: Instant,
-    method: Method,
-    path: String,
-    request_id: Option<HeaderValue>,
-    tags: SharedTags,
-    metrics: Arc<Metrics>,
+/// What the end reads of the response head.
+struct Head {
     status: StatusCode,
+    upstream_reached: bool,
     error: Option<ErrorSource>,
 }
 
-impl Record {
-    fn finish(self, outcome: Outcome) {
-        let elapsed = self.start.elapsed();
-        let RequestTags {
-            endpoint,
-            key,
-            model,
-        } = &*self.tags;
-        let routed = endpoint.get().copied();
-        let endpoint = routed.map_or("none", Endpoint::label);
-        let key = key.get().map_or(UNAUTHENTICATED, |k| k);
-        let model = model.get().map_or(OTHER_MODEL, |m| m);
-        let status = self.status.as_str();
-
-        self.metrics
-            .requests_total
-            .with_label_values(&[key, model, endpoint, status])
-            .inc();
-        if routed.is_some() {
-            self.metrics
-                .request_duration_seconds
-                .with_label_values(&[key, model, endpoint])
-                .observe(elapsed.as_secs_f64());
+impl Head {
+    fn of<B>(response: &Response<B>) -> Head {
+        Head {
+            status: response.status(),
+            upstream_reached: response.extensions().get::<UpstreamReached>().is_some(),
+            error: response.extensions().get::<ErrorSource>().cloned(),
         }
+    }
+}
 
-        let request_id = self
-            .request_id
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
-        // Whole microseconds: a short number to print ("0.412", not "0.41200000000000003").
-        // Display (`%`) for names from known, safe sets; the client's request id and path keep
-        // Debug's quoting and escaping, so that they cannot forge a field or a line.
-        tracing::info!(
-            target: "tollgate::access",
-            request_id,
-            method = %self.method,
-            path = ?self.path,
-            endpoint = %endpoint,
-            status = self.status.as_u16(),
-            duration_ms = elapsed.as_micros() as f64 / 1000.0,
-            key = %key,
-            model = %model,
-            outcome = %outcome.label(),
-            error = self.error.as_ref().map(|e| e.0.as_str()),
+/// The request's end: its context's end actions, then its access line and request metrics.
+pub struct Finish {
+    context: SharedContext,
+    metrics: Arc<Metrics>,
+    /// Set when the response head comes; `None` while the request is still inside.
+    head: Option<Head>,
+}
+
+impl Finish {
+    fn ending(head: Option<Head>, end: End<'_>) -> Ending {
+        let outcome = match end {
+            End::Complete | End::Trailers(_) => Outcome::Complete,
+            End::Error(_) => Outcome::UpstreamError,
+            End::Cancelled => Outcome::ClientGone,
+        };
+        match head {
+            Some(head) => Ending {
+                status: head.status,
+                outcome,
+                upstream_reached: head.upstream_reached,
+                error: head.error,
+            },
+            None => Ending {
+                // Unwinding from a panic: the client gets a 500, not a 499.
+                status: if std::thread::panicking() {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST)
+                },
+                outcome,
+                // Only a request handed to the proxy has a settlement to tell: the proxy sends at
+                // once and holds nothing back, so the upstream had it.
+                upstream_reached: true,
+                error: None,
+            },
+        }
+    }
+}
+
+impl OnEnd for Finish {
+    fn on_end(self, end: End<'_>) {
+        let ending = Finish::ending(self.head, end);
+        self.context.run_end_actions(&ending);
+        access::record(&self.metrics, &self.context, &ending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http_body_util::BodyExt;
+    use tower::{service_fn, ServiceExt};
+
+    use super::*;
+    use crate::http::body::{full, GatewayBody};
+    use crate::http::context::AtEnd;
+
+    /// Notes in `log` what it was told when the request ended.
+    struct Note {
+        name: &'static str,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl AtEnd for Note {
+        fn at_end(self: Box<Self>, _context: &RequestContext, ending: &Ending) {
+            let line = format!(
+                "{} {} {:?}",
+                self.name,
+                ending.status.as_u16(),
+                ending.outcome
+            );
+            self.log.lock().expect("not poisoned").push(line);
+        }
+    }
+
+    fn notes(log: &Mutex<Vec<String>>) -> Vec<String> {
+        log.lock().expect("not poisoned").clone()
+    }
+
+    /// An inner service that registers two end actions, the way rate limit and quota do.
+    fn registering(
+        log: Arc<Mutex<Vec<String>>>,
+        answer: impl Future<Output = ()> + Send + Clone + 'static,
+    ) -> impl Service<
+        Request<()>,
+        Response = Response<GatewayBody>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone {
+        service_fn(move |request: Request<()>| {
+            let log = log.clone();
+            let answer = answer.clone();
+            async move {
+                let context = RequestContext::of(&request).expect("a context").clone();
+                for name in ["outer", "inner"] {
+                    let log = log.clone();
+                    context.at_end(Note { name, log });
+                }
+                answer.await;
+                let mut response = Response::new(full("answer"));
+                response
+                    .headers_mut()
+                    .insert(X_REQUEST_ID, HeaderValue::from_static("from-below"));
+                Ok::<_, Infallible>(response)
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn end_actions_run_once_when_the_body_ends_innermost_first() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let service = ObserveLayer::new(Arc::new(Metrics::new()))
+            .layer(registering(log.clone(), std::future::ready(())));
+        let request = Request::builder()
+            .header(X_REQUEST_ID, "client-id")
+            .body(())
+            .expect("request");
+        let response = service.oneshot(request).await.expect("infallible");
+        assert_eq!(
+            response.headers()[X_REQUEST_ID],
+            "client-id",
+            "the id the gateway logs, not one from below"
+        );
+        assert!(
+            notes(&log).is_empty(),
+            "nothing runs before the body is read"
+        );
+        let body = response.into_body().collect().await.expect("body");
+        assert_eq!(&body.to_bytes()[..], b"answer");
+        assert_eq!(
+            notes(&log),
+            ["inner 200 Complete", "outer 200 Complete"],
+            "once each, the innermost first"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_before_the_headers_ends_the_request_with_499() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let service = ObserveLayer::new(Arc::new(Metrics::new()))
+            .layer(registering(log.clone(), std::future::pending::<()>()));
+        let mut future = Box::pin(service.oneshot(Request::new(())));
+        let polled = futures_util::poll!(future.as_mut());
+        assert!(polled.is_pending(), "the answer has not come");
+        assert!(
+            notes(&log).is_empty(),
+            "nothing ends while the request is inside"
+        );
+        drop(future);
+        assert_eq!(
+            notes(&log),
+            ["inner 499 ClientGone", "outer 499 ClientGone"],
+            "the hook fires when the future is dropped"
         );
     }
 }

@@ -13,7 +13,7 @@ use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 use crate::config::Limits;
 use crate::http::body::GatewayBody;
-use crate::http::context::{ParsedRequest, Principal, SharedTags};
+use crate::http::context::{ParsedRequest, RequestContext};
 use crate::http::error::GatewayError;
 use crate::observability::metrics::Metrics;
 
@@ -30,23 +30,25 @@ impl ValidateRequest<Bytes> for EnforcePolicy {
     type ResponseBody = GatewayBody;
 
     fn validate(&mut self, request: &mut Request<Bytes>) -> Result<(), Response<GatewayBody>> {
-        let (Some(Principal(key)), Some(parsed)) = (
-            request.extensions().get::<Principal>(),
+        let (Some(context), Some(parsed)) = (
+            RequestContext::of(request),
             request.extensions().get::<Arc<ParsedRequest>>(),
         ) else {
             // No body to judge (GET /v1/models).
             return Ok(());
         };
+        let Some(key) = context.key() else {
+            // The auth layer must run first; never let a request through unjudged.
+            return Err(
+                GatewayError::Internal("policy reached without a key".into()).into_response(),
+            );
+        };
         if let Err(error) = check(&key.limits, parsed) {
             self.metrics.rejection(&key.name, error.reason());
             return Err(error.into_response());
         }
-        if let (Some(tags), Some(label)) = (
-            request.extensions().get::<SharedTags>(),
-            model_label(&key.limits, &parsed.model),
-        ) {
-            // Set once per request: the policy layer runs once.
-            let _ = tags.model.set(Arc::from(label));
+        if let Some(label) = model_label(&key.limits, &parsed.model) {
+            context.set_model_label(label);
         }
         Ok(())
     }

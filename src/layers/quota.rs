@@ -3,8 +3,9 @@
 //! Before forwarding, the request's worst case — the prompt estimate plus its `max_tokens` (or
 //! the key's cap when it names none) — is reserved in every window of the key's quotas; a window
 //! without room refuses it with 429, `Retry-After` at that window's reset, and the
-//! `x-ratelimit-*-tokens` headers. After the answer, [`AccountedBody`] settles the reservation to
-//! what was really used. Reserved tokens count as used while a request runs, so any number of
+//! `x-ratelimit-*-tokens` headers. After the answer, the request's [`Settlement`] (run by its end
+//! hook) charges the reservation to what was really used, read from the answer by
+//! [`WatchedBody`]. Reserved tokens count as used while a request runs, so any number of
 //! concurrent requests can never together run past a quota (except an upstream that ignores
 //! `max_tokens`: that excess is counted in `tollgate_quota_overrun_tokens_total`).
 //!
@@ -19,28 +20,24 @@ use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::response::Parts;
+use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
-use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::accounting::ledger::Ledger;
 use crate::accounting::usage::estimate_prompt_tokens_json;
-use crate::accounting::{AccountedBody, Outcome, Settlement};
+use crate::accounting::{Settlement, UsageWatch, WatchedBody};
 use crate::config::window_label;
 use crate::http::body::GatewayBody;
-use crate::http::context::{
-    Endpoint, ParsedRequest, Principal, RequestStart, SharedTags, UpstreamReached,
-};
+use crate::http::context::{ParsedRequest, RequestContext};
 use crate::http::error::{retry_after_secs, ErrorSource, GatewayError};
-use crate::observability::metrics::{Metrics, OTHER_MODEL};
-use crate::state::{Backend, WindowStatus};
-
-const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
-const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
-const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
-const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+use crate::http::headers::{
+    LIMIT_TOKENS, RATELIMIT, RATELIMIT_POLICY, REMAINING_TOKENS, RESET_TOKENS,
+};
+use crate::keys::KeyEntry;
+use crate::observability::metrics::Metrics;
+use crate::state::{Backend, Held, QuotaDenied, WindowStatus};
 
 #[derive(Clone)]
 pub struct QuotaLayer {
@@ -123,115 +120,130 @@ impl Shared {
     where
         S: Service<Request<Bytes>, Response = Response<GatewayBody>, Error = Infallible>,
     {
-        let (Some(Principal(key)), Some(parsed)) = (
-            request.extensions().get::<Principal>().cloned(),
+        let Some(context) = RequestContext::of(&request).cloned() else {
+            return Ok(
+                GatewayError::Internal("quota reached without a request context".into())
+                    .into_response(),
+            );
+        };
+        let (Some(key), Some(parsed)) = (
+            context.key().cloned(),
             request.extensions().get::<Arc<ParsedRequest>>().cloned(),
         ) else {
             // Nothing to account (GET /v1/models).
             return inner.call(request).await;
         };
         let prompt_estimate = estimate_prompt_tokens_json(&parsed.json);
-        let mut headers = HeaderMap::new();
-        let held = if key.limits.quotas.is_empty() {
-            None
-        } else {
-            let completion = parsed
-                .max_tokens
-                .or(key.limits.max_tokens.map(|cap| u64::from(cap.get())))
-                .unwrap_or(0);
-            let need = prompt_estimate.saturating_add(completion);
-            match self
-                .backend
-                .reserve(&key.name, &key.limits.quotas, need)
-                .await
-            {
-                Ok(Ok((held, windows))) => {
-                    token_headers(&mut headers, &windows);
-                    Some(held)
-                }
-                Ok(Err(denied)) => {
-                    self.metrics.rejection(&key.name, "quota");
-                    let mut response = GatewayError::QuotaExceeded {
-                        window: window_label(denied.per),
-                        limit: denied.limit,
-                        used: denied.used,
-                        needed: denied.needed,
-                        retry_after: denied.retry_after,
-                    }
-                    .into_response();
-                    let status = WindowStatus {
-                        per: denied.per,
-                        limit: denied.limit,
-                        used: denied.used,
-                        remaining: denied.limit.saturating_sub(denied.used),
-                        reset_after: denied.retry_after,
-                    };
-                    token_headers(response.headers_mut(), &[status]);
-                    return Ok(response);
-                }
-                Err(unavailable) => {
-                    self.metrics.rejection(&key.name, "state_unavailable");
-                    return Ok(GatewayError::StateUnavailable(unavailable.into()).into_response());
-                }
-            }
+        let (held, headers) = match self.reserve(&key, &parsed, prompt_estimate).await {
+            Ok(reserved) => reserved,
+            Err(refusal) => return Ok(refusal),
         };
-
         let strip = self.inject_usage && parsed.stream && !parsed.include_usage;
         if strip {
             let body = with_include_usage(request.body(), &parsed);
             *request.body_mut() = body;
         }
-        let model = request
-            .extensions()
-            .get::<SharedTags>()
-            .and_then(|tags| tags.model.get().cloned())
-            .unwrap_or_else(|| Arc::from(OTHER_MODEL));
-        let mut settlement = Settlement {
+        // Registered before the request goes upstream: a client that leaves before the answer
+        // is still charged, by the request's end hook.
+        let watch = Arc::new(UsageWatch::default());
+        context.at_end(Settlement {
             backend: self.backend.clone(),
             ledger: self.ledger.clone(),
             metrics: self.metrics.clone(),
-            key,
-            model,
-            endpoint: request
-                .extensions()
-                .get::<Endpoint>()
-                .map_or("none", |e| e.label()),
-            request_id: request.headers().get("x-request-id").cloned(),
-            start: request
-                .extensions()
-                .get::<RequestStart>()
-                .map_or_else(Instant::now, |s| s.0),
             held,
             prompt_estimate,
-            status: 0,
-            reached_upstream: false,
-            settled: false,
-        };
+            watch: watch.clone(),
+        });
 
         let Ok(response) = inner.call(request).await;
         let (mut parts, body) = response.into_parts();
-        settlement.status = parts.status.as_u16();
-        settlement.reached_upstream = parts.extensions.get::<UpstreamReached>().is_some();
         for (name, value) in &headers {
             parts.headers.append(name, value.clone());
         }
-        if parts.extensions.get::<ErrorSource>().is_some() {
-            // The gateway's own error (502/504): no body worth watching.
-            settlement.settle(None, 0, None, Outcome::UpstreamError);
-            return Ok(Response::from_parts(parts, body));
-        }
-        let sse = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-        if strip && sse {
-            // The stripped body is shorter: its length is no longer the upstream's.
-            parts.headers.remove(header::CONTENT_LENGTH);
-        }
-        let body = AccountedBody::new(body, sse, strip && sse, settlement).boxed_unsync();
+        let body = watch_answer(&mut parts, body, watch, strip);
         Ok(Response::from_parts(parts, body))
     }
+
+    /// Reserves the request's worst case in every window of the key's quotas: what is held, and
+    /// the token headers for the answer; or the refusal to send.
+    async fn reserve(
+        &self,
+        key: &KeyEntry,
+        parsed: &ParsedRequest,
+        prompt_estimate: u64,
+    ) -> Result<(Option<Held>, HeaderMap), Response<GatewayBody>> {
+        let mut headers = HeaderMap::new();
+        if key.limits.quotas.is_empty() {
+            return Ok((None, headers));
+        }
+        let completion = parsed
+            .max_tokens
+            .or(key.limits.max_tokens.map(|cap| u64::from(cap.get())))
+            .unwrap_or(0);
+        let need = prompt_estimate.saturating_add(completion);
+        match self
+            .backend
+            .reserve(&key.name, &key.limits.quotas, need)
+            .await
+        {
+            Ok(Ok((held, windows))) => {
+                token_headers(&mut headers, &windows);
+                Ok((Some(held), headers))
+            }
+            Ok(Err(denied)) => {
+                self.metrics.rejection(&key.name, "quota");
+                Err(refusal(denied))
+            }
+            Err(unavailable) => {
+                self.metrics.rejection(&key.name, "state_unavailable");
+                Err(GatewayError::StateUnavailable(unavailable.into()).into_response())
+            }
+        }
+    }
+}
+
+/// The 429 for a window without room, with its reset and token headers.
+fn refusal(denied: QuotaDenied) -> Response<GatewayBody> {
+    let mut response = GatewayError::QuotaExceeded {
+        window: window_label(denied.per),
+        limit: denied.limit,
+        used: denied.used,
+        needed: denied.needed,
+        retry_after: denied.retry_after,
+    }
+    .into_response();
+    let status = WindowStatus {
+        per: denied.per,
+        limit: denied.limit,
+        used: denied.used,
+        remaining: denied.limit.saturating_sub(denied.used),
+        reset_after: denied.retry_after,
+    };
+    token_headers(response.headers_mut(), &[status]);
+    response
+}
+
+/// The answer's body, watched for usage into `watch` — unless it is the gateway's own error
+/// (502/504), which has none worth watching.
+fn watch_answer(
+    parts: &mut Parts,
+    body: GatewayBody,
+    watch: Arc<UsageWatch>,
+    strip: bool,
+) -> GatewayBody {
+    if parts.extensions.get::<ErrorSource>().is_some() {
+        return body;
+    }
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    if strip && sse {
+        // The stripped body is shorter: its length is no longer the upstream's.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    WatchedBody::new(body, watch, sse, strip && sse).boxed_unsync()
 }
 
 /// The body with `stream_options.include_usage` set. When the client sent no `stream_options`,

@@ -3,9 +3,9 @@
 //! `Retry-After`; 503 when the shared state is unreachable under `fail_closed`.
 //!
 //! Edge cases:
-//! - The in-flight slot is taken first (cheap, and given back if the rate refuses), and held by
-//!   the response body until its last byte is sent or the client leaves — a stream counts for as
-//!   long as it runs. A full key is refused at once; requests never queue.
+//! - The in-flight slot is taken first (cheap, and given back if the rate refuses), and held
+//!   until the request's end hook runs — its last frame sent, or its client gone: a stream counts
+//!   for as long as it runs. A full key is refused at once; requests never queue.
 //! - `Retry-After` is whole seconds rounded up, so that a client that waits that long gets in.
 //! - The `x-ratelimit-*-requests` headers (OpenAI's names) and the IETF `RateLimit-Policy` /
 //!   `RateLimit` fields are set on every answer of a rate-limited key, 429s included.
@@ -16,23 +16,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
-use http_body_util::BodyExt;
+use http::{HeaderMap, HeaderValue, Request, Response};
 use tower::{Layer, Service};
 
 use crate::config::RateLimit as RateConfig;
-use crate::http::body::{GatewayBody, WithGuard};
-use crate::http::context::Principal;
+use crate::http::body::GatewayBody;
+use crate::http::context::{AtEnd, Ending, RequestContext};
 use crate::http::error::{retry_after_secs, GatewayError};
+use crate::http::headers::{
+    LIMIT_REQUESTS, RATELIMIT, RATELIMIT_POLICY, REMAINING_REQUESTS, RESET_REQUESTS,
+};
 use crate::keys::KeyEntry;
 use crate::observability::metrics::Metrics;
-use crate::state::{Backend, Refusal};
-
-const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+use crate::state::{Backend, Refusal, Slot};
 
 #[derive(Clone)]
 pub struct RateLimitLayer {
@@ -89,10 +85,12 @@ where
         let backend = self.backend.clone();
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            let Some(Principal(key)) = request.extensions().get::<Principal>().cloned() else {
+            let Some((context, key)) = RequestContext::of(&request)
+                .and_then(|context| Some((context.clone(), context.key()?.clone())))
+            else {
                 // The auth layer must run first; never let a request through unidentified.
                 return Ok(
-                    GatewayError::Internal("rate limit reached without a principal".into())
+                    GatewayError::Internal("rate limit reached without a key".into())
                         .into_response(),
                 );
             };
@@ -100,6 +98,9 @@ where
                 Ok(admission) => admission,
                 Err(refusal) => return Ok(refuse(&key, refusal, &metrics)),
             };
+            // The slot is given back when the request ends: a stream counts until its last
+            // frame is sent or its client leaves.
+            context.at_end(Release(admission.slot));
             let Ok(response) = inner.call(request).await;
             let (mut parts, body) = response.into_parts();
             if let (Some(rate), Some((remaining, reset))) = (key.limits.rate, admission.rate) {
@@ -110,10 +111,17 @@ where
                     parts.headers.append(name, value.clone());
                 }
             }
-            // The slot is held by the body: a stream counts until it ends or its client leaves.
-            let body = WithGuard::new(body, admission.slot).boxed_unsync();
             Ok(Response::from_parts(parts, body))
         })
+    }
+}
+
+/// A request's in-flight slot, held until the request ends.
+struct Release(Slot);
+
+impl AtEnd for Release {
+    fn at_end(self: Box<Self>, _context: &RequestContext, _ending: &Ending) {
+        drop(self.0);
     }
 }
 

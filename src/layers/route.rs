@@ -13,7 +13,7 @@ use http::{Method, Request, Response};
 use tower::{Layer, Service};
 
 use crate::http::body::GatewayBody;
-use crate::http::context::{Endpoint, SharedTags};
+use crate::http::context::{Endpoint, RequestContext};
 use crate::http::error::GatewayError;
 
 /// Matches a request's method and path to an endpoint.
@@ -64,14 +64,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let Some(context) = RequestContext::of(&request) else {
+            let error = GatewayError::Internal("route reached without a request context".into());
+            return Either::Left(ready(Ok(error.into_response())));
+        };
         match resolve(request.method(), request.uri().path()) {
             Ok(endpoint) => {
-                if let Some(tags) = request.extensions().get::<SharedTags>() {
-                    // Set once per request: a second set cannot happen, and would be harmless.
-                    let _ = tags.endpoint.set(endpoint);
-                }
-                request.extensions_mut().insert(endpoint);
+                context.set_endpoint(endpoint);
                 Either::Right(self.inner.call(request))
             }
             Err(error) => Either::Left(ready(Ok(error.into_response()))),

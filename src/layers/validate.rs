@@ -22,7 +22,7 @@ use serde_json::Value;
 use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 use crate::http::body::GatewayBody;
-use crate::http::context::{Endpoint, ParsedRequest};
+use crate::http::context::{Endpoint, ParsedRequest, RequestContext};
 use crate::http::error::{FieldError, GatewayError};
 
 /// The OpenAPI document the request schemas come from.
@@ -236,7 +236,7 @@ impl ValidateRequest<Bytes> for ValidateBody {
     type ResponseBody = GatewayBody;
 
     fn validate(&mut self, request: &mut Request<Bytes>) -> Result<(), Response<GatewayBody>> {
-        let Some(&endpoint) = request.extensions().get::<Endpoint>() else {
+        let Some(endpoint) = RequestContext::of(request).and_then(|c| c.endpoint()) else {
             return Err(
                 GatewayError::Internal("validation reached unrouted".into()).into_response()
             );

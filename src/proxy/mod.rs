@@ -7,7 +7,9 @@
 //! - credentials: the client's `Authorization`, `api-key` and `x-api-key` are removed and the
 //!   gateway's own `Authorization: Bearer …` is set (when configured);
 //! - hop-by-hop headers (RFC 9110 §7.6.1, and any named in `Connection`) are dropped both ways;
-//! - `accept-encoding: identity`, so the bytes the gateway observes are plain text.
+//! - `accept-encoding: identity`, so the bytes the gateway observes are plain text;
+//! - on the answer, the upstream's `x-request-id` becomes `x-upstream-request-id`, and its own
+//!   rate-limit headers are removed ([`crate::http::headers`]): the client gets the gateway's.
 //!
 //! The request body reaches the upstream byte for byte; the response body comes back frame by
 //! frame as the upstream sends it ([`UpstreamBody`]).
@@ -43,8 +45,9 @@ use tower::Service;
 
 use crate::config::UpstreamConfig;
 use crate::http::body::{BoxError, GatewayBody};
-use crate::http::context::{Endpoint, RequestStart, UpstreamReached};
+use crate::http::context::{Endpoint, RequestContext, UpstreamReached};
 use crate::http::error::GatewayError;
+use crate::http::headers::own_upstream_headers;
 use crate::observability::metrics::Metrics;
 use crate::proxy::upstream_body::UpstreamBody;
 
@@ -196,11 +199,9 @@ impl Shared {
         &self,
         request: Request<Bytes>,
     ) -> Result<Response<GatewayBody>, GatewayError> {
-        let endpoint = *request
-            .extensions()
-            .get::<Endpoint>()
+        let (endpoint, start) = RequestContext::of(&request)
+            .and_then(|context| Some((context.endpoint()?, context.start())))
             .ok_or_else(|| GatewayError::Internal("request reached the proxy unrouted".into()))?;
-        let start = request.extensions().get::<RequestStart>().map(|s| s.0);
         let (parts, body) = request.into_parts();
         let uri = self.upstream_uri(endpoint, parts.uri.query())?;
         let headers = self.upstream_headers(parts.headers);
@@ -212,11 +213,9 @@ impl Shared {
             upstream_request
         };
 
-        if let Some(start) = start {
-            self.metrics
-                .overhead_seconds
-                .observe(start.elapsed().as_secs_f64());
-        }
+        self.metrics
+            .overhead_seconds
+            .observe(start.elapsed().as_secs_f64());
         let deadline = Instant::now() + self.upstream.response_header_timeout;
         let response = match self.send(&self.client, build(), deadline).await {
             Err(Failure::NotSent(error)) => {
@@ -240,6 +239,7 @@ impl Shared {
 
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        own_upstream_headers(&mut parts.headers);
         parts.extensions.insert(UpstreamReached);
         let body = UpstreamBody::new(incoming, self.upstream.idle_timeout, self.metrics.clone());
         Ok(Response::from_parts(parts, body.boxed_unsync()))

@@ -26,7 +26,8 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::Service;
 
-use crate::http::body::WithGuard;
+use crate::http::body::BoxError;
+use crate::http::end::{End, Hook, HookBody, OnEnd};
 
 /// What one connection has in flight, and since when it has had nothing.
 #[derive(Debug)]
@@ -99,6 +100,11 @@ impl Drop for InFlight {
     }
 }
 
+impl OnEnd for InFlight {
+    /// However the answer ended, the request is no longer in flight.
+    fn on_end(self, _: End<'_>) {}
+}
+
 // === impl Tracked ===
 
 /// A connection's request stack, counting what it has in flight into an [`Activity`].
@@ -117,6 +123,7 @@ impl<S> Tracked<S> {
 impl<S, Req, B> Service<Request<Req>> for Tracked<S>
 where
     S: Service<Request<Req>, Response = Response<B>>,
+    B: http_body::Body<Error = BoxError>,
 {
     type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
@@ -146,19 +153,20 @@ pin_project! {
 impl<F, B, E> std::future::Future for ResponseFuture<F>
 where
     F: std::future::Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body<Error = BoxError>,
 {
     type Output = Result<Response<TrackedBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
-        let in_flight = this.in_flight.take();
-        Poll::Ready(result.map(|response| response.map(|inner| WithGuard::new(inner, in_flight))))
+        let hook = this.in_flight.take().map_or_else(Hook::fired, Hook::new);
+        Poll::Ready(result.map(|response| response.map(|inner| HookBody::new(inner, hook))))
     }
 }
 
-/// A response body that keeps its request in flight until hyper drops it.
-pub type TrackedBody<B> = WithGuard<B, Option<InFlight>>;
+/// A response body that keeps its request in flight until its end, or until hyper drops it.
+pub type TrackedBody<B> = HookBody<B, InFlight>;
 
 #[cfg(test)]
 mod tests {

@@ -15,4 +15,5 @@ mod proxy;
 mod real_upstream;
 mod redis;
 mod report;
+mod upstream_answer;
 mod validate;

@@ -1,0 +1,79 @@
+//! The response headers the gateway owns, spelled once: the request id, and the rate-limit
+//! fields (OpenAI's `x-ratelimit-*` names, and the IETF `RateLimit-Policy` / `RateLimit` of
+//! draft-ietf-httpapi-ratelimit-headers).
+//!
+//! The upstream's own values of these never reach the client: its `x-request-id` is returned as
+//! `x-upstream-request-id`, and its rate-limit fields — which describe the gateway's credential,
+//! shared by every key, not the client's allowance — are removed ([`own_upstream_headers`]).
+
+use http::{HeaderMap, HeaderName};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The upstream's own request id, kept for support requests to the upstream's operator.
+pub const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+
+pub const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+pub const REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-requests");
+pub const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+pub const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+pub const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+pub const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Whether `name` is a rate-limit field: one the gateway sets from its own limits.
+pub fn is_rate_limit(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.starts_with("x-ratelimit-") || name == RATELIMIT || name == RATELIMIT_POLICY
+}
+
+/// Makes the upstream's response headers the gateway's: its request id moves to
+/// `x-upstream-request-id` (the gateway's own is set by the outer layer), and its rate-limit
+/// fields are removed (the limit layers set the key's).
+pub fn own_upstream_headers(headers: &mut HeaderMap) {
+    let ids: Vec<_> = headers.get_all(X_REQUEST_ID).iter().cloned().collect();
+    headers.remove(X_REQUEST_ID);
+    for id in ids {
+        headers.append(X_UPSTREAM_REQUEST_ID, id);
+    }
+    let limits: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_rate_limit(n))
+        .cloned()
+        .collect();
+    for name in limits {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn the_upstreams_id_is_renamed_and_its_limits_removed() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("x-request-id", "req_up"),
+            ("x-ratelimit-remaining-tokens", "99885"),
+            ("x-ratelimit-limit-requests", "5000"),
+            ("ratelimit", "\"up\";r=1;t=1"),
+            ("ratelimit-policy", "\"up\";q=5;w=60"),
+            ("retry-after", "3"),
+            ("content-type", "application/json"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        own_upstream_headers(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["content-type", "retry-after", "x-upstream-request-id"],
+            "only the upstream's own id (renamed) and unrelated headers remain"
+        );
+        assert_eq!(headers["x-upstream-request-id"], "req_up");
+    }
+}

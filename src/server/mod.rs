@@ -36,7 +36,9 @@ use crate::observability::metrics::Metrics;
 use crate::server::admin::Admin;
 use crate::server::reload::Reloader;
 use crate::server::tls::CertResolver;
-use crate::server::worker::{ConnectionLimit, ConnectionSettings, Phase, Worker};
+use crate::server::worker::{
+    ConnectionLimit, ConnectionSettings, Phase, ResponseBody, Stack, Worker,
+};
 use crate::stack::build_stack;
 use crate::stack::Accounting;
 use crate::state::clock::Clock;
@@ -153,8 +155,8 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BoxError> {
-        // One stack per worker, each with its own upstream pool; built first, so that an error
-        // here has started nothing. The connector (and the trusted roots it read) is shared.
+        // Everything that can fail is built before anything starts. One stack per worker, each
+        // with its own upstream pool; the connector (and the trusted roots it read) is shared.
         let connector = crate::proxy::connector(&self.config.upstream)?;
         let stacks = (0..self.config.server.workers.get())
             .map(|_| {
@@ -168,20 +170,84 @@ impl Server {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let flusher =
-            self.accounting.backend.local().map(|local| {
-                tokio::spawn(local.clone().run_flusher(self.config.state.flush_interval))
-            });
-        let renewer = self
-            .accounting
-            .backend
-            .redis()
-            .map(|redis| tokio::spawn(redis.clone().run_renewer()));
-        let reload_task = self
-            .reloader
-            .clone()
-            .map(|reloader| tokio::spawn(reloader.watch()));
-        let admin = Admin {
+        let settings = self.connection_settings()?;
+        let admin_tls = match &self.admin_tls {
+            Some(resolver) => Some(crate::server::tls::acceptor(resolver.clone(), ALPN_ADMIN)?),
+            None => None,
+        };
+        let (listen_addr, admin_addr) = (self.local_addr()?, self.admin_addr()?);
+        let background = self.spawn_background();
+        let admin = self.admin();
+        let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin, admin_tls));
+
+        // Dropping `phase` (an error below, or this future dropped) ends every worker.
+        let (phase, watching) = watch::channel(Phase::Serve);
+        let mut workers = spawn_workers(self.listener, stacks, &settings, &watching)?;
+        tracing::info!(
+            listen = %listen_addr,
+            admin = %admin_addr,
+            upstream = %self.config.upstream.base_url(),
+            workers = workers.len(),
+            "tollgate serving"
+        );
+        shutdown.await;
+
+        drain_connections(&phase, &mut workers, self.config.server.shutdown_timeout).await;
+        admin_task.abort();
+        if let Some(task) = &background.reload {
+            task.abort();
+        }
+        // Every request has settled (or was cut at the deadline, and settled as it dropped):
+        // write what was charged, and the ledger's last lines.
+        self.accounting.backend.drain(Duration::from_secs(5)).await;
+        phase.send_replace(Phase::Exit);
+        let _ =
+            tokio::task::spawn_blocking(move || workers.into_iter().for_each(Worker::join)).await;
+        for task in [background.flusher, background.renewer]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
+        save_state(&self.accounting).await;
+        Ok(())
+    }
+
+    fn connection_settings(&self) -> Result<Arc<ConnectionSettings>, BoxError> {
+        let server = &self.config.server;
+        let tls = match &self.tls {
+            Some(resolver) => Some(crate::server::tls::acceptor(resolver.clone(), ALPN_CLIENT)?),
+            None => None,
+        };
+        Ok(Arc::new(ConnectionSettings {
+            builder: connection_builder(server),
+            tls,
+            head_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            limit: ConnectionLimit::new(server.max_connections),
+        }))
+    }
+
+    /// The state flusher, the Redis lease renewer and the config watcher, as configured.
+    fn spawn_background(&self) -> Background {
+        let backend = &self.accounting.backend;
+        let flush_interval = self.config.state.flush_interval;
+        Background {
+            flusher: backend
+                .local()
+                .map(|local| tokio::spawn(local.clone().run_flusher(flush_interval))),
+            renewer: backend
+                .redis()
+                .map(|redis| tokio::spawn(redis.clone().run_renewer())),
+            reload: self
+                .reloader
+                .clone()
+                .map(|reloader| tokio::spawn(reloader.watch())),
+        }
+    }
+
+    fn admin(&self) -> Admin {
+        Admin {
             metrics: self.metrics.clone(),
             upstream: self.config.upstream.clone(),
             backend: self.accounting.backend.clone(),
@@ -192,106 +258,78 @@ impl Server {
                 .admin_token
                 .as_ref()
                 .map(|t| crate::keys::hash_token(t.expose().as_bytes())),
-        };
-        let admin_addr = self.admin_addr()?;
-        let listen_addr = self.local_addr()?;
-        let admin_tls = match &self.admin_tls {
-            Some(resolver) => Some(crate::server::tls::acceptor(resolver.clone(), ALPN_ADMIN)?),
-            None => None,
-        };
-        let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin, admin_tls));
-
-        let server = &self.config.server;
-        let settings = Arc::new(ConnectionSettings {
-            builder: connection_builder(server),
-            tls: match &self.tls {
-                Some(resolver) => {
-                    Some(crate::server::tls::acceptor(resolver.clone(), ALPN_CLIENT)?)
-                }
-                None => None,
-            },
-            head_timeout: server.header_read_timeout,
-            idle_timeout: server.idle_timeout,
-            limit: ConnectionLimit::new(server.max_connections),
-        });
-
-        // Dropping `phase` (an error below, or this future dropped) ends every worker.
-        let (phase, watching) = watch::channel(Phase::Serve);
-        let listener = self.listener.into_std()?;
-        let mut workers = Vec::new();
-        for (index, stack) in stacks.into_iter().enumerate() {
-            let listener = listener.try_clone()?;
-            workers.push(Worker::spawn(
-                index,
-                listener,
-                stack,
-                settings.clone(),
-                watching.clone(),
-            )?);
         }
-        drop(listener);
+    }
+}
 
-        tracing::info!(
-            listen = %listen_addr,
-            admin = %admin_addr,
-            upstream = %self.config.upstream.base_url(),
-            workers = workers.len(),
-            "tollgate serving"
-        );
-        shutdown.await;
+/// Tasks that run beside the listeners until shutdown.
+struct Background {
+    flusher: Option<tokio::task::JoinHandle<()>>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+    reload: Option<tokio::task::JoinHandle<()>>,
+}
 
-        let deadline = self.config.server.shutdown_timeout;
-        tracing::info!(
-            ?deadline,
-            "shutting down: no new connections; waiting for in-flight requests"
-        );
-        phase.send_replace(Phase::Drain);
-        {
-            let mut closed = join_all(workers.iter_mut().map(|worker| &mut worker.closed));
-            match tokio::time::timeout(deadline, &mut closed).await {
-                Ok(_) => tracing::info!("all connections finished"),
-                Err(_) => {
-                    tracing::warn!(
-                        ?deadline,
-                        "shutdown deadline passed; closing the connections still open"
-                    );
-                    phase.send_replace(Phase::Cut);
-                    closed.await;
-                }
+/// One worker thread per stack, all accepting on clones of one listener.
+fn spawn_workers<S: Stack<B>, B: ResponseBody>(
+    listener: TcpListener,
+    stacks: Vec<S>,
+    settings: &Arc<ConnectionSettings>,
+    phase: &watch::Receiver<Phase>,
+) -> Result<Vec<Worker>, BoxError> {
+    let listener = listener.into_std()?;
+    let mut workers = Vec::with_capacity(stacks.len());
+    for (index, stack) in stacks.into_iter().enumerate() {
+        let listener = listener.try_clone()?;
+        workers.push(Worker::spawn(
+            index,
+            listener,
+            stack,
+            settings.clone(),
+            phase.clone(),
+        )?);
+    }
+    Ok(workers)
+}
+
+/// Stops accepting and waits for open connections to finish, for up to `deadline`; then cuts
+/// the ones still open.
+async fn drain_connections(
+    phase: &watch::Sender<Phase>,
+    workers: &mut [Worker],
+    deadline: Duration,
+) {
+    tracing::info!(
+        ?deadline,
+        "shutting down: no new connections; waiting for in-flight requests"
+    );
+    phase.send_replace(Phase::Drain);
+    let mut closed = join_all(workers.iter_mut().map(|worker| &mut worker.closed));
+    match tokio::time::timeout(deadline, &mut closed).await {
+        Ok(_) => tracing::info!("all connections finished"),
+        Err(_) => {
+            tracing::warn!(
+                ?deadline,
+                "shutdown deadline passed; closing the connections still open"
+            );
+            phase.send_replace(Phase::Cut);
+            closed.await;
+        }
+    }
+}
+
+/// Saves the local usage state and writes the ledger's last lines.
+async fn save_state(accounting: &Accounting) {
+    if let Some(local) = accounting.backend.local().cloned() {
+        match tokio::task::spawn_blocking(move || local.flush()).await {
+            Ok(Ok(())) => tracing::info!("usage state saved"),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "cannot save the usage state at shutdown")
             }
+            Err(error) => tracing::error!(%error, "usage state flush failed"),
         }
-        admin_task.abort();
-        if let Some(task) = reload_task {
-            task.abort();
-        }
-        // Every request has settled (or was cut at the deadline, and settled as it dropped):
-        // write what was charged, and the ledger's last lines.
-        self.accounting
-            .backend
-            .drain(std::time::Duration::from_secs(5))
-            .await;
-        phase.send_replace(Phase::Exit);
-        let _ =
-            tokio::task::spawn_blocking(move || workers.into_iter().for_each(Worker::join)).await;
-        for task in [flusher, renewer].into_iter().flatten() {
-            task.abort();
-        }
-        if let Some(local) = self.accounting.backend.local().cloned() {
-            match tokio::task::spawn_blocking(move || local.flush()).await {
-                Ok(Ok(())) => tracing::info!("usage state saved"),
-                Ok(Err(error)) => {
-                    tracing::error!(%error, "cannot save the usage state at shutdown")
-                }
-                Err(error) => tracing::error!(%error, "usage state flush failed"),
-            }
-        }
-        if let Some(ledger) = self.accounting.ledger.clone() {
-            let _ = tokio::task::spawn_blocking(move || {
-                ledger.close(std::time::Duration::from_secs(10))
-            })
-            .await;
-        }
-        Ok(())
+    }
+    if let Some(ledger) = accounting.ledger.clone() {
+        let _ = tokio::task::spawn_blocking(move || ledger.close(Duration::from_secs(10))).await;
     }
 }
 

@@ -1,12 +1,29 @@
-//! The response headers the gateway owns, spelled once: the request id, and the rate-limit
-//! fields (OpenAI's `x-ratelimit-*` names, and the IETF `RateLimit-Policy` / `RateLimit` of
+//! The headers the gateway owns, spelled once: the client credential headers and the one bearer
+//! parser (auth and the admin API both use it), the request id, and the rate-limit fields
+//! (OpenAI's `x-ratelimit-*` names, and the IETF `RateLimit-Policy` / `RateLimit` of
 //! draft-ietf-httpapi-ratelimit-headers).
 //!
 //! The upstream's own values of these never reach the client: its `x-request-id` is returned as
 //! `x-upstream-request-id`, and its rate-limit fields — which describe the gateway's credential,
 //! shared by every key, not the client's allowance — are removed ([`own_upstream_headers`]).
 
-use http::{HeaderMap, HeaderName};
+use http::{header, HeaderMap, HeaderName};
+
+/// Where a client presents its key: `Authorization: Bearer <key>`, or `api-key:` / `x-api-key:`
+/// (which some clients send). The gateway's business, never the upstream's.
+pub const CLIENT_CREDENTIALS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+];
+
+/// The token of an `Authorization: Bearer <token>` value: the scheme in any case (RFC 9110
+/// §11.1), the token without surrounding whitespace. `None` for another scheme or an empty token.
+pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, token) = (&value[..space], value[space + 1..].trim_ascii());
+    (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
+}
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The upstream's own request id, kept for support requests to the upstream's operator.
@@ -51,6 +68,20 @@ pub fn own_upstream_headers(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn a_bearer_token_is_read_in_any_case_of_the_scheme() {
+        assert_eq!(bearer_token(b"Bearer tg-1"), Some(&b"tg-1"[..]));
+        assert_eq!(bearer_token(b"bEaReR   tg-1 "), Some(&b"tg-1"[..]));
+        assert_eq!(bearer_token(b"Bearer "), None, "an empty token");
+        assert_eq!(bearer_token(b"Bearer"), None, "no token at all");
+        assert_eq!(bearer_token(b"Basic dTpw"), None, "another scheme");
+        assert_eq!(
+            bearer_token(b"tg-1"),
+            None,
+            "a bare token is not a bearer value"
+        );
+    }
 
     #[test]
     fn the_upstreams_id_is_renamed_and_its_limits_removed() {

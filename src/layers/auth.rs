@@ -15,6 +15,7 @@ use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 use crate::http::body::GatewayBody;
 use crate::http::context::RequestContext;
 use crate::http::error::GatewayError;
+use crate::http::headers::{bearer_token, CLIENT_CREDENTIALS};
 use crate::keys::SharedKeys;
 use crate::observability::metrics::{Metrics, UNAUTHENTICATED};
 
@@ -62,42 +63,27 @@ impl<B> ValidateRequest<B> for Authenticate {
 /// The key bytes the client presented. More than one credential header line (of any of the
 /// three names) is ambiguous, and refused rather than guessed at.
 fn presented_key(headers: &HeaderMap) -> Result<&[u8], GatewayError> {
-    let lines: usize = [header::AUTHORIZATION.as_str(), "x-api-key", "api-key"]
+    let lines: usize = CLIENT_CREDENTIALS
         .iter()
-        .map(|name| headers.get_all(*name).iter().count())
+        .map(|name| headers.get_all(name).iter().count())
         .sum();
-    let distinct = {
-        let mut values: Vec<&[u8]> = [header::AUTHORIZATION.as_str(), "x-api-key", "api-key"]
+    if lines > 1 {
+        // The same key sent twice (say, as Authorization and x-api-key) is not ambiguous.
+        let mut values: Vec<&[u8]> = CLIENT_CREDENTIALS
             .iter()
-            .flat_map(|name| headers.get_all(*name).iter())
-            .map(|v| {
-                let v = v.as_bytes();
-                v.strip_prefix(b"Bearer ")
-                    .or_else(|| v.strip_prefix(b"bearer "))
-                    .unwrap_or(v)
-                    .trim_ascii()
-            })
+            .flat_map(|name| headers.get_all(name).iter())
+            .map(|v| bearer_token(v.as_bytes()).unwrap_or(v.as_bytes().trim_ascii()))
             .collect();
         values.sort_unstable();
         values.dedup();
-        values.len()
-    };
-    if lines > 1 && distinct > 1 {
-        return Err(GatewayError::MalformedApiKey);
-    }
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let value = value.as_bytes();
-        let (scheme, rest) = match value.iter().position(|&b| b == b' ') {
-            Some(space) => (&value[..space], &value[space + 1..]),
-            None => (value, &value[value.len()..]),
-        };
-        let token = rest.trim_ascii();
-        if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() {
+        if values.len() > 1 {
             return Err(GatewayError::MalformedApiKey);
         }
-        return Ok(token);
     }
-    for name in ["x-api-key", "api-key"] {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        return bearer_token(value.as_bytes()).ok_or(GatewayError::MalformedApiKey);
+    }
+    for name in &CLIENT_CREDENTIALS[1..] {
         if let Some(value) = headers.get(name) {
             let token = value.as_bytes().trim_ascii();
             if token.is_empty() {

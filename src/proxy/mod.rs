@@ -48,6 +48,7 @@ use crate::http::body::{BoxError, GatewayBody};
 use crate::http::context::{Endpoint, RequestContext, UpstreamReached};
 use crate::http::error::GatewayError;
 use crate::http::headers::own_upstream_headers;
+use crate::http::headers::CLIENT_CREDENTIALS;
 use crate::observability::metrics::Metrics;
 use crate::proxy::upstream_body::UpstreamBody;
 
@@ -67,13 +68,6 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
-];
-
-/// Client credentials: the gateway's business, never the upstream's.
-const CLIENT_CREDENTIALS: [HeaderName; 3] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("api-key"),
-    HeaderName::from_static("x-api-key"),
 ];
 
 #[derive(Clone)]

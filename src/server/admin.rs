@@ -19,6 +19,7 @@ use serde_json::json;
 use crate::config::UpstreamConfig;
 use crate::http::body::GatewayBody;
 use crate::http::error::GatewayError;
+use crate::http::headers::bearer_token;
 use crate::keys::{hash_token, KeyEntry, SharedKeys};
 use crate::observability::metrics::Metrics;
 use crate::state::Backend;
@@ -117,17 +118,18 @@ impl Admin {
                        "error": {"message": "the admin API is off: set server.admin_token_env", "type": "not_found_error", "code": "admin_disabled"}}),
             )));
         };
-        let presented = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| hash_token(t.trim().as_bytes()));
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Err(Box::new(GatewayError::MissingApiKey.into_response()));
+        };
+        let Some(token) = bearer_token(value.as_bytes()) else {
+            return Err(Box::new(GatewayError::MalformedApiKey.into_response()));
+        };
         // Digests, not tokens, are compared: timing can tell at most how many leading bytes of a
         // SHA-256 matched, which says nothing an attacker can steer toward the token.
-        match presented {
-            Some(digest) if digest == *expected => Ok(()),
-            Some(_) => Err(Box::new(GatewayError::InvalidApiKey.into_response())),
-            None => Err(Box::new(GatewayError::MissingApiKey.into_response())),
+        if hash_token(token) == *expected {
+            Ok(())
+        } else {
+            Err(Box::new(GatewayError::InvalidApiKey.into_response()))
         }
     }
 

@@ -334,6 +334,14 @@ async fn the_admin_api_shows_limits_and_usage_behind_its_own_token() {
         .filter_map(|k| k["name"].as_str())
         .collect();
     assert_eq!(names, ["alpha", "beta", "test"]);
+    // One bearer parser for clients and operators: the scheme in any case (RFC 9110 §11.1).
+    let lowercase = admin
+        .get(&keys_url)
+        .header("authorization", format!("bearer {token}"))
+        .send()
+        .await
+        .expect("admin request");
+    assert_eq!(lowercase.status(), 200, "a lowercase scheme is accepted");
 
     let alpha: Value = admin
         .get(format!("{keys_url}/alpha"))

@@ -142,7 +142,7 @@ fn load_tls(
     };
     let span = spanned.span();
     let files = spanned.into_inner();
-    tls::load(&files.cert, &files.key).map_err(|msg| src.at(span, key, msg))?;
+    tls::load(&files.cert, &files.key).map_err(|e| src.at(span, key, e.to_string()))?;
     Ok(Some(TlsFiles {
         cert: files.cert,
         key: files.key,

@@ -33,6 +33,15 @@ const MAX_LISTED_ERRORS: usize = 10;
 /// A value longer than this (as JSON) is shown truncated.
 const MAX_VALUE_CHARS: usize = 200;
 
+/// Why the embedded API document did not compile (a build defect, not a user's error).
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("schemas/openapi.json is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("schemas/openapi.json: component {name}: {message}")]
+    Component { name: &'static str, message: String },
+}
+
 /// The compiled request validators, one per endpoint with a body.
 pub struct Schemas {
     chat: Validator,
@@ -41,10 +50,10 @@ pub struct Schemas {
 
 impl Schemas {
     /// Compiles the embedded document's request components.
-    pub fn compile() -> Result<Schemas, String> {
-        let document: Value = serde_json::from_str(OPENAPI_DOCUMENT)
-            .map_err(|e| format!("schemas/openapi.json is not JSON: {e}"))?;
-        let component = |name: &str| -> Result<Validator, String> {
+    pub fn compile() -> Result<Schemas, SchemaError> {
+        let document: Value =
+            serde_json::from_str(OPENAPI_DOCUMENT).map_err(SchemaError::NotJson)?;
+        let component = |name: &'static str| -> Result<Validator, SchemaError> {
             let resource = Resource::from_contents(document.clone());
             jsonschema::options()
                 .with_draft(Draft::Draft202012)
@@ -52,7 +61,10 @@ impl Schemas {
                 .build(&serde_json::json!({
                     "$ref": format!("{DOCUMENT_URI}#/components/schemas/{name}")
                 }))
-                .map_err(|e| format!("schemas/openapi.json: component {name}: {e}"))
+                .map_err(|e| SchemaError::Component {
+                    name,
+                    message: e.to_string(),
+                })
         };
         Ok(Schemas {
             chat: component("CreateChatCompletionBody")?,

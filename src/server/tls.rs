@@ -16,7 +16,7 @@ use rustls::sign::CertifiedKey;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::tls::load;
+use crate::config::tls::{load, TlsError};
 
 /// A client must finish its TLS handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,14 +28,14 @@ pub struct CertResolver {
 }
 
 impl CertResolver {
-    pub fn new(cert: &Path, key: &Path) -> Result<CertResolver, String> {
+    pub fn new(cert: &Path, key: &Path) -> Result<CertResolver, TlsError> {
         Ok(CertResolver {
             current: ArcSwap::from_pointee(load(cert, key)?),
         })
     }
 
     /// Loads new files and serves them to new handshakes, or keeps the old ones.
-    pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), String> {
+    pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
         self.current.store(Arc::new(load(cert, key)?));
         Ok(())
     }
@@ -48,11 +48,10 @@ impl ResolvesServerCert for CertResolver {
 }
 
 /// An acceptor serving `resolver`'s certificate, offering `alpn` (most preferred first).
-pub fn acceptor(resolver: Arc<CertResolver>, alpn: &[&[u8]]) -> Result<TlsAcceptor, String> {
+pub fn acceptor(resolver: Arc<CertResolver>, alpn: &[&[u8]]) -> Result<TlsAcceptor, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

@@ -268,13 +268,26 @@ pub struct RedisState {
     status: Script,
 }
 
+/// Why Redis could not be set up or did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("state.redis_url: {0}")]
+    Url(#[source] redis::RedisError),
+    #[error("state: redis client: {0}")]
+    Client(#[source] redis::RedisError),
+    #[error("{0}")]
+    Command(#[source] redis::RedisError),
+    #[error("no answer within 1s")]
+    NoAnswer,
+}
+
 impl RedisState {
     /// Sets up the client; the connection is made on first use and remade by itself, so the
     /// gateway starts (and, under `fail_open`, serves) while Redis is still away.
-    pub fn connect(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisState, String> {
+    pub fn connect(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisState, RedisError> {
         let mut info: redis::ConnectionInfo =
             redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
-                .map_err(|e| format!("state.redis_url: {e}"))?;
+                .map_err(RedisError::Url)?;
         if let Some(password) = &config.password {
             let settings = info
                 .redis_settings()
@@ -282,14 +295,14 @@ impl RedisState {
                 .set_password(password.expose());
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info).map_err(|e| format!("state.redis_url: {e}"))?;
+        let client = redis::Client::open(info).map_err(RedisError::Url)?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| format!("state: redis client: {e}"))?;
+            .map_err(RedisError::Client)?;
         let replica = uuid::Uuid::new_v4().simple().to_string();
         let window_script = |body: &str| Script::new(&format!("{WINDOW_FUNCTIONS}{body}"));
         Ok(RedisState {
@@ -616,7 +629,7 @@ impl RedisState {
     }
 
     /// Whether Redis answers a PING within a second (an answer also ends an outage).
-    pub async fn ping(self: &Arc<Self>) -> Result<(), String> {
+    pub async fn ping(self: &Arc<Self>) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
         let command = redis::cmd("PING");
         let ping = command.query_async::<String>(&mut conn);
@@ -625,8 +638,8 @@ impl RedisState {
                 self.succeeded();
                 Ok(())
             }
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err("no answer within 1s".into()),
+            Ok(Err(error)) => Err(RedisError::Command(error)),
+            Err(_) => Err(RedisError::NoAnswer),
         }
     }
 

@@ -110,6 +110,7 @@ impl KeyStore {
                 (Some(rate), Some(old)) if old.limits.rate == Some(rate) => old.limiter.clone(),
                 (Some(rate), _) => Some(Arc::new(new_limiter(rate, clock))),
             };
+            metrics.add_key(&key.name);
             let inflight = registry.get(&key.name, metrics);
             let entry = Arc::new(KeyEntry {
                 name: key.name.clone(),

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::observability::labels::LedgerErrorReason;
 use crate::observability::metrics::Metrics;
 
 /// Lines waiting for the writer at most; more are dropped (and counted).
@@ -86,7 +87,7 @@ impl Ledger {
         use std::sync::atomic::Ordering;
         let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(sender) = sender.as_ref() else {
-            self.metrics.ledger_error("closed");
+            self.metrics.ledger_error(LedgerErrorReason::Closed);
             return;
         };
         match sender.try_send(entry) {
@@ -96,12 +97,14 @@ impl Ledger {
                 }
             }
             Err(TrySendError::Full(_)) => {
-                self.metrics.ledger_error("queue_full");
+                self.metrics.ledger_error(LedgerErrorReason::QueueFull);
                 if !self.overflowing.swap(true, Ordering::Relaxed) {
                     tracing::error!("ledger queue full: the disk does not keep up; lines are being dropped (tollgate_ledger_errors_total)");
                 }
             }
-            Err(TrySendError::Disconnected(_)) => self.metrics.ledger_error("closed"),
+            Err(TrySendError::Disconnected(_)) => {
+                self.metrics.ledger_error(LedgerErrorReason::Closed)
+            }
         }
     }
 
@@ -186,7 +189,7 @@ fn report(
         *failing = true;
     }
     for _ in 0..lost {
-        metrics.ledger_error("write");
+        metrics.ledger_error(LedgerErrorReason::Write);
     }
     *pending = 0;
 }

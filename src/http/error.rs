@@ -13,6 +13,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use crate::http::body::{self, BoxError, GatewayBody};
+use crate::observability::labels::Rejection;
 
 /// Variants are grouped by who is at fault; the metric label is the variant's snake_case name.
 #[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
@@ -110,6 +111,33 @@ impl GatewayError {
     /// The metric and log label of this error.
     pub fn reason(&self) -> &'static str {
         self.into()
+    }
+
+    /// Its `tollgate_rejections_total` reason, when it is a refusal of the auth, limit or policy
+    /// layers. No wildcard: a new variant must say whether it is one.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            GatewayError::MissingApiKey => Some(Rejection::MissingApiKey),
+            GatewayError::MalformedApiKey => Some(Rejection::MalformedApiKey),
+            GatewayError::InvalidApiKey => Some(Rejection::InvalidApiKey),
+            GatewayError::RateLimitExceeded { .. } => Some(Rejection::Rate),
+            GatewayError::ConcurrencyLimitExceeded { .. } => Some(Rejection::Concurrency),
+            GatewayError::ModelNotFound { .. } => Some(Rejection::ModelNotFound),
+            GatewayError::MaxTokensExceeded { .. } => Some(Rejection::MaxTokensExceeded),
+            GatewayError::QuotaExceeded { .. } => Some(Rejection::Quota),
+            GatewayError::StateUnavailable(_) => Some(Rejection::StateUnavailable),
+            GatewayError::NotFound { .. }
+            | GatewayError::MethodNotAllowed { .. }
+            | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::RequestTimeout
+            | GatewayError::HeaderFieldsTooLarge { .. }
+            | GatewayError::BadRequest(_)
+            | GatewayError::InvalidBody { .. }
+            | GatewayError::UpstreamUnreachable(_)
+            | GatewayError::UpstreamTimeout
+            | GatewayError::UpstreamBroken(_)
+            | GatewayError::Internal(_) => None,
+        }
     }
 
     fn status(&self) -> StatusCode {

@@ -52,7 +52,9 @@ impl<B> ValidateRequest<B> for Authenticate {
                     .ok_or(GatewayError::InvalidApiKey)
             })
             .map_err(|error| {
-                self.metrics.rejection(UNAUTHENTICATED, error.reason());
+                if let Some(reason) = error.rejection() {
+                    self.metrics.rejection(UNAUTHENTICATED, reason);
+                }
                 error.into_response()
             })?;
         context.set_key(entry);

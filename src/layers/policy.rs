@@ -44,7 +44,9 @@ impl ValidateRequest<Bytes> for EnforcePolicy {
             );
         };
         if let Err(error) = check(&key.limits, parsed) {
-            self.metrics.rejection(&key.name, error.reason());
+            if let Some(reason) = error.rejection() {
+                self.metrics.rejection(&key.name, reason);
+            }
             return Err(error.into_response());
         }
         if let Some(label) = model_label(&key.limits, &parsed.model) {

@@ -36,6 +36,7 @@ use crate::http::headers::{
     LIMIT_TOKENS, RATELIMIT, RATELIMIT_POLICY, REMAINING_TOKENS, RESET_TOKENS,
 };
 use crate::keys::KeyEntry;
+use crate::observability::labels::Rejection;
 use crate::observability::metrics::Metrics;
 use crate::state::{Backend, Held, QuotaDenied, WindowStatus};
 
@@ -191,11 +192,12 @@ impl Shared {
                 Ok((Some(held), headers))
             }
             Ok(Err(denied)) => {
-                self.metrics.rejection(&key.name, "quota");
+                self.metrics.rejection(&key.name, Rejection::Quota);
                 Err(refusal(denied))
             }
             Err(unavailable) => {
-                self.metrics.rejection(&key.name, "state_unavailable");
+                self.metrics
+                    .rejection(&key.name, Rejection::StateUnavailable);
                 Err(GatewayError::StateUnavailable(unavailable.into()).into_response())
             }
         }

@@ -27,6 +27,7 @@ use crate::http::headers::{
     LIMIT_REQUESTS, RATELIMIT, RATELIMIT_POLICY, REMAINING_REQUESTS, RESET_REQUESTS,
 };
 use crate::keys::KeyEntry;
+use crate::observability::labels::Rejection;
 use crate::observability::metrics::Metrics;
 use crate::state::{Backend, Refusal, Slot};
 
@@ -129,14 +130,14 @@ impl AtEnd for Release {
 fn refuse(key: &KeyEntry, refusal: Refusal, metrics: &Metrics) -> Response<GatewayBody> {
     match refusal {
         Refusal::Concurrency => {
-            metrics.rejection(&key.name, "concurrency");
+            metrics.rejection(&key.name, Rejection::Concurrency);
             GatewayError::ConcurrencyLimitExceeded {
                 limit: key.limits.concurrency.map_or(0, |l| l.get()),
             }
             .into_response()
         }
         Refusal::Rate { wait } => {
-            metrics.rejection(&key.name, "rate");
+            metrics.rejection(&key.name, Rejection::Rate);
             let Some(rate) = key.limits.rate else {
                 return GatewayError::Internal("rate refusal without a rate".into())
                     .into_response();
@@ -150,7 +151,7 @@ fn refuse(key: &KeyEntry, refusal: Refusal, metrics: &Metrics) -> Response<Gatew
             response
         }
         Refusal::Unavailable(error) => {
-            metrics.rejection(&key.name, "state_unavailable");
+            metrics.rejection(&key.name, Rejection::StateUnavailable);
             GatewayError::StateUnavailable(error.into()).into_response()
         }
     }

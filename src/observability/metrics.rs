@@ -9,6 +9,9 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use strum::IntoEnumIterator;
+
+use super::labels::{LedgerErrorReason, Rejection, StateOp, UpstreamErrorKind};
 
 /// The `key` label before (or without) authentication.
 pub const UNAUTHENTICATED: &str = "unauthenticated";
@@ -166,7 +169,7 @@ impl Metrics {
                 .expect("each metric is registered once into a fresh registry");
         }
 
-        Metrics {
+        let metrics = Metrics {
             registry,
             requests_total,
             request_duration_seconds,
@@ -180,29 +183,66 @@ impl Metrics {
             quota_overrun_tokens_total,
             ledger_errors_total,
             state_errors_total,
+        };
+        metrics.export_fixed_series();
+        metrics
+    }
+
+    /// Creates every series whose labels are known from the start, at 0: a series that appears
+    /// only with its first increment hides that increment from `increase()` and `rate()`.
+    fn export_fixed_series(&self) {
+        for kind in UpstreamErrorKind::iter() {
+            self.upstream_errors_total.with_label_values(&[label(kind)]);
+        }
+        for reason in LedgerErrorReason::iter() {
+            self.ledger_errors_total.with_label_values(&[label(reason)]);
+        }
+        for op in StateOp::iter() {
+            self.state_errors_total.with_label_values(&[label(op)]);
+        }
+        for reason in Rejection::iter().filter(|r| !r.is_per_key()) {
+            self.rejections_total
+                .with_label_values(&[UNAUTHENTICATED, label(reason)]);
         }
     }
 
+    /// Creates a configured key's counters at 0; called for every key at start and for the keys a
+    /// reload adds (a key already known keeps its counts).
+    pub fn add_key(&self, key: &str) {
+        for reason in Rejection::iter().filter(|r| r.is_per_key()) {
+            self.rejections_total
+                .with_label_values(&[key, label(reason)]);
+        }
+        self.quota_overrun_tokens_total.with_label_values(&[key]);
+        self.inflight_requests.with_label_values(&[key]);
+    }
+
     /// Counts one failed state-backend call.
-    pub fn state_error(&self, op: &str) {
-        self.state_errors_total.with_label_values(&[op]).inc();
+    pub fn state_error(&self, op: StateOp) {
+        self.state_errors_total
+            .with_label_values(&[label(op)])
+            .inc();
     }
 
     /// Counts one lost ledger line.
-    pub fn ledger_error(&self, reason: &str) {
-        self.ledger_errors_total.with_label_values(&[reason]).inc();
+    pub fn ledger_error(&self, reason: LedgerErrorReason) {
+        self.ledger_errors_total
+            .with_label_values(&[label(reason)])
+            .inc();
     }
 
     /// Counts one request the gateway refused.
-    pub fn rejection(&self, key: &str, reason: &str) {
+    pub fn rejection(&self, key: &str, reason: Rejection) {
         self.rejections_total
-            .with_label_values(&[key, reason])
+            .with_label_values(&[key, label(reason)])
             .inc();
     }
 
     /// Counts one upstream failure of the given kind.
-    pub fn upstream_error(&self, kind: &str) {
-        self.upstream_errors_total.with_label_values(&[kind]).inc();
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors_total
+            .with_label_values(&[label(kind)])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -214,6 +254,11 @@ impl Metrics {
         }
         out
     }
+}
+
+/// A label enum's value (its snake_case name).
+fn label(value: impl Into<&'static str>) -> &'static str {
+    value.into()
 }
 
 impl Default for Metrics {

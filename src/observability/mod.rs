@@ -1,8 +1,9 @@
-//! What the gateway tells its operators: Prometheus [`metrics`], each request's access line and
+//! What the gateway tells its operators: Prometheus [`metrics`] (with their fixed [`labels`]), each request's access line and
 //! request metrics ([`access`]), and the log lines — their text layout ([`log_format`]) and the
 //! batched writer that puts them on stdout ([`log_writer`]).
 
 pub mod access;
+pub mod labels;
 pub mod log_format;
 pub mod log_writer;
 pub mod metrics;

@@ -49,6 +49,7 @@ use crate::http::context::{Endpoint, RequestContext, UpstreamReached};
 use crate::http::error::GatewayError;
 use crate::http::headers::own_upstream_headers;
 use crate::http::headers::CLIENT_CREDENTIALS;
+use crate::observability::labels::UpstreamErrorKind;
 use crate::observability::metrics::Metrics;
 use crate::proxy::upstream_body::UpstreamBody;
 
@@ -214,7 +215,7 @@ impl Shared {
         let response = match self.send(&self.client, build(), deadline).await {
             Err(Failure::NotSent(error)) => {
                 tracing::debug!(%error, "the request never left; sending it on a fresh connection");
-                self.metrics.upstream_error("retried");
+                self.metrics.upstream_error(UpstreamErrorKind::Retried);
                 self.send(&self.fresh, build(), deadline).await
             }
             other => other,
@@ -257,15 +258,15 @@ impl Shared {
     fn fail(&self, failure: Failure) -> GatewayError {
         match failure {
             Failure::Timeout => {
-                self.metrics.upstream_error("timeout");
+                self.metrics.upstream_error(UpstreamErrorKind::Timeout);
                 GatewayError::UpstreamTimeout
             }
             Failure::Unreachable(error) => {
-                self.metrics.upstream_error("connect");
+                self.metrics.upstream_error(UpstreamErrorKind::Connect);
                 GatewayError::UpstreamUnreachable(error)
             }
             Failure::NotSent(error) | Failure::Broken(error) => {
-                self.metrics.upstream_error("broken");
+                self.metrics.upstream_error(UpstreamErrorKind::Broken);
                 GatewayError::UpstreamBroken(error)
             }
         }

@@ -23,6 +23,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::http::body::BoxError;
+use crate::observability::labels::UpstreamErrorKind;
 use crate::observability::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +70,7 @@ impl Body for UpstreamBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => {
-                this.metrics.upstream_error("body_error");
+                this.metrics.upstream_error(UpstreamErrorKind::BodyError);
                 Poll::Ready(Some(Err(error.into())))
             }
             Poll::Ready(None) => Poll::Ready(None),
@@ -79,7 +80,8 @@ impl Body for UpstreamBody {
                 }
                 let deadline = *this.last_frame + *this.idle_timeout;
                 if Instant::now() >= deadline {
-                    this.metrics.upstream_error("body_idle_timeout");
+                    this.metrics
+                        .upstream_error(UpstreamErrorKind::BodyIdleTimeout);
                     return Poll::Ready(Some(Err(IdleTimeout(*this.idle_timeout).into())));
                 }
                 // A frame came since the timer was armed: wait out the rest from that frame.

@@ -40,6 +40,7 @@ use redis::Script;
 
 use super::{QuotaDenied, Reservation, WindowStatus};
 use crate::config::{OnError, Quota, RateLimit, RedisConfig};
+use crate::observability::labels::StateOp;
 use crate::observability::metrics::Metrics;
 
 /// Concurrency and rate in one call. Returns `{0, remaining, reset_us}` when admitted (remaining
@@ -355,14 +356,14 @@ impl RedisState {
     }
 
     /// Notes a failed call: counted, and logged when an outage begins.
-    fn failed(&self, op: &str, error: &redis::RedisError) -> Unavailable {
+    fn failed(&self, op: StateOp, error: &redis::RedisError) -> Unavailable {
         self.metrics.state_error(op);
         if !self.down.swap(true, Ordering::AcqRel) {
             let mode = match self.on_error {
                 OnError::FailOpen => "fail_open: admitting on this replica's local limits",
                 OnError::FailClosed => "fail_closed: refusing requests with 503",
             };
-            tracing::error!(%error, op, "state backend unreachable; {mode}");
+            tracing::error!(%error, %op, "state backend unreachable; {mode}");
         }
         Unavailable(error.to_string())
     }
@@ -406,7 +407,7 @@ impl RedisState {
         let mut conn = self.conn.clone();
         let reply = match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
             Ok(reply) => reply,
-            Err(error) => return Err(self.unanswered("admit", &error, lease)),
+            Err(error) => return Err(self.unanswered(StateOp::Admit, &error, lease)),
         };
         self.succeeded();
         Ok(admit_reply(&reply, lease))
@@ -443,7 +444,7 @@ impl RedisState {
         let mut conn = self.conn.clone();
         let reply = match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
             Ok(reply) => reply,
-            Err(error) => return Err(self.unanswered("reserve", &error, Some(lease))),
+            Err(error) => return Err(self.unanswered(StateOp::Reserve, &error, Some(lease))),
         };
         self.succeeded();
         Ok(reserve_reply(&reply, name, quotas, amount, lease))
@@ -451,7 +452,12 @@ impl RedisState {
 
     /// A call that would have taken something under `lease` failed. Whether it ran is unknown
     /// unless it was never sent: then the lease is forgotten, otherwise it is released.
-    fn unanswered(&self, op: &str, error: &redis::RedisError, lease: Option<Lease>) -> Unavailable {
+    fn unanswered(
+        &self,
+        op: StateOp,
+        error: &redis::RedisError,
+        lease: Option<Lease>,
+    ) -> Unavailable {
         if let (Some(lease), true) = (lease, error.is_connection_refusal()) {
             lease.forget();
         }
@@ -481,7 +487,7 @@ impl RedisState {
                     .collect())
             }
             Err(error) => {
-                let unavailable = self.failed("settle", &error);
+                let unavailable = self.failed(StateOp::Settle, &error);
                 self.keep_pending(reservation, used);
                 Err(unavailable)
             }
@@ -529,7 +535,7 @@ impl RedisState {
         let reply: Vec<i64> = invocation
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| self.failed("status", &e))?;
+            .map_err(|e| self.failed(StateOp::Status, &e))?;
         self.succeeded();
         let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0).unsigned_abs();
         Ok(quotas
@@ -622,7 +628,7 @@ impl RedisState {
             match invocation.invoke_async::<i64>(&mut conn).await {
                 Ok(_) => self.succeeded(),
                 Err(error) => {
-                    self.failed("renew", &error);
+                    self.failed(StateOp::Renew, &error);
                 }
             }
         }
@@ -676,7 +682,7 @@ impl RedisState {
                     .map(drop),
             };
             if result.is_err() {
-                state.metrics.state_error("release");
+                state.metrics.state_error(StateOp::Release);
             }
         });
     }

@@ -137,9 +137,15 @@ impl TestGateway {
     /// Waits until `/metrics` contains `needle` (for effects that follow a client's disconnect,
     /// which the gateway sees only when it next touches the connection). Bounded by `timeout`.
     pub async fn wait_for_metric(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_for_metrics(|metrics| metrics.contains(needle), timeout)
+            .await
+    }
+
+    /// Waits until the `/metrics` text satisfies `ready`; bounded by `timeout`.
+    pub async fn wait_for_metrics(&self, ready: impl Fn(&str) -> bool, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.metrics().await.contains(needle) {
+            if ready(&self.metrics().await) {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -228,6 +234,14 @@ pub async fn post(
     let headers = response.headers().clone();
     let bytes = response.bytes().await.expect("whole body");
     (status, headers, bytes)
+}
+
+/// Whether some series of `metric` (a name and an opening brace) has counted anything: every
+/// fixed series is exported at 0 from the start, so being there is not enough.
+pub fn counted(metrics: &str, metric: &str) -> bool {
+    metrics
+        .lines()
+        .any(|line| line.starts_with(metric) && !line.ends_with(" 0"))
 }
 
 /// A free local port with nothing listening on it.

@@ -708,7 +708,10 @@ async fn mixed_workload(upstream: &MockUpstream) -> Export {
     if !ledger.is_empty() {
         assert!(
             gateway
-                .wait_for_metric("tollgate_ledger_errors_total{", Duration::from_secs(10))
+                .wait_for_metrics(
+                    |m| common::counted(m, "tollgate_ledger_errors_total{"),
+                    Duration::from_secs(10)
+                )
                 .await,
             "lost ledger lines counted"
         );
@@ -740,7 +743,10 @@ async fn redis_down_workload(upstream: &MockUpstream) -> Export {
     .await;
     assert!(
         gateway
-            .wait_for_metric("tollgate_state_errors_total{", Duration::from_secs(10))
+            .wait_for_metrics(
+                |m| common::counted(m, "tollgate_state_errors_total{"),
+                Duration::from_secs(10)
+            )
             .await,
         "an unreachable Redis is counted"
     );

@@ -1,4 +1,5 @@
-//! The operators' view: TLS on the client and admin listeners, and the admin API.
+//! The operators' view: TLS on the client and admin listeners, the admin API, and the counters a
+//! fresh gateway exports for alerts.
 
 use std::io::Write;
 use std::time::Duration;
@@ -381,4 +382,96 @@ async fn the_admin_api_is_off_without_a_token() {
     assert_eq!(response.status(), 404);
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "admin_disabled");
+}
+
+/// The series a configured key has from the start (and from the reload that adds it).
+fn per_key_series(key: &str) -> Vec<String> {
+    let mut series: Vec<String> = [
+        "rate",
+        "concurrency",
+        "model_not_found",
+        "max_tokens_exceeded",
+        "quota",
+        "state_unavailable",
+    ]
+    .iter()
+    .map(|reason| format!("tollgate_rejections_total{{key=\"{key}\",reason=\"{reason}\"}} 0"))
+    .collect();
+    series.push(format!(
+        "tollgate_quota_overrun_tokens_total{{key=\"{key}\"}} 0"
+    ));
+    series.push(format!("tollgate_inflight_requests{{key=\"{key}\"}} 0"));
+    series
+}
+
+/// The lines of `expected` that are not lines of `metrics`.
+fn absent<'a>(metrics: &str, expected: &'a [String]) -> Vec<&'a String> {
+    expected
+        .iter()
+        .filter(|series| !metrics.lines().any(|line| line == series.as_str()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_fresh_gateway_exports_every_fixed_counter_at_zero_and_a_reload_adds_new_keys() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_file = dir.path().join("tollgate.toml");
+    let ledger = format!(
+        "[ledger]\npath = \"{}\"\n",
+        dir.path().join("usage.jsonl").display()
+    );
+    write(
+        &config_file,
+        &common::config_toml(&upstream.url(), "", "", &ledger),
+    );
+    let gateway = TestGateway::start_file(&config_file, Clock::real()).await;
+
+    let metrics = gateway.metrics().await;
+    let mut expected: Vec<String> = [
+        "tollgate_upstream_errors_total{kind=\"connect\"} 0",
+        "tollgate_upstream_errors_total{kind=\"timeout\"} 0",
+        "tollgate_upstream_errors_total{kind=\"broken\"} 0",
+        "tollgate_upstream_errors_total{kind=\"body_idle_timeout\"} 0",
+        "tollgate_upstream_errors_total{kind=\"body_error\"} 0",
+        "tollgate_upstream_errors_total{kind=\"retried\"} 0",
+        "tollgate_ledger_errors_total{reason=\"write\"} 0",
+        "tollgate_ledger_errors_total{reason=\"queue_full\"} 0",
+        "tollgate_ledger_errors_total{reason=\"closed\"} 0",
+        "tollgate_state_errors_total{op=\"admit\"} 0",
+        "tollgate_state_errors_total{op=\"reserve\"} 0",
+        "tollgate_state_errors_total{op=\"settle\"} 0",
+        "tollgate_state_errors_total{op=\"status\"} 0",
+        "tollgate_state_errors_total{op=\"renew\"} 0",
+        "tollgate_state_errors_total{op=\"release\"} 0",
+        "tollgate_rejections_total{key=\"unauthenticated\",reason=\"missing_api_key\"} 0",
+        "tollgate_rejections_total{key=\"unauthenticated\",reason=\"malformed_api_key\"} 0",
+        "tollgate_rejections_total{key=\"unauthenticated\",reason=\"invalid_api_key\"} 0",
+    ]
+    .map(String::from)
+    .to_vec();
+    expected.extend(per_key_series("test"));
+    let missing = absent(&metrics, &expected);
+    assert!(
+        missing.is_empty(),
+        "not exported at 0 by a fresh gateway: {missing:#?}\n{metrics}"
+    );
+    assert!(
+        !metrics.contains("key=\"late\""),
+        "no series for a key not configured yet"
+    );
+
+    let keys = format!("{ledger}{}", key_entry("late", "tg-late", ""));
+    write(
+        &config_file,
+        &common::config_toml(&upstream.url(), "", "", &keys),
+    );
+    gateway.reload().expect("reload adds a key");
+    let metrics = gateway.metrics().await;
+    let late = per_key_series("late");
+    let missing = absent(&metrics, &late);
+    assert!(
+        missing.is_empty(),
+        "not exported at 0 after the reload that added the key: {missing:#?}\n{metrics}"
+    );
 }

@@ -1,0 +1,84 @@
+//! The fixed label values of the gateway's counters, as enums: callers can only count a value
+//! that is declared here, and [`super::metrics::Metrics`] iterates them to export every series at
+//! 0 from the start, so that `increase(…[15m]) > 0` fires on the first error, not the second.
+//!
+//! The label is the variant's snake_case name (`strum`); renaming a variant renames a series
+//! that dashboards and alerts query.
+
+use strum::{Display, EnumIter, IntoStaticStr};
+
+/// `tollgate_upstream_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum UpstreamErrorKind {
+    /// No connection could be made.
+    Connect,
+    /// No response headers before `response_header_timeout`.
+    Timeout,
+    /// The connection failed after the request was sent.
+    Broken,
+    /// Silence between two body frames past `idle_timeout`.
+    BodyIdleTimeout,
+    /// The body failed mid-stream.
+    BodyError,
+    /// A request that never left, sent again on a fresh connection.
+    Retried,
+}
+
+/// `tollgate_ledger_errors_total{reason}`: why a ledger line was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum LedgerErrorReason {
+    /// The disk refused the write.
+    Write,
+    /// The writer thread did not keep up.
+    QueueFull,
+    /// The ledger was already closed.
+    Closed,
+}
+
+/// `tollgate_state_errors_total{op}`: the shared-state (Redis) call that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum StateOp {
+    Admit,
+    Reserve,
+    Settle,
+    Status,
+    Renew,
+    Release,
+}
+
+/// `tollgate_rejections_total{key, reason}`: why the gateway refused a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum Rejection {
+    // --- before a key is known: counted under `key="unauthenticated"` ---
+    MissingApiKey,
+    MalformedApiKey,
+    InvalidApiKey,
+    // --- a configured key's ---
+    Rate,
+    Concurrency,
+    ModelNotFound,
+    MaxTokensExceeded,
+    Quota,
+    StateUnavailable,
+}
+
+impl Rejection {
+    /// Whether this refusal is counted under a configured key (else under `unauthenticated`).
+    pub fn is_per_key(self) -> bool {
+        match self {
+            Rejection::MissingApiKey | Rejection::MalformedApiKey | Rejection::InvalidApiKey => {
+                false
+            }
+            Rejection::Rate
+            | Rejection::Concurrency
+            | Rejection::ModelNotFound
+            | Rejection::MaxTokensExceeded
+            | Rejection::Quota
+            | Rejection::StateUnavailable => true,
+        }
+    }
+}

@@ -5,6 +5,7 @@
 //! the key may use or `other`, `endpoint` and `status` come from fixed sets. A client can never
 //! grow the metric set.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -47,142 +48,75 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let requests_total = IntCounterVec::new(
-            Opts::new(
+        let r = Registrar(Registry::new());
+        let metrics = Metrics {
+            // --- each request ---
+            requests_total: r.counters(
                 "tollgate_requests_total",
                 "Requests answered, by key, model, endpoint and HTTP status.",
+                &["key", "model", "endpoint", "status"],
             ),
-            &["key", "model", "endpoint", "status"],
-        )
-        .expect("static metric definition is valid");
-        let request_duration_seconds = HistogramVec::new(
-            HistogramOpts::new(
+            request_duration_seconds: r.histograms(
                 "tollgate_request_duration_seconds",
                 "Time from receiving a request to the last byte of its response.",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["key", "model", "endpoint"],
-        )
-        .expect("static metric definition is valid");
-        let overhead_seconds = Histogram::with_opts(
-            HistogramOpts::new(
+                DURATION_BUCKETS,
+                &["key", "model", "endpoint"],
+            ),
+            overhead_seconds: r.histogram(
                 "tollgate_overhead_seconds",
                 "Time the gateway itself adds before the upstream sees the request.",
-            )
-            .buckets(OVERHEAD_BUCKETS.to_vec()),
-        )
-        .expect("static metric definition is valid");
-        let upstream_errors_total = IntCounterVec::new(
-            Opts::new(
-                "tollgate_upstream_errors_total",
-                "Upstream failures by kind (connect, timeout, broken, body_idle_timeout, body_error, retried).",
+                OVERHEAD_BUCKETS,
             ),
-            &["kind"],
-        )
-        .expect("static metric definition is valid");
-
-        let rejections_total = IntCounterVec::new(
-            Opts::new(
-                "tollgate_rejections_total",
-                "Requests the gateway refused itself, by key and reason.",
-            ),
-            &["key", "reason"],
-        )
-        .expect("static metric definition is valid");
-        let inflight_requests = IntGaugeVec::new(
-            Opts::new(
-                "tollgate_inflight_requests",
-                "Requests in flight per key, counted until the response's last byte.",
-            ),
-            &["key"],
-        )
-        .expect("static metric definition is valid");
-
-        let tokens_total = IntCounterVec::new(
-            Opts::new(
-                "tollgate_tokens_total",
-                "Tokens charged, by key, model, kind (prompt|completion) and source (reported|estimated).",
-            ),
-            &["key", "model", "kind", "source"],
-        )
-        .expect("static metric definition is valid");
-        let time_to_first_token_seconds = HistogramVec::new(
-            HistogramOpts::new(
+            time_to_first_token_seconds: r.histograms(
                 "tollgate_time_to_first_token_seconds",
                 "Time from receiving a streamed request to the first byte of its answer.",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["key", "model"],
-        )
-        .expect("static metric definition is valid");
-        let quota_used_tokens = IntGaugeVec::new(
-            Opts::new(
+                DURATION_BUCKETS,
+                &["key", "model"],
+            ),
+            // --- limits and usage, per key ---
+            rejections_total: r.counters(
+                "tollgate_rejections_total",
+                "Requests the gateway refused itself, by key and reason.",
+                &["key", "reason"],
+            ),
+            inflight_requests: r.gauges(
+                "tollgate_inflight_requests",
+                "Requests in flight per key, counted until the response's last byte.",
+                &["key"],
+            ),
+            tokens_total: r.counters(
+                "tollgate_tokens_total",
+                "Tokens charged, by key, model, kind (prompt|completion) and source (reported|estimated).",
+                &["key", "model", "kind", "source"],
+            ),
+            quota_used_tokens: r.gauges(
                 "tollgate_quota_used_tokens",
                 "Tokens used (settled plus reserved) in each key's current quota window.",
+                &["key", "window"],
             ),
-            &["key", "window"],
-        )
-        .expect("static metric definition is valid");
-        let quota_overrun_tokens_total = IntCounterVec::new(
-            Opts::new(
+            quota_overrun_tokens_total: r.counters(
                 "tollgate_quota_overrun_tokens_total",
                 "Tokens an upstream produced beyond what the request reserved (it ignored max_tokens).",
+                &["key"],
             ),
-            &["key"],
-        )
-        .expect("static metric definition is valid");
-        let ledger_errors_total = IntCounterVec::new(
-            Opts::new(
+            // --- what failed ---
+            upstream_errors_total: r.counters(
+                "tollgate_upstream_errors_total",
+                "Upstream failures by kind (connect, timeout, broken, body_idle_timeout, body_error, retried).",
+                &["kind"],
+            ),
+            ledger_errors_total: r.counters(
                 "tollgate_ledger_errors_total",
                 "Ledger lines lost: write (disk error), queue_full (disk too slow), closed.",
+                &["reason"],
             ),
-            &["reason"],
-        )
-        .expect("static metric definition is valid");
-
-        let state_errors_total = IntCounterVec::new(
-            Opts::new(
+            state_errors_total: r.counters(
                 "tollgate_state_errors_total",
                 "Calls to the shared state backend (Redis) that failed, by operation.",
+                &["op"],
             ),
-            &["op"],
-        )
-        .expect("static metric definition is valid");
-
-        for collector in [
-            Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(request_duration_seconds.clone()),
-            Box::new(overhead_seconds.clone()),
-            Box::new(upstream_errors_total.clone()),
-            Box::new(rejections_total.clone()),
-            Box::new(inflight_requests.clone()),
-            Box::new(tokens_total.clone()),
-            Box::new(time_to_first_token_seconds.clone()),
-            Box::new(quota_used_tokens.clone()),
-            Box::new(quota_overrun_tokens_total.clone()),
-            Box::new(ledger_errors_total.clone()),
-            Box::new(state_errors_total.clone()),
-        ] {
-            registry
-                .register(collector)
-                .expect("each metric is registered once into a fresh registry");
-        }
-
-        let metrics = Metrics {
-            registry,
-            requests_total,
-            request_duration_seconds,
-            overhead_seconds,
-            upstream_errors_total,
-            rejections_total,
-            inflight_requests,
-            tokens_total,
-            time_to_first_token_seconds,
-            quota_used_tokens,
-            quota_overrun_tokens_total,
-            ledger_errors_total,
-            state_errors_total,
+            // Last: every field above is made through `r`.
+            registry: r.0,
         };
         metrics.export_fixed_series();
         metrics
@@ -253,6 +187,40 @@ impl Metrics {
             tracing::error!(%err, "cannot encode metrics");
         }
         out
+    }
+}
+
+// === impl Registrar ===
+
+/// Makes each metric and registers it into the registry it fills. The definitions are static, so
+/// an error here is a bug in this file, found by every test.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+
+    fn histograms(&self, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.register(HistogramVec::new(opts, labels))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.register(Histogram::with_opts(opts))
+    }
+
+    fn register<C: Collector + Clone + 'static>(&self, made: prometheus::Result<C>) -> C {
+        let collector = made.expect("static metric definition is valid");
+        self.0
+            .register(Box::new(collector.clone()))
+            .expect("each metric is registered once into a fresh registry");
+        collector
     }
 }
 

@@ -64,7 +64,7 @@ pub struct StateConfig {
     pub redis: Option<RedisConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisConfig {
     /// `redis://` or `rediss://` (TLS).
     pub url: String,

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod first_bytes;
 pub mod idle;
 pub mod reload;
+pub mod restart_only;
 pub mod tls;
 pub mod worker;
 

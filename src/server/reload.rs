@@ -1,10 +1,11 @@
 //! Reloading the config without a restart: on SIGHUP, and when the config file changes.
 //!
 //! What a reload changes: the keys and their limits, for new requests (in-flight requests and
-//! streams run on undisturbed), and the certificates of both listeners, for new handshakes. A key removed is refused from the next request; a key whose name
-//! and rate are unchanged keeps its limiter state. Anything else that changed (listeners,
-//! upstream, timeouts) needs a restart and is logged as such. An invalid new config is refused
-//! with its reason logged, and the running config stays in force.
+//! streams run on undisturbed), and the certificates of both listeners, for new handshakes. A key
+//! removed is refused from the next request; a key whose name and rate are unchanged keeps its
+//! limiter state. Every other setting is read only at start: each one that changed is logged,
+//! one warning naming it, and left as it was ([`super::restart_only`]). An invalid new config is
+//! refused with its reason logged, and the running config stays in force.
 //!
 //! The file is watched by polling its modification time and length every
 //! [`FILE_POLL_INTERVAL`]: no platform notify machinery, and editors that replace the file by
@@ -17,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::{Config, ConfigError};
 use crate::keys::{KeyStore, SharedKeys};
 use crate::observability::metrics::Metrics;
+use crate::server::restart_only;
 use crate::server::tls::CertResolver;
 
 pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -27,6 +29,8 @@ pub struct ReloadSummary {
     pub keys: usize,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// The config keys of settings that changed but need a restart (each logged).
+    pub not_applied: Vec<&'static str>,
 }
 
 pub struct Reloader {
@@ -76,8 +80,9 @@ impl Reloader {
                     .map_err(|e| ConfigError::new(format!("{key}: {e}")))?;
             }
         }
-        for what in needs_restart(&current, &new) {
-            tracing::warn!("config reload: {what} changed; it takes effect only after a restart");
+        let not_applied = restart_only::changed(&current, &new);
+        for setting in &not_applied {
+            tracing::warn!("config reload: {setting} changed but is read only at start; not applied until a restart");
         }
         let old_store = self.keys.load();
         let store = KeyStore::build(
@@ -98,6 +103,7 @@ impl Reloader {
                 .filter(|name| store.get(name).is_none())
                 .map(|name| name.to_string())
                 .collect(),
+            not_applied,
         };
         summary.added.sort();
         summary.removed.sort();
@@ -114,6 +120,7 @@ impl Reloader {
                 keys = summary.keys,
                 added = ?summary.added,
                 removed = ?summary.removed,
+                not_applied = summary.not_applied.len(),
                 "config reloaded"
             ),
             Err(error) => tracing::error!(
@@ -164,39 +171,4 @@ impl Reloader {
 fn file_stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
-}
-
-fn needs_restart(current: &Config, new: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    if current.server.listen != new.server.listen {
-        changed.push("server.listen");
-    }
-    if current.server.admin_listen != new.server.admin_listen {
-        changed.push("server.admin_listen");
-    }
-    if current.server.tls.is_some() != new.server.tls.is_some() {
-        changed.push("[server.tls] (on or off)");
-    }
-    if current.server.admin_tls.is_some() != new.server.admin_tls.is_some() {
-        changed.push("server.admin_tls (on or off)");
-    }
-    if current.server.max_body_bytes != new.server.max_body_bytes {
-        changed.push("server.max_body_bytes");
-    }
-    let limits = |c: &Config| {
-        let s = &c.server;
-        (s.idle_timeout, s.max_connections, s.max_header_bytes)
-    };
-    if limits(current) != limits(new) {
-        changed.push("server.idle_timeout, max_connections or max_header_bytes");
-    }
-    if current.upstream.base_url() != new.upstream.base_url()
-        || current.upstream.api_key != new.upstream.api_key
-        || current.upstream.connect_timeout != new.upstream.connect_timeout
-        || current.upstream.response_header_timeout != new.upstream.response_header_timeout
-        || current.upstream.idle_timeout != new.upstream.idle_timeout
-    {
-        changed.push("[upstream]");
-    }
-    changed
 }

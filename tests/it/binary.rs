@@ -5,6 +5,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::upstream::MockUpstream;
+use serde_json::Value;
+
 use crate::common::{self, chat_body};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
@@ -226,4 +228,181 @@ async fn sighup_reloads_keys_in_a_running_process() {
         output.contains("SIGHUP"),
         "reload was triggered by the signal: {output}"
     );
+}
+
+/// Every start-only setting that the reload test changes, by the name its warning gives it.
+const RESTART_ONLY: &[&str] = &[
+    "server.listen",
+    "server.admin_listen",
+    "server.max_body_bytes",
+    "server.shutdown_timeout",
+    "server.header_read_timeout",
+    "server.body_read_timeout",
+    "server.workers",
+    "server.idle_timeout",
+    "server.max_connections",
+    "server.max_header_bytes",
+    "server.tls",
+    "server.admin_tls",
+    "server.admin_token_env",
+    "upstream.url",
+    "upstream.api_key_env / api_key_file",
+    "upstream.ca_file",
+    "upstream.connect_timeout",
+    "upstream.response_header_timeout",
+    "upstream.idle_timeout",
+    "upstream.pool_idle_timeout",
+    "upstream.pool_max_idle_per_host",
+    "upstream.inject_usage",
+    "state.backend",
+    "state.path",
+    "state.flush_interval",
+    "ledger.path",
+];
+
+/// Sends `signal` (`-HUP`, `-TERM`) to `child`.
+fn signal(child: &std::process::Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal}");
+}
+
+/// The JSON log lines of a running gateway, one by one, as it writes them.
+fn log_lines(child: &mut std::process::Child) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            let Ok(value) = serde_json::from_str(&line) else {
+                continue;
+            };
+            if tx.send(value).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads log lines until one whose message starts with `message`; returns the lines before it and
+/// that line. A guard against a hang, not a timing assertion: the gateway logs it at once.
+async fn until_message(
+    logs: &mut tokio::sync::mpsc::UnboundedReceiver<Value>,
+    message: &str,
+) -> (Vec<Value>, Value) {
+    let mut before = Vec::new();
+    let read = async {
+        while let Some(line) = logs.recv().await {
+            if line["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+            {
+                return Some(line);
+            }
+            before.push(line);
+        }
+        None
+    };
+    let found = tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .ok()
+        .flatten();
+    let found = found.unwrap_or_else(|| panic!("no log line {message:?} after {before:#?}"));
+    (before, found)
+}
+
+#[tokio::test]
+async fn sighup_warns_once_for_each_changed_setting_that_needs_a_restart() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).expect("write cert");
+    std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+    let tls = format!(
+        "{{ cert = \"{}\", key = \"{}\" }}",
+        cert.display(),
+        key.display()
+    );
+    let at = |name: &str| dir.path().join(name).display().to_string();
+    let keys = common::key_entry("test", common::TEST_KEY, "");
+    let start = format!(
+        "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nworkers = 1\n\
+         admin_token_env = \"TG_RELOAD_ADMIN_A\"\n\
+         [upstream]\nurl = \"{}\"\n\
+         [state]\npath = \"{}\"\n[ledger]\npath = \"{}\"\n{keys}",
+        common::closed_port(),
+        common::closed_port(),
+        upstream.url(),
+        at("a/state.db"),
+        at("a/usage.jsonl"),
+    );
+    let changed = format!(
+        "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nworkers = 2\n\
+         admin_token_env = \"TG_RELOAD_ADMIN_B\"\nmax_body_bytes = 1000\n\
+         shutdown_timeout = \"7s\"\nheader_read_timeout = \"7s\"\nbody_read_timeout = \"7s\"\n\
+         idle_timeout = \"7s\"\nmax_connections = 77\nmax_header_bytes = 7777\n\
+         tls = {tls}\nadmin_tls = {tls}\n\
+         [upstream]\nurl = \"http://127.0.0.1:9/elsewhere\"\napi_key_env = \"TG_RELOAD_UPSTREAM\"\n\
+         ca_file = \"{}\"\nconnect_timeout = \"7s\"\nresponse_header_timeout = \"7s\"\n\
+         idle_timeout = \"7s\"\npool_idle_timeout = \"7s\"\npool_max_idle_per_host = 7\n\
+         inject_usage = false\n\
+         [state]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:9\"\npath = \"{}\"\n\
+         flush_interval = \"7s\"\n[ledger]\npath = \"{}\"\n{keys}{}",
+        common::closed_port(),
+        common::closed_port(),
+        cert.display(),
+        at("b/state.db"),
+        at("b/usage.jsonl"),
+        common::key_entry("late", "tg-late", ""),
+    );
+    // The same length and, below, the same modification time: only the signal reloads.
+    let padding = changed.len() - start.len() - 2;
+    let config = write_config(&format!("{start}\n#{}", " ".repeat(padding)));
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config.path())
+        .env("TG_RELOAD_ADMIN_A", "admin-token-a-0123456789")
+        .env("TG_RELOAD_ADMIN_B", "admin-token-b-0123456789")
+        .env("TG_RELOAD_UPSTREAM", "sk-upstream")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gateway");
+    let mut logs = log_lines(&mut child);
+    until_message(&mut logs, "tollgate serving").await;
+
+    let modified = std::fs::metadata(config.path())
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    std::fs::write(config.path(), &changed).expect("rewrite config");
+    std::fs::File::options()
+        .write(true)
+        .open(config.path())
+        .and_then(|file| file.set_modified(modified))
+        .expect("keep the modification time");
+    signal(&child, "-HUP");
+    let (before, reloaded) = until_message(&mut logs, "config reloaded").await;
+    assert_eq!(reloaded["trigger"], "SIGHUP", "{reloaded}");
+    let warned: Vec<&str> = before
+        .iter()
+        .filter(|line| line["level"] == "WARN")
+        .filter_map(|line| line["message"].as_str()?.strip_prefix("config reload: "))
+        .filter_map(|message| message.split(" changed but is read only at start").next())
+        .collect();
+    assert_eq!(
+        warned, RESTART_ONLY,
+        "one warning per changed start-only setting, naming it: {before:#?}"
+    );
+    assert_eq!(reloaded["not_applied"], RESTART_ONLY.len(), "{reloaded}");
+
+    signal(&child, "-TERM");
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("gateway exits");
+    assert!(exit.success(), "the old settings stayed in force: {exit:?}");
 }

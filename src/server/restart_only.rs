@@ -1,0 +1,225 @@
+//! The settings a reload cannot apply: everything read only when the gateway starts (listeners,
+//! connection limits, the upstream and its pool, state, ledger, workers, the admin token), named
+//! by their config key so that a reload can log each one that changed and was left as it was.
+//!
+//! What a reload does apply, and so is not listed: keys and policies, and the certificate files
+//! of a listener that already has TLS.
+//!
+//! Every field of the runtime config is destructured here without `..`: a new setting does not
+//! compile until it says whether a reload applies it.
+
+use crate::config::{Config, RedisConfig, ServerConfig, StateConfig, UpstreamConfig};
+
+/// The config keys of the start-only settings that differ between `current` and `new`, in the
+/// order of the reference in README.
+pub fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
+    // Keys (and the policies they were resolved from) are what a reload applies.
+    let Config {
+        server,
+        upstream,
+        keys: _,
+        state,
+        ledger,
+    } = current;
+    let mut changed = server_changes(server, &new.server);
+    changed.extend(upstream_changes(upstream, &new.upstream));
+    changed.extend(state_changes(state, &new.state));
+    if *ledger != new.ledger {
+        changed.push("ledger.path");
+    }
+    changed
+}
+
+/// The names whose flag is set.
+fn names(settings: &[(&'static str, bool)]) -> Vec<&'static str> {
+    settings
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+fn server_changes(current: &ServerConfig, new: &ServerConfig) -> Vec<&'static str> {
+    let ServerConfig {
+        listen,
+        admin_listen,
+        max_body_bytes,
+        shutdown_timeout,
+        header_read_timeout,
+        body_read_timeout,
+        idle_timeout,
+        max_connections,
+        max_header_bytes,
+        admin_token,
+        tls,
+        admin_tls,
+        workers,
+    } = current;
+    names(&[
+        ("server.listen", *listen != new.listen),
+        ("server.admin_listen", *admin_listen != new.admin_listen),
+        (
+            "server.max_body_bytes",
+            *max_body_bytes != new.max_body_bytes,
+        ),
+        (
+            "server.shutdown_timeout",
+            *shutdown_timeout != new.shutdown_timeout,
+        ),
+        (
+            "server.header_read_timeout",
+            *header_read_timeout != new.header_read_timeout,
+        ),
+        (
+            "server.body_read_timeout",
+            *body_read_timeout != new.body_read_timeout,
+        ),
+        ("server.workers", *workers != new.workers),
+        ("server.idle_timeout", *idle_timeout != new.idle_timeout),
+        (
+            "server.max_connections",
+            *max_connections != new.max_connections,
+        ),
+        (
+            "server.max_header_bytes",
+            *max_header_bytes != new.max_header_bytes,
+        ),
+        // The certificate files are re-read by every reload; TLS on or off is the listener's.
+        ("server.tls", tls.is_some() != new.tls.is_some()),
+        (
+            "server.admin_tls",
+            admin_tls.is_some() != new.admin_tls.is_some(),
+        ),
+        ("server.admin_token_env", *admin_token != new.admin_token),
+    ])
+}
+
+fn upstream_changes(current: &UpstreamConfig, new: &UpstreamConfig) -> Vec<&'static str> {
+    let UpstreamConfig {
+        scheme,
+        authority,
+        base_path,
+        api_key,
+        api_key_source,
+        ca_file,
+        inject_usage,
+        connect_timeout,
+        response_header_timeout,
+        idle_timeout,
+        pool_idle_timeout,
+        pool_max_idle_per_host,
+    } = current;
+    let url = (scheme, authority, base_path) != (&new.scheme, &new.authority, &new.base_path);
+    let credential = (api_key, api_key_source) != (&new.api_key, &new.api_key_source);
+    names(&[
+        ("upstream.url", url),
+        ("upstream.api_key_env / api_key_file", credential),
+        ("upstream.ca_file", *ca_file != new.ca_file),
+        (
+            "upstream.connect_timeout",
+            *connect_timeout != new.connect_timeout,
+        ),
+        (
+            "upstream.response_header_timeout",
+            *response_header_timeout != new.response_header_timeout,
+        ),
+        ("upstream.idle_timeout", *idle_timeout != new.idle_timeout),
+        (
+            "upstream.pool_idle_timeout",
+            *pool_idle_timeout != new.pool_idle_timeout,
+        ),
+        (
+            "upstream.pool_max_idle_per_host",
+            *pool_max_idle_per_host != new.pool_max_idle_per_host,
+        ),
+        ("upstream.inject_usage", *inject_usage != new.inject_usage),
+    ])
+}
+
+fn state_changes(current: &StateConfig, new: &StateConfig) -> Vec<&'static str> {
+    let StateConfig {
+        path,
+        flush_interval,
+        redis,
+    } = current;
+    let mut changed = names(&[
+        ("state.backend", redis.is_some() != new.redis.is_some()),
+        ("state.path", *path != new.path),
+        (
+            "state.flush_interval",
+            *flush_interval != new.flush_interval,
+        ),
+    ]);
+    // Redis settings are compared when both configs use Redis; else `state.backend` said it.
+    if let (Some(current), Some(new)) = (redis, &new.redis) {
+        changed.extend(redis_changes(current, new));
+    }
+    changed
+}
+
+fn redis_changes(current: &RedisConfig, new: &RedisConfig) -> Vec<&'static str> {
+    let RedisConfig {
+        url,
+        password,
+        prefix,
+        on_error,
+        lease,
+    } = current;
+    names(&[
+        ("state.redis_url", *url != new.url),
+        ("state.password_env", *password != new.password),
+        ("state.prefix", *prefix != new.prefix),
+        ("state.on_error", *on_error != new.on_error),
+        ("state.lease", *lease != new.lease),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "a665a45920422f9d417e4867efdc4fb8a04a1f3fff1fa07e998e86f7f7a27ae3";
+
+    fn config(state: &str, keys: &str) -> Config {
+        let text = format!("[server]\n[upstream]\nurl = \"http://a\"\n[state]\n{state}\n{keys}");
+        Config::parse(&text, "test.toml").expect("valid config")
+    }
+
+    #[test]
+    fn keys_and_policies_are_applied_and_not_listed() {
+        let key = format!(
+            "[policies.p]\nconcurrency = 2\n[[keys]]\nname = \"a\"\nsha256 = \"{HASH}\"\npolicy = \"p\"\n"
+        );
+        assert_eq!(
+            changed(&config("", ""), &config("", &key)),
+            Vec::<&str>::new()
+        );
+    }
+
+    #[test]
+    fn every_redis_setting_is_named_when_both_configs_use_redis() {
+        std::env::set_var("TOLLGATE_RESTART_ONLY_TEST_PW", "secret");
+        let current = config("backend = \"redis\"\nredis_url = \"redis://a:6379\"\n", "");
+        let new = config(
+            "backend = \"redis\"\nredis_url = \"redis://b:6379\"\n\
+             password_env = \"TOLLGATE_RESTART_ONLY_TEST_PW\"\nprefix = \"x:\"\n\
+             on_error = \"fail_open\"\nlease = \"9s\"\n",
+            "",
+        );
+        assert_eq!(
+            changed(&current, &new),
+            [
+                "state.redis_url",
+                "state.password_env",
+                "state.prefix",
+                "state.on_error",
+                "state.lease"
+            ]
+        );
+        assert_eq!(
+            changed(&config("", ""), &new),
+            ["state.backend"],
+            "from local to Redis: the backend, not each of its settings"
+        );
+    }
+}

@@ -14,8 +14,9 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::keys::resolve_keys;
-use super::raw::{RawConfig, RawServer, RawState, RawTls, RawUpstream};
-use super::source::{line_of, Source};
+use super::raw::{RawServer, RawState, RawTls, RawUpstream};
+use super::read::parse_raw;
+use super::source::Source;
 use super::tls::{self, TlsFiles};
 use super::{Config, ConfigError, RedisConfig, Secret, ServerConfig, StateConfig, UpstreamConfig};
 
@@ -114,9 +115,9 @@ fn server(raw: RawServer, src: &Source) -> Result<ServerConfig, ConfigError> {
         }
         None => None,
     };
-    Ok(ServerConfig {
-        listen: raw.listen,
-        admin_listen: raw.admin_listen,
+    let config = ServerConfig {
+        listen: *raw.listen.get_ref(),
+        admin_listen: *raw.admin_listen.get_ref(),
         max_body_bytes,
         shutdown_timeout: raw.shutdown_timeout,
         header_read_timeout: raw.header_read_timeout,
@@ -128,7 +129,22 @@ fn server(raw: RawServer, src: &Source) -> Result<ServerConfig, ConfigError> {
         tls,
         admin_tls,
         workers,
-    })
+    };
+    if let Some(clash) = config.listener_clash() {
+        // At the listener written last: a default has no line.
+        let span = |key| match key {
+            "server.listen" => raw.listen.span(),
+            _ => raw.admin_listen.span(),
+        };
+        let (first, second) = (span(clash.first.0), span(clash.second.0));
+        let (at, key) = if second.start >= first.start {
+            (second, clash.second.0)
+        } else {
+            (first, clash.first.0)
+        };
+        return Err(src.at(at, key, clash.to_string()));
+    }
+    Ok(config)
 }
 
 /// TLS files, loaded now so that `check`, start and reload all refuse files that do not load.
@@ -243,6 +259,14 @@ fn upstream_credential(
 fn parse_upstream_url(
     url: &str,
 ) -> Result<(http::uri::Scheme, http::uri::Authority, String), String> {
+    // First, and on the text: whatever stands before an `@` may be a password, in a URL that
+    // parses or not; no message below may show it.
+    if url.contains('@') {
+        return Err(format!(
+            "{:?}: credentials in the URL are not allowed; use api_key_env or api_key_file",
+            without_credentials(url)
+        ));
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
@@ -257,16 +281,21 @@ fn parse_upstream_url(
         .authority()
         .cloned()
         .ok_or_else(|| format!("{url:?} has no host"))?;
-    if authority.as_str().contains('@') {
-        return Err(format!(
-            "{url:?}: credentials in the URL are not allowed; use api_key_env"
-        ));
-    }
     if uri.query().is_some() {
         return Err(format!("{url:?}: a base URL takes no query string"));
     }
     let base_path = uri.path().trim_end_matches('/').to_owned();
     Ok((scheme, authority, base_path))
+}
+
+/// `url` with everything between its scheme and its last `@` shown as `***`: a URL whose
+/// password is in the path part (`http://u:pa/ss@host`) is hidden as well as a well-formed one.
+fn without_credentials(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    match url.rfind('@') {
+        Some(at) if at >= start => format!("{}***{}", &url[..start], &url[at..]),
+        _ => url.to_owned(),
+    }
 }
 
 // === [state] ===
@@ -309,6 +338,23 @@ fn redis(raw: &RawState, src: &Source) -> Result<RedisConfig, ConfigError> {
             "must start with redis:// or rediss:// (TLS)".into(),
         ));
     }
+    // Parsed now, so that `check` refuses what `serve` would; the client's errors never show the
+    // URL, and neither does this message.
+    let info =
+        redis::IntoConnectionInfo::into_connection_info(url.get_ref().as_str()).map_err(|e| {
+            src.at(
+                url.span(),
+                "state.redis_url",
+                format!("not a Redis URL: {e}"),
+            )
+        })?;
+    if info.redis_settings().password().is_some() {
+        return Err(src.at(
+            url.span(),
+            "state.redis_url",
+            "a password in the URL is not allowed; name the environment variable that holds it with password_env".into(),
+        ));
+    }
     let password = match &raw.password_env {
         Some(env) => Some(std::env::var(env.get_ref()).map(Secret).map_err(|_| {
             src.at(
@@ -328,23 +374,5 @@ fn redis(raw: &RawState, src: &Source) -> Result<RedisConfig, ConfigError> {
         prefix: raw.prefix.clone(),
         on_error: raw.on_error,
         lease: raw.lease,
-    })
-}
-
-// === reading the text ===
-
-fn parse_raw(source: &str, origin: &str) -> Result<RawConfig, ConfigError> {
-    let deserializer = toml::Deserializer::new(source);
-    serde_path_to_error::deserialize(deserializer).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        let line = inner.span().map(|span| line_of(source, span.start));
-        let message = inner.message().to_owned();
-        match (line, path.as_str()) {
-            (Some(line), ".") => ConfigError(format!("{origin}:{line}: {message}")),
-            (Some(line), path) => ConfigError(format!("{origin}:{line}: {path}: {message}")),
-            (None, ".") => ConfigError(format!("{origin}: {message}")),
-            (None, path) => ConfigError(format!("{origin}: {path}: {message}")),
-        }
     })
 }

@@ -4,13 +4,15 @@
 //! Edge cases:
 //! - Unknown keys anywhere are errors (`deny_unknown_fields`), reported with the key's line, so a
 //!   section that belongs to a later feature is refused rather than silently ignored.
-//! - Errors name the full key path (`upstream.url`) and the line in the file.
+//! - Errors name the full key path (`upstream.url`) and the line in the file, and say what was
+//!   expected and found in TOML's words (`expected an integer, found the string "4"`).
 //! - Secrets never live in the file: `upstream.api_key_env` names an environment variable and
 //!   `upstream.api_key_file` a file; the value is held in a [`Secret`] that never prints.
 
 mod keys;
 mod load;
 mod raw;
+mod read;
 mod source;
 #[cfg(test)]
 mod tests;
@@ -185,6 +187,54 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+}
+
+impl ServerConfig {
+    /// Every listener, by its config key.
+    pub fn listeners(&self) -> [(&'static str, SocketAddr); 2] {
+        [
+            ("server.listen", self.listen),
+            ("server.admin_listen", self.admin_listen),
+        ]
+    }
+
+    /// The first two listeners that could not both bind.
+    pub fn listener_clash(&self) -> Option<ListenerClash> {
+        let listeners = self.listeners();
+        listeners.iter().enumerate().find_map(|(i, &first)| {
+            listeners[i + 1..]
+                .iter()
+                .find(|second| addresses_clash(first.1, second.1))
+                .map(|&second| ListenerClash { first, second })
+        })
+    }
+}
+
+/// Two listeners on one address, by config key and address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerClash {
+    pub first: (&'static str, SocketAddr),
+    pub second: (&'static str, SocketAddr),
+}
+
+impl fmt::Display for ListenerClash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ((name, addr), (other_name, other)) = (self.first, self.second);
+        write!(
+            f,
+            "{name} = {addr} and {other_name} = {other} cannot both listen; each listener needs an address of its own"
+        )
+    }
+}
+
+/// Whether the second of two listeners would fail to bind: the same port (0 picks a free one
+/// each time, so never), on the same IP or where one is a wildcard that covers the other
+/// (`0.0.0.0` covers IPv4, `[::]` both families on Linux).
+fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 impl UpstreamConfig {

@@ -100,7 +100,10 @@ pub(super) struct RawRate {
 
 /// One hash, or several while a key is being rotated.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a SHA-256 (64 hex digits) or an array of them"
+)]
 pub(super) enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -132,9 +135,9 @@ pub(super) struct RawKey {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawServer {
     #[serde(default = "defaults::listen")]
-    pub(super) listen: SocketAddr,
+    pub(super) listen: Spanned<SocketAddr>,
     #[serde(default = "defaults::admin_listen")]
-    pub(super) admin_listen: SocketAddr,
+    pub(super) admin_listen: Spanned<SocketAddr>,
     #[serde(default = "defaults::max_body_bytes")]
     pub(super) max_body_bytes: Spanned<u64>,
     #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
@@ -194,11 +197,11 @@ pub(super) mod defaults {
     use std::time::Duration;
     use toml::Spanned;
 
-    pub fn listen() -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, 8080))
+    pub fn listen() -> Spanned<SocketAddr> {
+        Spanned::new(0..0, SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)))
     }
-    pub fn admin_listen() -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, 9090))
+    pub fn admin_listen() -> Spanned<SocketAddr> {
+        Spanned::new(0..0, SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)))
     }
     pub fn max_body_bytes() -> Spanned<u64> {
         Spanned::new(0..0, 4 * 1024 * 1024)

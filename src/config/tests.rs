@@ -17,8 +17,11 @@ fn embedded_default_config_parses() {
 fn defaults_fill_missing_keys() {
     let config = parse("[server]\n[upstream]\nurl = \"http://127.0.0.1:8000\"\n")
         .expect("minimal config parses");
-    assert_eq!(config.server.listen, defaults::listen());
-    assert_eq!(config.server.admin_listen, defaults::admin_listen());
+    assert_eq!(config.server.listen, *defaults::listen().get_ref());
+    assert_eq!(
+        config.server.admin_listen,
+        *defaults::admin_listen().get_ref()
+    );
     assert_eq!(config.upstream.base_path, "");
     assert_eq!(config.upstream.response_header_timeout.as_secs(), 300);
     assert!(config.upstream.api_key.is_none());

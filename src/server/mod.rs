@@ -86,6 +86,11 @@ impl Server {
     }
 
     pub async fn bind_with(config: Config, options: ServerOptions) -> Result<Server, BoxError> {
+        // `Config::load` refuses this already; a config built in code is checked here, before the
+        // second bind fails with a bare "address in use".
+        if let Some(clash) = config.server.listener_clash() {
+            return Err(clash.to_string().into());
+        }
         let listener = TcpListener::bind(config.server.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;

@@ -406,3 +406,174 @@ async fn sighup_warns_once_for_each_changed_setting_that_needs_a_restart() {
         .expect("gateway exits");
     assert!(exit.success(), "the old settings stayed in force: {exit:?}");
 }
+
+/// `tollgate check` on a file holding `text`: whether it passed, and what it printed (stdout, then
+/// stderr).
+fn check(text: &str) -> (bool, String) {
+    let file = write_config(text);
+    let output = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(file.path())
+        .output()
+        .expect("run check");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), printed)
+}
+
+const HASH: &str = "a665a45920422f9d417e4867efdc4fb8a04a1f3fff1fa07e998e86f7f7a27ae3";
+
+#[test]
+fn check_says_what_was_expected_and_found_in_the_words_of_the_file() {
+    let key = format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH}\"\n");
+    for (tail, expected) in [
+        (
+            format!("{key}concurrency = \"4\"\n"),
+            ":7: keys[0].concurrency: expected an integer, found the string \"4\"",
+        ),
+        (
+            format!("{key}rate = {{ requests = \"5\", per = \"1m\" }}\n"),
+            ":7: keys[0].rate.requests: expected an integer, found the string \"5\"",
+        ),
+        (
+            format!("{key}max_tokens = -1\n"),
+            ":7: keys[0].max_tokens: expected an integer from 0 to 4294967295, found the integer -1",
+        ),
+        (
+            format!("{key}quotas = {{ tokens = 5, per = \"1m\" }}\n"),
+            ":7: keys[0].quotas: expected an array, found a table",
+        ),
+        (
+            format!("{key}rate = 5\n"),
+            ":7: keys[0].rate: expected a table, found the integer 5",
+        ),
+        (
+            "[[keys]]\nname = \"a\"\nsha256 = 5\n".to_owned(),
+            ":6: keys[0].sha256: expected a SHA-256 (64 hex digits) or an array of them",
+        ),
+        (
+            "[state]\nflush_interval = 5\n".to_owned(),
+            ":5: state.flush_interval: expected a duration such as \"30s\" or \"5m\", found the integer 5",
+        ),
+    ] {
+        let (ok, printed) = check(&format!("[server]\n[upstream]\nurl = \"http://a\"\n{tail}"));
+        assert!(!ok, "{tail}: refused");
+        assert!(printed.contains(expected), "{expected:?} not in {printed}");
+        assert!(!printed.contains("serde"), "no serde internals: {printed}");
+    }
+    for (server, expected) in [
+        (
+            "max_body_bytes = \"big\"",
+            ":2: server.max_body_bytes: expected an integer, found the string \"big\"",
+        ),
+        (
+            "listen = 8080",
+            ":2: server.listen: expected an address such as \"127.0.0.1:8080\", found the integer 8080",
+        ),
+        (
+            "workers = true",
+            ":2: server.workers: expected an integer, found true",
+        ),
+    ] {
+        let (ok, printed) = check(&format!("[server]\n{server}\n[upstream]\nurl = \"http://a\"\n"));
+        assert!(!ok, "{server}: refused");
+        assert!(printed.contains(expected), "{expected:?} not in {printed}");
+    }
+}
+
+#[test]
+fn check_refuses_credentials_in_a_url_without_ever_printing_the_password() {
+    for url in [
+        "http://user:hunter2@host/x",
+        "https://:hunter2@host",
+        "http://user:hun/ter2@host/x",
+        "ftp://user:hunter2@host/x",
+        "user:hunter2@host/x",
+        "http://user:hunter2@host/x?q=1",
+        "http://user:hunter2@",
+    ] {
+        let (ok, printed) = check(&format!("[server]\n[upstream]\nurl = \"{url}\"\n"));
+        assert!(!ok, "{url}: refused");
+        assert!(
+            printed.contains(":3: upstream.url:") && printed.contains("credentials"),
+            "{url}: {printed}"
+        );
+        for secret in ["hunter2", "hun/ter2", "ter2"] {
+            assert!(
+                !printed.contains(secret),
+                "{url}: printed {secret}: {printed}"
+            );
+        }
+    }
+    for url in [
+        "redis://:hunter2@host:6379",
+        "rediss://user:hunter2@host:6380/0",
+        "redis://:hunter2@host:notaport",
+        "redis://:hunter2@ho st:1",
+    ] {
+        let (ok, printed) = check(&format!(
+            "[server]\n[upstream]\nurl = \"http://a\"\n[state]\nbackend = \"redis\"\nredis_url = \"{url}\"\n"
+        ));
+        assert!(!ok, "{url}: refused");
+        assert!(printed.contains(":6: state.redis_url:"), "{url}: {printed}");
+        assert!(!printed.contains("hunter2"), "{url}: {printed}");
+    }
+    let (ok, printed) = check(
+        "[server]\n[upstream]\nurl = \"http://a\"\n[state]\nbackend = \"redis\"\nredis_url = \"redis://user@host:6379\"\n",
+    );
+    assert!(ok, "a user name alone is no secret: {printed}");
+}
+
+#[test]
+fn check_and_serve_refuse_two_listeners_on_one_address() {
+    let port = common::closed_port();
+    for (listeners, clash) in [
+        (
+            format!("listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{port}\""),
+            true,
+        ),
+        ("admin_listen = \"127.0.0.1:8080\"".to_owned(), true),
+        (
+            format!("listen = \"0.0.0.0:{port}\"\nadmin_listen = \"127.0.0.1:{port}\""),
+            true,
+        ),
+        (
+            format!("listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.2:{port}\""),
+            false,
+        ),
+        (
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"".to_owned(),
+            false,
+        ),
+    ] {
+        let text = format!("[server]\n{listeners}\n[upstream]\nurl = \"http://a\"\n");
+        let (ok, printed) = check(&text);
+        assert_eq!(ok, !clash, "{listeners}: {printed}");
+        if clash {
+            assert!(
+                printed.contains("server.listen = ")
+                    && printed.contains("server.admin_listen = ")
+                    && printed.contains("each listener needs an address of its own"),
+                "{listeners}: {printed}"
+            );
+        }
+    }
+
+    let file = write_config(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"http://a\"\n"
+    ));
+    let serve = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(file.path())
+        .output()
+        .expect("run serve");
+    assert!(!serve.status.success(), "serve refuses it too");
+    let err = String::from_utf8_lossy(&serve.stderr);
+    assert!(
+        err.contains(":3: server.admin_listen: server.listen = "),
+        "the config error, not a failed bind: {err}"
+    );
+}

@@ -18,7 +18,10 @@ use super::raw::{RawServer, RawState, RawTls, RawUpstream};
 use super::read::parse_raw;
 use super::source::Source;
 use super::tls::{self, TlsFiles};
-use super::{Config, ConfigError, RedisConfig, Secret, ServerConfig, StateConfig, UpstreamConfig};
+use super::{
+    Config, ConfigError, RedisConfig, Secret, ServerConfig, StateBackend, StateConfig,
+    UpstreamConfig,
+};
 
 /// More threads than this is a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
@@ -301,16 +304,9 @@ fn without_credentials(url: &str) -> String {
 // === [state] ===
 
 fn state(raw: RawState, src: &Source) -> Result<StateConfig, ConfigError> {
-    let redis = match raw.backend.get_ref().as_str() {
-        "local" => None,
-        "redis" => Some(redis(&raw, src)?),
-        other => {
-            return Err(src.at(
-                raw.backend.span(),
-                "state.backend",
-                format!("unknown backend {other:?}: use \"local\" or \"redis\""),
-            ))
-        }
+    let redis = match raw.backend.get_ref() {
+        StateBackend::Local => None,
+        StateBackend::Redis => Some(redis(&raw, src)?),
     };
     if raw.flush_interval.is_zero() {
         return Err(src.whole("state.flush_interval must be longer than 0s"));

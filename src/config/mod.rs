@@ -269,6 +269,17 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Where quota windows and limits live (`state.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackend {
+    /// In this process, saved to `state.path`.
+    #[default]
+    Local,
+    /// In Redis at `state.redis_url`, shared by every replica.
+    Redis,
+}
+
 /// What the gateway does while the Redis backend is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::OnError;
+use super::{OnError, StateBackend};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,7 +33,7 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawState {
     #[serde(default = "defaults::backend")]
-    pub(super) backend: Spanned<String>,
+    pub(super) backend: Spanned<StateBackend>,
     #[serde(default = "defaults::state_path")]
     pub(super) path: PathBuf,
     #[serde(default = "defaults::flush_interval", with = "humantime_serde")]
@@ -243,8 +243,8 @@ pub(super) mod defaults {
     pub fn inject_usage() -> bool {
         true
     }
-    pub fn backend() -> Spanned<String> {
-        Spanned::new(0..0, "local".to_owned())
+    pub fn backend() -> Spanned<super::StateBackend> {
+        Spanned::new(0..0, super::StateBackend::Local)
     }
     pub fn state_path() -> std::path::PathBuf {
         "state/tollgate.db".into()

@@ -1,5 +1,6 @@
 //! Reading the config text into [`RawConfig`], and saying what serde found wrong in the words of
-//! the file: `test.toml:7: keys[0].concurrency: expected an integer, found the string "4"`.
+//! the file: `test.toml:7: keys[0].concurrency: expected an integer, found the string "4"`,
+//! `test.toml:9: state.backend: expected "local" or "redis", found "sqlite"`.
 //!
 //! Edge cases: the fields serde uses inside a [`toml::Spanned`] value
 //! (`$__serde_spanned_private_value`) never show in a key path; serde's `invalid type: …,
@@ -60,8 +61,15 @@ fn key_path(path: &Path) -> String {
     out
 }
 
-/// serde's `invalid type` / `invalid value` messages as `expected …, found …`.
+/// serde's `invalid type` / `invalid value` / `unknown variant` messages as `expected …, found …`.
 fn plain_message(message: &str) -> String {
+    // `unknown variant `x`, expected `a` or `b``: the choices as the file writes strings.
+    if let Some((found, choices)) = message
+        .strip_prefix("unknown variant `")
+        .and_then(|rest| rest.split_once("`, expected "))
+    {
+        return format!("expected {}, found \"{found}\"", choices.replace('`', "\""));
+    }
     let (kind, rest) = if let Some(rest) = message.strip_prefix("invalid type: ") {
         (Mismatch::Type, rest)
     } else if let Some(rest) = message.strip_prefix("invalid value: ") {
@@ -179,6 +187,14 @@ mod tests {
             (
                 "invalid type: boolean `true`, expected a string",
                 "expected a string, found true",
+            ),
+            (
+                "unknown variant `sqlite`, expected `local` or `redis`",
+                "expected \"local\" or \"redis\", found \"sqlite\"",
+            ),
+            (
+                "unknown variant `x`, expected one of `a`, `b`, `c`",
+                "expected one of \"a\", \"b\", \"c\", found \"x\"",
             ),
             ("missing field `url`", "missing field `url`"),
         ] {

@@ -210,6 +210,25 @@ fn bad_key_fields_are_explained() {
 }
 
 #[test]
+fn state_backend_is_one_of_its_names_and_says_them() {
+    let config = parse("[server]\n[upstream]\nurl = \"http://a\"\n[state]\nbackend = \"local\"\n")
+        .expect("local");
+    assert!(config.state.redis.is_none());
+    let err = parse("[server]\n[upstream]\nurl = \"http://a\"\n[state]\nbackend = \"sqlite\"\n")
+        .expect_err("no such backend");
+    assert_eq!(
+        err.to_string(),
+        "test.toml:5: state.backend: expected \"local\" or \"redis\", found \"sqlite\""
+    );
+    let err = parse("[server]\n[upstream]\nurl = \"http://a\"\n[state]\nbackend = \"redis\"\n")
+        .expect_err("redis needs its URL");
+    assert!(
+        err.to_string().starts_with("test.toml:5: state.redis_url:"),
+        "{err}"
+    );
+}
+
+#[test]
 fn secret_never_prints() {
     let secret = Secret::new("sk-very-secret".into());
     assert_eq!(format!("{secret:?} {secret}"), "***** *****");

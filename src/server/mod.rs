@@ -117,13 +117,19 @@ impl Server {
         });
         let schemas = Arc::new(Schemas::compile()?);
         let store = match &config.state.redis {
-            None => Store::Local(Arc::new(LocalState::open(
-                Some(config.state.path.clone()),
-                options.clock.clone(),
-            )?)),
+            None => {
+                let local =
+                    LocalState::open(Some(config.state.path.clone()), options.clock.clone())
+                        .map_err(|error| format!("state.path: {error}"))?;
+                Store::Local(Arc::new(local))
+            }
             Some(redis) => Store::Redis {
                 redis: Arc::new(RedisState::connect(redis, metrics.clone())?),
-                fallback: Arc::new(LocalState::open(None, options.clock.clone())?),
+                // In memory only: nothing to open that could fail, but say where if it does.
+                fallback: Arc::new(
+                    LocalState::open(None, options.clock.clone())
+                        .map_err(|error| format!("the fail_open fallback state: {error}"))?,
+                ),
             },
         };
         let backend = Arc::new(Backend::new(store, options.clock.clone(), metrics.clone()));

@@ -11,8 +11,8 @@
 //! - SIGKILL or a crash: usage settled since the last snapshot is lost — at most
 //!   `flush_interval` (default 1 s) of it. Reservations of requests in flight are never persisted
 //!   (they die with the process).
-//! - A corrupt or unreadable state file stops the start with a clear error; it is never silently
-//!   replaced by zero usage.
+//! - A corrupt or unreadable state file stops the start with a clear error ([`LocalStateError`],
+//!   which callers put in context); it is never silently replaced by zero usage.
 //!
 //! Windows are fixed and aligned to multiples of their length since the Unix epoch, in UTC: `1m`
 //! resets on the minute, `1h` on the hour, `1d` at 00:00 UTC, `30d` every 30 days counted from
@@ -68,6 +68,45 @@ struct SnapshotWindow {
 
 const SNAPSHOT_VERSION: u32 = 1;
 
+/// Why the state file could not be opened or written. Each names the file and says the cause
+/// (the cause is in the message, not also behind `source()`, so that it prints once).
+#[derive(Debug, thiserror::Error)]
+pub enum LocalStateError {
+    #[error("cannot create the folder {}: {error}", .path.display())]
+    CreateDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot read {}: {error}", .path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "{} is corrupt ({error}); usage would be lost. Move it aside to start with empty usage, \
+         or restore a backup",
+        .path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        error: serde_json::Error,
+    },
+    #[error("{} has version {found}, this tollgate reads {SNAPSHOT_VERSION}", .path.display())]
+    Version { path: PathBuf, found: u32 },
+    #[error("cannot write next to {}: {error}", .path.display())]
+    NotWritable {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot write {}: {error}", .path.display())]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot encode the snapshot: {0}")]
+    Encode(serde_json::Error),
+}
+
 /// The start of the window of length `per_secs` that contains `now`.
 fn window_start(now: u64, per_secs: u64) -> u64 {
     now - now % per_secs
@@ -76,28 +115,28 @@ fn window_start(now: u64, per_secs: u64) -> u64 {
 impl LocalState {
     /// Opens the state at `path` (or keeps it in memory only when `None`), loading what an earlier
     /// run saved.
-    pub fn open(path: Option<PathBuf>, clock: Clock) -> Result<LocalState, String> {
+    pub fn open(path: Option<PathBuf>, clock: Clock) -> Result<LocalState, LocalStateError> {
         let mut windows = HashMap::new();
         if let Some(path) = &path {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("state: cannot create {}: {e}", parent.display()))?;
+                std::fs::create_dir_all(parent).map_err(|error| LocalStateError::CreateDir {
+                    path: parent.to_owned(),
+                    error,
+                })?;
             }
             match std::fs::read(path) {
                 Ok(bytes) => {
-                    let snapshot: Snapshot = serde_json::from_slice(&bytes).map_err(|e| {
-                        format!(
-                            "state file {} is corrupt ({e}); usage would be lost. Move it aside to \
-                             start with empty usage, or restore a backup",
-                            path.display()
-                        )
+                    let snapshot: Snapshot = serde_json::from_slice(&bytes).map_err(|error| {
+                        LocalStateError::Corrupt {
+                            path: path.clone(),
+                            error,
+                        }
                     })?;
                     if snapshot.version != SNAPSHOT_VERSION {
-                        return Err(format!(
-                            "state file {} has version {}, this tollgate reads {SNAPSHOT_VERSION}",
-                            path.display(),
-                            snapshot.version
-                        ));
+                        return Err(LocalStateError::Version {
+                            path: path.clone(),
+                            found: snapshot.version,
+                        });
                     }
                     for w in snapshot.windows {
                         if w.per_secs == 0 {
@@ -117,8 +156,11 @@ impl LocalState {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(format!("state file {}: cannot read: {e}", path.display()));
+                Err(error) => {
+                    return Err(LocalStateError::Read {
+                        path: path.clone(),
+                        error,
+                    });
                 }
             }
             // Fail now, not at the first flush, if the folder is not writable.
@@ -218,7 +260,7 @@ impl LocalState {
     }
 
     /// Writes a snapshot if anything was charged since the last one.
-    pub fn flush(&self) -> Result<(), String> {
+    pub fn flush(&self) -> Result<(), LocalStateError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
@@ -312,18 +354,21 @@ fn status_of(quota: &Quota, counter: &Counter, now: u64) -> WindowStatus {
     }
 }
 
-fn probe_writable(path: &Path) -> Result<(), String> {
+fn probe_writable(path: &Path) -> Result<(), LocalStateError> {
     let probe = path.with_extension("probe");
     std::fs::write(&probe, b"")
         .and_then(|()| std::fs::remove_file(&probe))
-        .map_err(|e| format!("state: cannot write next to {}: {e}", path.display()))
+        .map_err(|error| LocalStateError::NotWritable {
+            path: path.to_owned(),
+            error,
+        })
 }
 
 /// Temporary file, fsync, rename over the old one, fsync the folder: the file on disk is always
 /// either the old snapshot or the new one, whole.
-fn write_atomically(path: &Path, snapshot: &Snapshot) -> Result<(), String> {
+fn write_atomically(path: &Path, snapshot: &Snapshot) -> Result<(), LocalStateError> {
     let tmp = path.with_extension("tmp");
-    let bytes = serde_json::to_vec(snapshot).map_err(|e| format!("state: {e}"))?;
+    let bytes = serde_json::to_vec(snapshot).map_err(LocalStateError::Encode)?;
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(&bytes)?;
@@ -334,7 +379,10 @@ fn write_atomically(path: &Path, snapshot: &Snapshot) -> Result<(), String> {
         }
         Ok(())
     };
-    write().map_err(|e| format!("state file {}: {e}", path.display()))
+    write().map_err(|error| LocalStateError::Write {
+        path: path.to_owned(),
+        error,
+    })
 }
 
 #[cfg(test)]
@@ -422,9 +470,13 @@ mod tests {
         );
 
         std::fs::write(&path, b"{ not json").expect("corrupt it");
-        let err = LocalState::open(Some(path), clock)
+        let err = LocalState::open(Some(path.clone()), clock)
             .err()
             .expect("corrupt file refused");
-        assert!(err.contains("corrupt"), "{err}");
+        assert!(
+            matches!(&err, LocalStateError::Corrupt { path: named, .. } if *named == path),
+            "{err}"
+        );
+        assert!(err.to_string().contains("is corrupt"), "{err}");
     }
 }

@@ -153,6 +153,11 @@ impl KeyStore {
     pub fn get(&self, name: &str) -> Option<&Arc<KeyEntry>> {
         self.by_name.get(name)
     }
+
+    /// Every key.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
+        self.by_name.values()
+    }
 }
 
 fn new_limiter(rate: RateLimit, clock: &Clock) -> Limiter {

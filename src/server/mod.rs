@@ -106,37 +106,23 @@ impl Server {
         };
         let tls = resolver(&config.server.tls)?;
         let admin_tls = resolver(&config.server.admin_tls)?;
+        let schemas = Arc::new(Schemas::compile()?);
+        let store = open_state(&config, &options.clock, &metrics)?;
+        let backend = Arc::new(Backend::new(store, options.clock.clone(), metrics.clone()));
+        let ledger = match &config.ledger {
+            Some(path) => Some(Arc::new(Ledger::open(path, metrics.clone())?)),
+            None => None,
+        };
         let reloader = options.config_path.map(|path| {
             Arc::new(Reloader::new(
                 path,
                 keys.clone(),
                 [tls.clone(), admin_tls.clone()],
                 metrics.clone(),
+                backend.clone(),
                 config.clone(),
             ))
         });
-        let schemas = Arc::new(Schemas::compile()?);
-        let store = match &config.state.redis {
-            None => {
-                let local =
-                    LocalState::open(Some(config.state.path.clone()), options.clock.clone())
-                        .map_err(|error| format!("state.path: {error}"))?;
-                Store::Local(Arc::new(local))
-            }
-            Some(redis) => Store::Redis {
-                redis: Arc::new(RedisState::connect(redis, metrics.clone())?),
-                // In memory only: nothing to open that could fail, but say where if it does.
-                fallback: Arc::new(
-                    LocalState::open(None, options.clock.clone())
-                        .map_err(|error| format!("the fail_open fallback state: {error}"))?,
-                ),
-            },
-        };
-        let backend = Arc::new(Backend::new(store, options.clock.clone(), metrics.clone()));
-        let ledger = match &config.ledger {
-            Some(path) => Some(Arc::new(Ledger::open(path, metrics.clone())?)),
-            None => None,
-        };
         let accounting = Accounting { backend, ledger };
         Ok(Server {
             config,
@@ -189,6 +175,10 @@ impl Server {
         };
         let (listen_addr, admin_addr) = (self.local_addr()?, self.admin_addr()?);
         let background = self.spawn_background();
+        // Every quota window's gauge, at its value in the state, before the first request.
+        let backend = self.accounting.backend.clone();
+        let keys: Vec<_> = self.keys.load().entries().cloned().collect();
+        tokio::spawn(async move { backend.publish_windows(keys).await });
         let admin = self.admin();
         let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin, admin_tls));
 
@@ -343,6 +333,25 @@ async fn save_state(accounting: &Accounting) {
     if let Some(ledger) = accounting.ledger.clone() {
         let _ = tokio::task::spawn_blocking(move || ledger.close(Duration::from_secs(10))).await;
     }
+}
+
+/// The usage state `config` asks for: the local file, or Redis with an in-memory fallback.
+fn open_state(config: &Config, clock: &Clock, metrics: &Arc<Metrics>) -> Result<Store, BoxError> {
+    Ok(match &config.state.redis {
+        None => {
+            let local = LocalState::open(Some(config.state.path.clone()), clock.clone())
+                .map_err(|error| format!("state.path: {error}"))?;
+            Store::Local(Arc::new(local))
+        }
+        Some(redis) => Store::Redis {
+            redis: Arc::new(RedisState::connect(redis, metrics.clone())?),
+            // In memory only: nothing to open that could fail, but say where if it does.
+            fallback: Arc::new(
+                LocalState::open(None, clock.clone())
+                    .map_err(|error| format!("the fail_open fallback state: {error}"))?,
+            ),
+        },
+    })
 }
 
 /// How client connections speak HTTP. A request head past `server.max_header_bytes` is answered

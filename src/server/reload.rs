@@ -20,6 +20,7 @@ use crate::keys::{KeyStore, SharedKeys};
 use crate::observability::metrics::Metrics;
 use crate::server::restart_only;
 use crate::server::tls::CertResolver;
+use crate::state::Backend;
 
 pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -39,6 +40,8 @@ pub struct Reloader {
     /// The certificates of the client and the admin listener, re-read on every reload.
     tls: [Option<Arc<CertResolver>>; 2],
     metrics: Arc<Metrics>,
+    /// Where the windows of keys a reload adds are read, for their gauges.
+    backend: Arc<Backend>,
     /// The config in force, to tell what a new one changes.
     current: Mutex<Config>,
 }
@@ -49,6 +52,7 @@ impl Reloader {
         keys: SharedKeys,
         tls: [Option<Arc<CertResolver>>; 2],
         metrics: Arc<Metrics>,
+        backend: Arc<Backend>,
         current: Config,
     ) -> Self {
         Reloader {
@@ -56,6 +60,7 @@ impl Reloader {
             keys,
             tls,
             metrics,
+            backend,
             current: Mutex::new(current),
         }
     }
@@ -107,7 +112,17 @@ impl Reloader {
         };
         summary.added.sort();
         summary.removed.sort();
+        let added = summary
+            .added
+            .iter()
+            .filter_map(|name| store.get(name).cloned())
+            .collect();
         self.keys.store(Arc::new(store));
+        // A reload is run from the runtime (SIGHUP, the file watcher) or from a test's.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let backend = self.backend.clone();
+            runtime.spawn(async move { backend.publish_windows(added).await });
+        }
         current.keys = new.keys;
         Ok(summary)
     }

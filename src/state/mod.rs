@@ -276,6 +276,22 @@ impl Backend {
         }
     }
 
+    /// Sets `tollgate_quota_used_tokens` for every window of `keys` from the state, so that each
+    /// series exists, at its true value, before the key's first request (a restart with usage in
+    /// the state file must not show 0). A window the state cannot tell now is left to the key's
+    /// first request.
+    pub async fn publish_windows(&self, keys: Vec<Arc<KeyEntry>>) {
+        for key in keys {
+            let quotas = &key.limits.quotas;
+            if quotas.is_empty() {
+                continue;
+            }
+            if let Ok(windows) = self.status(&key.name, quotas).await {
+                self.set_gauges(&key.name, quotas, windows.iter().map(|w| w.used));
+            }
+        }
+    }
+
     /// Waits (at most `timeout`) for background settlements, so that a shutdown loses none.
     pub async fn drain(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -475,3 +475,72 @@ async fn a_fresh_gateway_exports_every_fixed_counter_at_zero_and_a_reload_adds_n
         "not exported at 0 after the reload that added the key: {missing:#?}\n{metrics}"
     );
 }
+
+/// The value of the series that starts with `series` (name and labels), if exported.
+fn gauge(metrics: &str, series: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn quota_window_gauges_start_at_their_value_in_the_state_and_a_reload_adds_new_keys() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state.db");
+    let config_file = dir.path().join("tollgate.toml");
+    let quota = "max_tokens = 50\nquotas = [{ tokens = 10000, per = \"1h\" }]";
+    let config = |keys: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[state]\npath = \"{}\"\n{keys}",
+            upstream.url(),
+            state.display(),
+        )
+    };
+    let used_series = "tollgate_quota_used_tokens{key=\"q\",window=\"1h\"}";
+    write(&config_file, &config(&key_entry("q", "tg-q", quota)));
+
+    let mut first = TestGateway::start_file(&config_file, Clock::real()).await;
+    assert!(
+        first
+            .wait_for_metric(&format!("{used_series} 0"), Duration::from_secs(5))
+            .await,
+        "a fresh window is exported at 0 before any request:\n{}",
+        first.metrics().await
+    );
+    let (status, _, _) = common::post(
+        &format!("{}/v1/chat/completions", first.url()),
+        &common::chat_body(false, false),
+        &[("authorization", "Bearer tg-q")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let charged = gauge(&first.metrics().await, used_series).expect("the window's gauge");
+    assert!(charged > 0, "the request was charged");
+    first.begin_shutdown().await.expect("shutdown");
+
+    // A restart shows the window as the state file holds it, before the key's first request.
+    let second = TestGateway::start_file(&config_file, Clock::real()).await;
+    let restarted = format!("{used_series} {charged}");
+    assert!(
+        second
+            .wait_for_metric(&restarted, Duration::from_secs(5))
+            .await,
+        "after a restart the gauge reads {charged}:\n{}",
+        second.metrics().await
+    );
+    let keys = format!(
+        "{}{}",
+        key_entry("q", "tg-q", quota),
+        key_entry("late", "tg-late", quota)
+    );
+    write(&config_file, &config(&keys));
+    second.reload().expect("reload adds a key");
+    let late = "tollgate_quota_used_tokens{key=\"late\",window=\"1h\"} 0";
+    assert!(
+        second.wait_for_metric(late, Duration::from_secs(5)).await,
+        "a key added by a reload has its window at 0:\n{}",
+        second.metrics().await
+    );
+}

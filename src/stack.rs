@@ -20,8 +20,9 @@
 //! 9. `EnforcePolicy`    ? key, ? [`ParsedRequest`]; + model label; models and max_tokens cap,
 //!    400 otherwise
 //! 10. `Quota`           ? key, ? [`ParsedRequest`]; reserves the worst case in every token
-//!     window (429 otherwise); sets `include_usage` upstream when the client did not; + the
-//!     settlement as an end action, and watches the answer for usage ([`WatchedBody`])
+//!     window (429 otherwise); sets `include_usage` upstream when the client did not, and the
+//!     key's cap as `max_tokens` when the request names none; + the settlement as an end action,
+//!     and watches the answer for usage ([`WatchedBody`])
 //! 11. `Proxy`           ? endpoint, ? start; forwards and streams the answer back, marked
 //!     [`UpstreamReached`]
 //!

@@ -30,6 +30,7 @@ use http::{HeaderValue, Method, Request, StatusCode};
 use tokio::time::Instant;
 
 use crate::http::error::ErrorSource;
+use crate::http::generation::Generation;
 use crate::keys::KeyEntry;
 use crate::observability::metrics::{OTHER_MODEL, UNAUTHENTICATED};
 
@@ -244,6 +245,8 @@ pub struct ParsedRequest {
     pub include_usage: bool,
     /// The larger of `max_tokens` and `max_completion_tokens`, when either is set.
     pub max_tokens: Option<u64>,
+    /// The fields that bound the answer's length and count.
+    pub generation: Generation,
 }
 
 impl ParsedRequest {
@@ -261,16 +264,14 @@ impl ParsedRequest {
             .pointer("/stream_options/include_usage")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let max_tokens = ["max_tokens", "max_completion_tokens"]
-            .iter()
-            .filter_map(|field| json.get(field).and_then(|v| v.as_u64()))
-            .max();
+        let generation = Generation::read(&json);
         ParsedRequest {
+            max_tokens: generation.standard_max_tokens(),
+            generation,
             json,
             model,
             stream,
             include_usage,
-            max_tokens,
         }
     }
 }

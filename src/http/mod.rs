@@ -1,13 +1,16 @@
 //! What every layer shares about a request and its answer: the one response body type
 //! ([`body`]), the one error answer ([`error`]), the request context the layers fill and the end
-//! reads ([`context`]), the one end-of-request hook ([`end`]), and the response headers the
-//! gateway owns ([`headers`]).
+//! reads ([`context`]), the one end-of-request hook ([`end`]), the response headers the gateway
+//! owns ([`headers`]), what a request asks to generate ([`generation`]), and the edits the gateway
+//! makes to a request body before it goes upstream ([`request_edit`]).
 
 pub mod body;
 pub mod context;
 pub mod end;
 pub mod error;
+pub mod generation;
 pub mod headers;
+pub mod request_edit;
 
 /// nginx's "client closed request": the status recorded for a request whose client left before
 /// the response headers came.

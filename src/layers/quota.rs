@@ -13,12 +13,18 @@
 //! is sent upstream with it (unless `upstream.inject_usage = false`), and the answer goes back
 //! through the [`crate::accounting::usage::UsageStripper`], so the client sees what it would have seen
 //! without the gateway while the gateway still gets exact usage.
+//!
+//! The cap binds the upstream: a request that names neither `max_tokens` nor
+//! `max_completion_tokens` is sent with the key's cap as `max_tokens`, so that an upstream cannot
+//! generate past what was reserved with its own default (llama.cpp's is "until the context is
+//! full"). Both edits are members inserted after the opening brace ([`edited_body`]); every other
+//! byte goes as the client sent it, and the answer comes back as it is.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::response::Parts;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
@@ -35,6 +41,7 @@ use crate::http::error::{retry_after_secs, ErrorSource, GatewayError};
 use crate::http::headers::{
     LIMIT_TOKENS, RATELIMIT, RATELIMIT_POLICY, REMAINING_TOKENS, RESET_TOKENS,
 };
+use crate::http::request_edit::{edited_body, Edits};
 use crate::keys::KeyEntry;
 use crate::observability::labels::Rejection;
 use crate::observability::metrics::Metrics;
@@ -140,8 +147,12 @@ impl Shared {
             Err(refusal) => return Ok(refusal),
         };
         let strip = self.inject_usage && parsed.stream && !parsed.include_usage;
-        if strip {
-            let body = with_include_usage(request.body(), &parsed);
+        let edits = Edits {
+            include_usage: strip,
+            max_tokens: parsed.generation.max_tokens_to_add(cap(&key)),
+        };
+        if !edits.is_empty() {
+            let body = edited_body(request.body(), &parsed.json, edits);
             *request.body_mut() = body;
         }
         // Registered before the request goes upstream: a client that leaves before the answer
@@ -177,10 +188,7 @@ impl Shared {
         if key.limits.quotas.is_empty() {
             return Ok((None, headers));
         }
-        let completion = parsed
-            .max_tokens
-            .or(key.limits.max_tokens.map(|cap| u64::from(cap.get())))
-            .unwrap_or(0);
+        let completion = parsed.max_tokens.or(cap(key)).unwrap_or(0);
         let need = prompt_estimate.saturating_add(completion);
         match self
             .backend
@@ -248,27 +256,9 @@ fn watch_answer(
     WatchedBody::new(body, watch, sse, strip && sse).boxed_unsync()
 }
 
-/// The body with `stream_options.include_usage` set. When the client sent no `stream_options`,
-/// the member is inserted after the opening brace and every other byte stays as sent; otherwise
-/// the object is re-serialised with the flag set.
-fn with_include_usage(body: &Bytes, parsed: &ParsedRequest) -> Bytes {
-    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
-    if parsed.json.get("stream_options").is_none() {
-        if let Some(brace) = body.iter().position(|&b| b == b'{') {
-            let mut out = BytesMut::with_capacity(body.len() + MEMBER.len());
-            out.put_slice(&body[..=brace]);
-            out.put_slice(MEMBER);
-            out.put_slice(&body[brace + 1..]);
-            return out.freeze();
-        }
-    }
-    let mut json = parsed.json.clone();
-    let options = &mut json["stream_options"];
-    if !options.is_object() {
-        *options = serde_json::json!({});
-    }
-    options["include_usage"] = true.into();
-    serde_json::to_vec(&json).map_or_else(|_| body.clone(), Bytes::from)
+/// The key's cap on `max_tokens`, if it has one.
+fn cap(key: &KeyEntry) -> Option<u64> {
+    key.limits.max_tokens.map(|cap| u64::from(cap.get()))
 }
 
 /// OpenAI's `x-ratelimit-*-tokens` for the tightest window, and every window in the IETF fields.
@@ -300,41 +290,5 @@ fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
         retry_after_secs(tightest.reset_after)
     )) {
         headers.append(RATELIMIT, value);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parsed(body: &[u8]) -> ParsedRequest {
-        ParsedRequest::new(serde_json::from_slice(body).expect("JSON"))
-    }
-
-    #[test]
-    fn injection_inserts_one_member_and_keeps_every_other_byte() {
-        let body =
-            Bytes::from_static(b"  {\"model\": \"m\",\n \"stream\": true, \"messages\": []}");
-        let out = with_include_usage(&body, &parsed(&body));
-        assert_eq!(
-            &out[..],
-            &b"  {\"stream_options\":{\"include_usage\":true},\"model\": \"m\",\n \"stream\": true, \"messages\": []}"[..]
-        );
-    }
-
-    #[test]
-    fn injection_sets_the_flag_in_existing_options() {
-        for options in [
-            "null",
-            "{}",
-            "{\"include_usage\":false,\"continuous_usage_stats\":true}",
-        ] {
-            let text = format!("{{\"model\":\"m\",\"stream\":true,\"stream_options\":{options}}}");
-            let body = Bytes::from(text);
-            let out = with_include_usage(&body, &parsed(&body));
-            let json: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
-            assert_eq!(json["stream_options"]["include_usage"], true, "{options}");
-            assert_eq!(json["model"], "m");
-        }
     }
 }

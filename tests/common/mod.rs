@@ -32,6 +32,20 @@ pub fn state_path() -> std::path::PathBuf {
     ))
 }
 
+/// A fresh path for a gateway's usage ledger, beside a fresh state path.
+pub fn ledger_path() -> std::path::PathBuf {
+    state_path().with_file_name("usage.jsonl")
+}
+
+/// Every line of a usage ledger, parsed.
+pub fn read_ledger(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .expect("ledger exists")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every ledger line is JSON"))
+        .collect()
+}
+
 /// A config for tests: both listeners on free ports, the upstream at `upstream_url`, plus
 /// `extra_server` lines in `[server]`, `extra_upstream` lines in `[upstream]`, a state file of
 /// its own, the key `test`, and `tail` after it (more keys, policies, `[ledger]`).

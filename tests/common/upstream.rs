@@ -22,7 +22,8 @@
 //!
 //! The number of tokens `N` is the `x-mock-chunks` header if present, else
 //! `max_tokens` / `max_completion_tokens` (capped at 4096, and then
-//! `finish_reason` is `"length"`), else 8. `usage.prompt_tokens` counts the
+//! `finish_reason` is `"length"`), else [`MockOptions::default_tokens`] (8 unless
+//! set: llama.cpp's own default is "until the context is full"). `usage.prompt_tokens` counts the
 //! whitespace-separated words of all message contents (chat) or of the prompt
 //! (completions; a token array counts its length), at least 1.
 //!
@@ -115,6 +116,8 @@ pub struct MockOptions {
     pub close_after_stream: bool,
     /// If set, require `Authorization: Bearer <key>`; otherwise answer 401.
     pub require_key: Option<String>,
+    /// Tokens generated when a request names no `max_tokens` (8 when `None`).
+    pub default_tokens: Option<usize>,
 }
 
 /// One request as the mock received it.
@@ -243,7 +246,12 @@ impl fmt::Debug for MockUpstream {
 )]
 fn api_anchor(r: &RecordedRequest, o: &MockOptions) {
     let _ = (&r.method, &r.path_and_query, r.version, &r.headers, &r.body);
-    let _ = (&o.prefix, o.close_after_stream, &o.require_key);
+    let _ = (
+        &o.prefix,
+        o.close_after_stream,
+        &o.require_key,
+        o.default_tokens,
+    );
     let _ = (
         MockUpstream::start,
         MockUpstream::start_with,
@@ -638,7 +646,8 @@ fn respond(
         Ok(_) => return error_400("request body must be a JSON object"),
         Err(e) => return error_400(&format!("invalid JSON in request body: {e}")),
     };
-    let gen = Generation::new(route, &request, body, knobs);
+    let default_tokens = shared.opts.default_tokens.unwrap_or(DEFAULT_TOKENS);
+    let gen = Generation::new(route, &request, body, knobs, default_tokens);
     let stream = request
         .get("stream")
         .and_then(Value::as_bool)
@@ -813,7 +822,13 @@ impl Events {
 }
 
 impl Generation {
-    fn new(route: Route, request: &Value, body: &[u8], knobs: &Knobs) -> Generation {
+    fn new(
+        route: Route,
+        request: &Value,
+        body: &[u8],
+        knobs: &Knobs,
+        default_tokens: usize,
+    ) -> Generation {
         let max_tokens = request
             .get("max_tokens")
             .and_then(Value::as_u64)
@@ -822,7 +837,7 @@ impl Generation {
             (Some(n), _) => (n, "stop"),
             // Bounded by MAX_TOKENS_CAP, so the cast cannot truncate.
             (None, Some(max)) => (max.min(MAX_TOKENS_CAP) as usize, "length"),
-            (None, None) => (DEFAULT_TOKENS, "stop"),
+            (None, None) => (default_tokens, "stop"),
         };
         let tools = knobs.tools && route == Route::Chat;
         Generation {

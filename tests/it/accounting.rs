@@ -2,29 +2,16 @@
 //! restart.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::common::upstream::MockUpstream;
-use crate::common::{self, key_entry, TestGateway};
+use crate::common::{self, key_entry, ledger_path, read_ledger, TestGateway};
 
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
-
-fn ledger_path() -> PathBuf {
-    common::state_path().with_file_name("usage.jsonl")
-}
-
-fn read_ledger(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .expect("ledger exists")
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("every ledger line is JSON"))
-        .collect()
-}
 
 /// One request of the mixed workload, and what the client must see.
 struct Case {

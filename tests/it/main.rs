@@ -12,6 +12,7 @@ mod keys;
 mod openai_client;
 mod operators;
 mod proxy;
+mod quota_caps;
 mod real_upstream;
 mod redis;
 mod report;

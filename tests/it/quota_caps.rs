@@ -1,0 +1,164 @@
+//! Quotas and caps that hold against an ordinary upstream: the key's cap sent upstream when a
+//! request names none, `n` and vendor length fields in the reservation, a prompt bound that does
+//! not run low for any script, and usage counts that cannot be read charged as estimates.
+
+use serde_json::Value;
+
+use crate::common::upstream::{MockOptions, MockUpstream};
+use crate::common::{self, key_entry, ledger_path, read_ledger, TestGateway};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn charged(lines: &[Value]) -> u64 {
+    lines
+        .iter()
+        .map(|l| {
+            l["prompt_tokens"].as_u64().unwrap_or(0) + l["completion_tokens"].as_u64().unwrap_or(0)
+        })
+        .sum()
+}
+
+/// An upstream that, like llama.cpp, generates far past any cap when a request names none.
+async fn long_default_upstream() -> MockUpstream {
+    MockUpstream::start_with(MockOptions {
+        default_tokens: Some(40),
+        ..MockOptions::default()
+    })
+    .await
+    .expect("mock upstream")
+}
+
+/// The value of the metric line that starts with `series`, or 0 when it is not there.
+fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `body` with `members` inserted right after its opening brace.
+fn with_members(body: &str, members: &str) -> String {
+    let brace = body.find('{').expect("an object");
+    format!("{}{members}{}", &body[..=brace], &body[brace + 1..])
+}
+
+/// A POST with `key` as the bearer token: status and body.
+async fn post_as(url: &str, key: &str, body: &str) -> (u16, bytes::Bytes) {
+    let auth = format!("Bearer {key}");
+    let (status, _, bytes) = common::post(url, body, &[("authorization", &auth)]).await;
+    (status, bytes)
+}
+
+#[tokio::test]
+async fn a_request_without_max_tokens_is_sent_with_the_key_cap() {
+    let upstream = long_default_upstream().await;
+    let ledger = ledger_path();
+    let quota = 300;
+    let keys = key_entry(
+        "capped",
+        "tg-capped",
+        &format!("max_tokens = 8\nquotas = [{{ tokens = {quota}, per = \"1h\" }}]"),
+    );
+    let tail = format!("{keys}\n[ledger]\npath = \"{}\"\n", ledger.display());
+    let mut gateway =
+        TestGateway::start_toml(&common::config_toml(&upstream.url(), "", "", &tail)).await;
+
+    // Odd spacing and member order, which must reach the upstream as sent.
+    let body = |i: usize, stream: bool| {
+        format!(
+            "{{ \"model\" : \"m\",\n  \"messages\": [{{\"role\":\"user\", \"content\":\"request {i}\"}}], \"stream\": {stream} }}"
+        )
+    };
+    let url = format!("{}{CHAT}", gateway.url());
+    let answers = futures_util::future::join_all((0..15).map(|i| {
+        let (url, body) = (url.clone(), body(i, i % 2 == 0));
+        async move { (body.clone(), post_as(&url, "tg-capped", &body).await) }
+    }))
+    .await;
+
+    let through_gateway = upstream.request_count();
+    let sent: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8(r.body.to_vec()).expect("UTF-8"))
+        .collect();
+    let mut admitted = 0;
+    for (client_body, (status, got)) in &answers {
+        if *status == 429 {
+            continue;
+        }
+        assert_eq!(*status, 200, "{}", String::from_utf8_lossy(got));
+        admitted += 1;
+        let stream = client_body.contains("\"stream\": true");
+        let capped = with_members(client_body, r#""max_tokens":8,"#);
+        let expected_upstream = if stream {
+            with_members(
+                client_body,
+                r#""stream_options":{"include_usage":true},"max_tokens":8,"#,
+            )
+        } else {
+            capped.clone()
+        };
+        assert!(
+            sent.contains(&expected_upstream),
+            "the upstream got the client's bytes with the cap inserted:\n{expected_upstream}\nnot in\n{sent:#?}"
+        );
+        let direct = common::post(&format!("{}{CHAT}", upstream.url()), &capped, &[]).await;
+        assert_eq!(
+            got, &direct.2,
+            "the client's answer is the upstream's answer to the capped request"
+        );
+    }
+    assert!(admitted > 0, "some requests were admitted");
+    assert_eq!(through_gateway, admitted, "refusals never went upstream");
+
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_quota_overrun_tokens_total{key=\"capped\"}"
+        ),
+        0,
+        "nothing generated past the reservation\n{metrics}"
+    );
+    gateway.begin_shutdown().await.expect("clean shutdown");
+    let lines = read_ledger(&ledger);
+    assert_eq!(lines.len(), admitted);
+    assert!(
+        lines.iter().all(|l| l["completion_tokens"] == 8),
+        "every answer stopped at the cap: {lines:?}"
+    );
+    let total = charged(&lines);
+    assert!(total <= quota, "charged {total} of a {quota}-token quota");
+}
+
+#[tokio::test]
+async fn a_key_cap_without_quotas_binds_the_upstream_too() {
+    let upstream = long_default_upstream().await;
+    let keys = key_entry("cap-only", "tg-cap-only", "max_tokens = 5");
+    let gateway =
+        TestGateway::start_toml(&common::config_toml(&upstream.url(), "", "", &keys)).await;
+    let url = format!("{}{CHAT}", gateway.url());
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, got) = post_as(&url, "tg-cap-only", body).await;
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&got).expect("JSON");
+    assert_eq!(answer["usage"]["completion_tokens"], 5, "{answer}");
+
+    // A request that names its own bound is sent as it is, whichever field it uses.
+    for own in [
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":3}"#,
+    ] {
+        let before = upstream.request_count();
+        let (status, _) = post_as(&url, "tg-cap-only", own).await;
+        assert_eq!(status, 200);
+        assert_eq!(&upstream.requests()[before].body[..], own.as_bytes());
+    }
+    // The key without a cap: nothing added.
+    let before = upstream.request_count();
+    let (status, _) = post_as(&url, common::TEST_KEY, body).await;
+    assert_eq!(status, 200);
+    assert_eq!(&upstream.requests()[before].body[..], body.as_bytes());
+}

@@ -155,6 +155,9 @@ fn merged_limits(
     if raw.max_tokens.is_some() {
         merged.max_tokens = raw.max_tokens;
     }
+    if raw.max_n.is_some() {
+        merged.max_n = raw.max_n;
+    }
     if raw.concurrency.is_some() {
         merged.concurrency = raw.concurrency;
     }
@@ -182,6 +185,12 @@ fn validate_limits(raw: &RawLimits, prefix: &str, src: &Source) -> Result<Limits
         "must be at least 1 (leave it out for no cap)",
         src,
     )?;
+    let max_n = at_least_one(
+        raw.max_n.as_ref(),
+        &format!("{prefix}.max_n"),
+        "must be at least 1 (1 allows one answer per request; leave it out for no cap)",
+        src,
+    )?;
     let mut quotas = Vec::new();
     if let Some(raw_quotas) = &raw.quotas {
         let key = format!("{prefix}.quotas");
@@ -205,6 +214,7 @@ fn validate_limits(raw: &RawLimits, prefix: &str, src: &Source) -> Result<Limits
         quotas,
         models,
         max_tokens,
+        max_n,
         concurrency,
         rate,
     })

@@ -125,8 +125,10 @@ pub struct Limits {
     pub quotas: Vec<Quota>,
     /// Models the key may ask for: exact names, `prefix*` patterns, or `*`. `None`: any.
     pub models: Option<Vec<String>>,
-    /// Cap on `max_tokens` / `max_completion_tokens`.
+    /// Cap on `max_tokens` / `max_completion_tokens` and the vendors' length fields.
     pub max_tokens: Option<NonZeroU32>,
+    /// Cap on the answers a request asks for: `n`, `best_of`, llama.cpp's `n_cmpl`.
+    pub max_n: Option<NonZeroU32>,
     pub concurrency: Option<NonZeroU32>,
     pub rate: Option<RateLimit>,
 }

@@ -85,6 +85,7 @@ pub(super) struct RawLimits {
     pub(super) quotas: Option<Spanned<Vec<RawQuota>>>,
     pub(super) models: Option<Vec<String>>,
     pub(super) max_tokens: Option<Spanned<u32>>,
+    pub(super) max_n: Option<Spanned<u32>>,
     pub(super) concurrency: Option<Spanned<u32>>,
     pub(super) rate: Option<Spanned<RawRate>>,
 }
@@ -127,6 +128,7 @@ pub(super) struct RawKey {
     pub(super) quotas: Option<Spanned<Vec<RawQuota>>>,
     pub(super) models: Option<Vec<String>>,
     pub(super) max_tokens: Option<Spanned<u32>>,
+    pub(super) max_n: Option<Spanned<u32>>,
     pub(super) concurrency: Option<Spanned<u32>>,
     pub(super) rate: Option<Spanned<RawRate>>,
 }

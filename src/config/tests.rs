@@ -121,11 +121,17 @@ fn with_keys(tail: &str) -> Result<Config, ConfigError> {
 #[test]
 fn keys_take_their_policy_and_override_it() {
     let config = with_keys(&format!(
-        "[policies.free]\nconcurrency = 2\nrate = {{ requests = 60, per = \"1m\", burst = 5 }}\n\
+        "[policies.free]\nconcurrency = 2\nmax_n = 4\nrate = {{ requests = 60, per = \"1m\", burst = 5 }}\n\
          [[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\npolicy = \"free\"\n\
-         [[keys]]\nname = \"b\"\nsha256 = \"{HASH_B}\"\npolicy = \"free\"\nconcurrency = 9\n"
+         [[keys]]\nname = \"b\"\nsha256 = \"{HASH_B}\"\npolicy = \"free\"\nconcurrency = 9\nmax_n = 1\n"
     ))
     .expect("keys parse");
+    assert_eq!(config.keys[0].limits.max_n.map(NonZeroU32::get), Some(4));
+    assert_eq!(
+        config.keys[1].limits.max_n.map(NonZeroU32::get),
+        Some(1),
+        "key overrides policy"
+    );
     let rate = RateLimit {
         requests: NonZeroU32::new(60).expect("nonzero"),
         per: Duration::from_secs(60),
@@ -200,6 +206,8 @@ fn bad_key_fields_are_explained() {
         (format!("[[keys]]\nname = \"a b\"\nsha256 = \"{HASH_A}\"\n"), "keys[0].name"),
         (format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\npolicy = \"gold\"\n"), "no policy named \"gold\""),
         (format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\nconcurrency = 0\n"), "keys[0].concurrency"),
+        (format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\nmax_n = 0\n"), "keys[0].max_n"),
+        (format!("[policies.p]\nmax_n = 0\n[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\n"), "policies.p.max_n"),
         (format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\nrate = {{ requests = 1, per = \"0s\" }}\n"), "per must be longer"),
         (format!("[[keys]]\nname = \"a\"\nsha256 = \"{HASH_A}\"\nrate = {{ requests = 1, per = \"1s\", brust = 2 }}\n"), "brust"),
         (format!("[[keys]]\nname = \"unauthenticated\"\nsha256 = \"{HASH_A}\"\n"), "reserved"),

@@ -45,6 +45,17 @@ pub enum GatewayError {
         requested: u64,
         cap: u32,
     },
+    #[error("{field} = {requested} exceeds this key's cap of {cap} answers per request")]
+    TooManyChoices {
+        field: &'static str,
+        requested: u64,
+        cap: u32,
+    },
+    #[error(
+        "{field} must be a whole number on this key: its limits bound every field that sets how \
+         long or how many the answers are (leave it out, or send a count)"
+    )]
+    UnboundedField { field: &'static str },
 
     // --- authentication and limits ---
     #[error("missing API key: send `Authorization: Bearer <key>`")]
@@ -152,7 +163,9 @@ impl GatewayError {
             GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
             | GatewayError::ModelNotFound { .. }
-            | GatewayError::MaxTokensExceeded { .. } => StatusCode::BAD_REQUEST,
+            | GatewayError::MaxTokensExceeded { .. }
+            | GatewayError::TooManyChoices { .. }
+            | GatewayError::UnboundedField { .. } => StatusCode::BAD_REQUEST,
             GatewayError::MissingApiKey
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
@@ -179,7 +192,9 @@ impl GatewayError {
             | GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
             | GatewayError::ModelNotFound { .. }
-            | GatewayError::MaxTokensExceeded { .. } => "invalid_request_error",
+            | GatewayError::MaxTokensExceeded { .. }
+            | GatewayError::TooManyChoices { .. }
+            | GatewayError::UnboundedField { .. } => "invalid_request_error",
             GatewayError::MissingApiKey
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => "authentication_error",
@@ -218,6 +233,16 @@ impl GatewayError {
         }
     }
 
+    /// The request field at fault, for OpenAI's `error.param`.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::MaxTokensExceeded { field, .. }
+            | GatewayError::TooManyChoices { field, .. }
+            | GatewayError::UnboundedField { field } => Some(field),
+            _ => None,
+        }
+    }
+
     /// The only place that picks a status code and shapes an error body.
     pub fn into_response(self) -> Response<GatewayBody> {
         let status = self.status();
@@ -238,6 +263,9 @@ impl GatewayError {
         });
         if let Some(seed_code) = self.seed_code() {
             payload["code"] = seed_code.into();
+        }
+        if let Some(param) = self.param() {
+            payload["error"]["param"] = param.into();
         }
         if let GatewayError::InvalidBody { errors, .. } = &self {
             // The SDK message names the first problem, so that it is useful on its own.

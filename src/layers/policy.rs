@@ -1,6 +1,11 @@
 //! The key's policy on the request itself: which models it may ask for (400 `model-not-found`),
-//! and how many tokens it may ask for at most (400 `max-tokens-exceeded`, checked against both
-//! `max_tokens` and `max_completion_tokens`).
+//! how many tokens it may ask for at most (400 `max-tokens-exceeded`, checked against both
+//! `max_tokens` and `max_completion_tokens`), and how many answers (`max_n`: 400
+//! `too_many_choices`, checked against `n`, `best_of` and llama.cpp's `n_cmpl`).
+//!
+//! On a key with either cap, a choice field that is not a whole number (`"n_cmpl": 2.5`, which
+//! llama.cpp reads as 2) is refused with 400 `unbounded_field`: the reservation could not bound
+//! it.
 //!
 //! It also settles the request's `model` metric label: the model when the key's allow-list names
 //! it exactly, `other` otherwise — so clients cannot grow the metric set with made-up names.
@@ -15,6 +20,7 @@ use crate::config::Limits;
 use crate::http::body::GatewayBody;
 use crate::http::context::{ParsedRequest, RequestContext};
 use crate::http::error::GatewayError;
+use crate::http::generation::{Generation, Named};
 use crate::observability::metrics::Metrics;
 
 pub fn policy_layer(metrics: Arc<Metrics>) -> ValidateRequestHeaderLayer<EnforcePolicy> {
@@ -75,6 +81,27 @@ fn check(limits: &Limits, parsed: &ParsedRequest) -> Result<(), GatewayError> {
                     });
                 }
             }
+        }
+    }
+    check_choices(limits, &parsed.generation)
+}
+
+/// `n`, `best_of` and `n_cmpl` within the key's `max_n`; whole numbers on a capped key.
+fn check_choices(limits: &Limits, generation: &Generation) -> Result<(), GatewayError> {
+    let capped = limits.max_tokens.is_some() || limits.max_n.is_some();
+    for (field, value) in generation.choices() {
+        match (value, limits.max_n) {
+            (Named::Count(requested), Some(cap)) if requested > u64::from(cap.get()) => {
+                return Err(GatewayError::TooManyChoices {
+                    field: field.name,
+                    requested,
+                    cap: cap.get(),
+                });
+            }
+            (Named::NotACount, _) if capped => {
+                return Err(GatewayError::UnboundedField { field: field.name });
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -151,6 +178,39 @@ mod tests {
         assert!(
             check(&limits, &parsed(serde_json::json!({"model": "m"}))).is_ok(),
             "no request, no cap breach"
+        );
+    }
+
+    #[test]
+    fn max_n_caps_every_choice_field() {
+        let limits = Limits {
+            max_n: NonZeroU32::new(2),
+            ..Limits::default()
+        };
+        for field in ["n", "best_of", "n_cmpl"] {
+            let ok = parsed(serde_json::json!({"model": "m", field: 2}));
+            assert!(check(&limits, &ok).is_ok(), "{field} = 2");
+            let err = check(
+                &limits,
+                &parsed(serde_json::json!({"model": "m", field: 3})),
+            )
+            .expect_err("over the cap");
+            assert_eq!(err.reason(), "too_many_choices", "{field}");
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
+        let err = check(
+            &limits,
+            &parsed(serde_json::json!({"model": "m", "n_cmpl": 2.5})),
+        )
+        .expect_err("not a count");
+        assert_eq!(err.reason(), "unbounded_field");
+        assert!(
+            check(
+                &Limits::default(),
+                &parsed(serde_json::json!({"model": "m", "n_cmpl": 2.5, "n": 500}))
+            )
+            .is_ok(),
+            "a key without caps takes any"
         );
     }
 }

@@ -1,13 +1,16 @@
 //! Token quotas on the way in, and accounting on the way out.
 //!
 //! Before forwarding, the request's worst case — the prompt estimate plus its `max_tokens` (or
-//! the key's cap when it names none) — is reserved in every window of the key's quotas; a window
-//! without room refuses it with 429, `Retry-After` at that window's reset, and the
-//! `x-ratelimit-*-tokens` headers. After the answer, the request's [`Settlement`] (run by its end
+//! the key's cap when it names none) for each answer it asks for (`n`, `best_of`, each prompt of
+//! a completions list; see [`completion_bound`]) — is reserved in every window of the key's
+//! quotas; a window without room refuses it with 429, `Retry-After` at that window's reset, and
+//! the `x-ratelimit-*-tokens` headers. After the answer, the request's [`Settlement`] (run by its end
 //! hook) charges the reservation to what was really used, read from the answer by
 //! [`WatchedBody`]. Reserved tokens count as used while a request runs, so any number of
 //! concurrent requests can never together run past a quota (except an upstream that ignores
 //! `max_tokens`: that excess is counted in `tollgate_quota_overrun_tokens_total`).
+//!
+//! [`completion_bound`]: crate::http::generation::Generation::completion_bound
 //!
 //! Usage injection: a streamed request whose client did not ask for `stream_options.include_usage`
 //! is sent upstream with it (unless `upstream.inject_usage = false`), and the answer goes back
@@ -188,7 +191,7 @@ impl Shared {
         if key.limits.quotas.is_empty() {
             return Ok((None, headers));
         }
-        let completion = parsed.max_tokens.or(cap(key)).unwrap_or(0);
+        let completion = parsed.generation.completion_bound(cap(key));
         let need = prompt_estimate.saturating_add(completion);
         match self
             .backend

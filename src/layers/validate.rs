@@ -4,8 +4,9 @@
 //! Steps, each refused with 400 in the documented shape: the `Content-Type` must be JSON; the
 //! body must parse (serde_json: invalid UTF-8, bad syntax, nesting deeper than 128 and an object
 //! naming a member twice are parse errors, never a panic); it must be an object; it must match
-//! the route's component (`CreateChatCompletionBody` / `CreateCompletionBody`); and the token
-//! counts the key policy reads (`max_tokens`, `max_completion_tokens`) must be plain integers. Schema errors list each problem with its
+//! the route's component (`CreateChatCompletionBody` / `CreateCompletionBody`); and the counts
+//! the key policy and the quota reservation read (`max_tokens`, `max_completion_tokens`, `n`,
+//! `best_of`) must be plain integers. Schema errors list each problem with its
 //! `location` in the seed's style (`body.messages[2].role`), a `message` saying what was expected,
 //! and the `value` that came (truncated).
 //!
@@ -113,21 +114,22 @@ impl Schemas {
                 });
             }
         }
-        check_token_counts(&json)?;
+        check_counts(&json)?;
         Ok(ParsedRequest::new(json))
     }
 }
 
-/// The fields the key policy (`max_tokens` cap) and the quota reservation read as token counts.
-const TOKEN_COUNT_FIELDS: [&str; 2] = ["max_tokens", "max_completion_tokens"];
+/// The fields the key policy (`max_tokens` and `max_n` caps) and the quota reservation read as
+/// counts, whose schema type is `integer`.
+const COUNT_FIELDS: [&str; 4] = ["max_tokens", "max_completion_tokens", "n", "best_of"];
 
-/// Token counts must be plain integers. JSON Schema's `integer` also admits `1e9`, `100.0` and
+/// Counts must be plain integers. JSON Schema's `integer` also admits `1e9`, `100.0` and
 /// integers past `u64` (serde_json reads those as floats), which the policy and the quota read
 /// as "no count" (`as_u64` is `None`) while the upstream reads the number: a key's `max_tokens`
-/// cap and its quota reservation were bypassed by writing the count as `1e9`. OpenAI refuses
-/// such values too.
-fn check_token_counts(json: &Value) -> Result<(), GatewayError> {
-    let errors: Vec<FieldError> = TOKEN_COUNT_FIELDS
+/// cap and its quota reservation were bypassed by writing the count as `1e9` (and `"n": 2e2`
+/// would reserve for one answer). OpenAI refuses such values too.
+fn check_counts(json: &Value) -> Result<(), GatewayError> {
+    let errors: Vec<FieldError> = COUNT_FIELDS
         .iter()
         .filter_map(|field| {
             let value = json.get(field)?;
@@ -510,6 +512,21 @@ mod tests {
             )
             .expect("a plain integer");
         assert_eq!(ok.max_tokens, Some(0));
+    }
+
+    #[test]
+    fn answer_counts_must_be_plain_integers() {
+        let s = schemas();
+        for (field, count) in [("n", "2e2"), ("n", "4.0"), ("best_of", "2e1")] {
+            let body = format!(r#"{{"model":"m","prompt":"p","{field}":{count}}}"#);
+            let err = s
+                .check(Endpoint::Completions, body.as_bytes())
+                .expect_err("not a plain integer");
+            let GatewayError::InvalidBody { errors, .. } = err else {
+                panic!("expected InvalidBody for {field} = {count}, got {err:?}");
+            };
+            assert_eq!(errors[0].location, format!("body.{field}"));
+        }
     }
 
     #[test]

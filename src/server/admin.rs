@@ -180,6 +180,7 @@ impl Admin {
             "limits": {
                 "models": limits.models.clone().unwrap_or_else(|| vec!["*".to_owned()]),
                 "max_tokens": limits.max_tokens.map(|m| m.get()),
+                "max_n": limits.max_n.map(|m| m.get()),
                 "concurrency": limits.concurrency.map(|c| c.get()),
                 "rate": limits.rate.map(|r| json!({
                     "requests": r.requests.get(),

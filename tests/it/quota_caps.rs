@@ -2,7 +2,7 @@
 //! request names none, `n` and vendor length fields in the reservation, a prompt bound that does
 //! not run low for any script, and usage counts that cannot be read charged as estimates.
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::common::upstream::{MockOptions, MockUpstream};
 use crate::common::{self, key_entry, ledger_path, read_ledger, TestGateway};
@@ -161,4 +161,110 @@ async fn a_key_cap_without_quotas_binds_the_upstream_too() {
     let (status, _) = post_as(&url, common::TEST_KEY, body).await;
     assert_eq!(status, 200);
     assert_eq!(&upstream.requests()[before].body[..], body.as_bytes());
+}
+
+/// What a 429 says the request would have reserved ("… this request may need N; …").
+fn needed(refusal: &Value) -> u64 {
+    let detail = refusal["detail"].as_str().expect("a detail");
+    detail
+        .split("may need ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no need in {detail:?}"))
+}
+
+#[tokio::test]
+async fn every_answer_a_request_asks_for_is_reserved() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let keys = key_entry(
+        "many",
+        "tg-many",
+        "max_tokens = 50\nquotas = [{ tokens = 100, per = \"1h\" }]",
+    );
+    let gateway =
+        TestGateway::start_toml(&common::config_toml(&upstream.url(), "", "", &keys)).await;
+    let chat = format!("{}{CHAT}", gateway.url());
+    let completions = format!("{}/v1/completions", gateway.url());
+    let message = json!([{"role": "user", "content": "hi"}]);
+    for (url, body, answers) in [
+        (
+            &chat,
+            json!({"model": "m", "messages": message, "max_tokens": 8, "n": 200}),
+            200,
+        ),
+        (
+            &chat,
+            json!({"model": "m", "messages": message, "max_tokens": 8, "n_cmpl": 20}),
+            20,
+        ),
+        (
+            &completions,
+            json!({"model": "m", "prompt": "p", "max_tokens": 8, "n": 1, "best_of": 20}),
+            20,
+        ),
+        (
+            &completions,
+            json!({"model": "m", "prompt": ["a", "b", "c"], "max_tokens": 20, "n": 2}),
+            6,
+        ),
+    ] {
+        let (status, got) = post_as(url, "tg-many", &body.to_string()).await;
+        let refusal: Value = serde_json::from_slice(&got).expect("JSON");
+        assert_eq!(status, 429, "{body}: {refusal}");
+        assert_eq!(refusal["error"]["code"], "quota_exceeded");
+        let completion = answers * body["max_tokens"].as_u64().expect("max_tokens");
+        let need = needed(&refusal);
+        assert!(
+            need >= completion,
+            "{body}: reserved {need} for {answers} answers of up to {} tokens",
+            body["max_tokens"]
+        );
+    }
+    assert_eq!(upstream.request_count(), 0, "refusals never went upstream");
+    let body = json!({"model": "m", "messages": message, "max_tokens": 8});
+    let (status, _) = post_as(&chat, "tg-many", &body.to_string()).await;
+    assert_eq!(status, 200, "one answer fits");
+}
+
+#[tokio::test]
+async fn max_n_caps_the_answers_a_key_may_ask_for() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let keys = key_entry("few", "tg-few", "max_n = 2");
+    let gateway =
+        TestGateway::start_toml(&common::config_toml(&upstream.url(), "", "", &keys)).await;
+    let chat = format!("{}{CHAT}", gateway.url());
+    let message = json!([{"role": "user", "content": "hi"}]);
+    for (extra, param, code) in [
+        (json!({"n": 3}), "n", "too_many_choices"),
+        (json!({"n_cmpl": 3}), "n_cmpl", "too_many_choices"),
+        (json!({"n": 1, "best_of": 3}), "best_of", "too_many_choices"),
+        (json!({"n_cmpl": "3"}), "n_cmpl", "unbounded_field"),
+        (json!({"n_cmpl": 2.5}), "n_cmpl", "unbounded_field"),
+    ] {
+        let mut body = json!({"model": "m", "messages": message});
+        for (field, value) in extra.as_object().expect("object") {
+            body[field] = value.clone();
+        }
+        let (status, got) = post_as(&chat, "tg-few", &body.to_string()).await;
+        let refusal: Value = serde_json::from_slice(&got).expect("JSON");
+        assert_eq!(status, 400, "{body}: {refusal}");
+        assert_eq!(refusal["error"]["code"], code, "{refusal}");
+        assert_eq!(refusal["error"]["type"], "invalid_request_error");
+        assert_eq!(refusal["error"]["param"], param, "{refusal}");
+        assert_eq!(refusal["status"], 400);
+    }
+    assert_eq!(upstream.request_count(), 0, "refusals never went upstream");
+    let body = json!({"model": "m", "messages": message, "n": 2});
+    let (status, _) = post_as(&chat, "tg-few", &body.to_string()).await;
+    assert_eq!(status, 200);
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_rejections_total{key=\"few\",reason=\"too_many_choices\"}"
+        ),
+        3,
+        "{metrics}"
+    );
 }

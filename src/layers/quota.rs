@@ -1,8 +1,9 @@
 //! Token quotas on the way in, and accounting on the way out.
 //!
-//! Before forwarding, the request's worst case — the prompt estimate plus its `max_tokens` (or
-//! the key's cap when it names none) for each answer it asks for (`n`, `best_of`, each prompt of
-//! a completions list; see [`completion_bound`]) — is reserved in every window of the key's
+//! Before forwarding, the request's worst case — the prompt's upper bound (its text's UTF-8
+//! bytes plus the template allowances: see [`prompt_tokens`]) plus its `max_tokens` (or the
+//! key's cap when it names none) for each answer it asks for (`n`, `best_of`, each prompt of a
+//! completions list; see [`completion_bound`]) — is reserved in every window of the key's
 //! quotas; a window without room refuses it with 429, `Retry-After` at that window's reset, and
 //! the `x-ratelimit-*-tokens` headers. After the answer, the request's [`Settlement`] (run by its end
 //! hook) charges the reservation to what was really used, read from the answer by
@@ -35,7 +36,7 @@ use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use crate::accounting::ledger::Ledger;
-use crate::accounting::usage::estimate_prompt_tokens_json;
+use crate::accounting::usage::{prompt_tokens, PromptTokens};
 use crate::accounting::{Settlement, UsageWatch, WatchedBody};
 use crate::config::window_label;
 use crate::http::body::GatewayBody;
@@ -144,8 +145,8 @@ impl Shared {
             // Nothing to account (GET /v1/models).
             return inner.call(request).await;
         };
-        let prompt_estimate = estimate_prompt_tokens_json(&parsed.json);
-        let (held, headers) = match self.reserve(&key, &parsed, prompt_estimate).await {
+        let prompt = prompt_tokens(&parsed.json);
+        let (held, headers) = match self.reserve(&key, &parsed, prompt).await {
             Ok(reserved) => reserved,
             Err(refusal) => return Ok(refusal),
         };
@@ -166,7 +167,7 @@ impl Shared {
             ledger: self.ledger.clone(),
             metrics: self.metrics.clone(),
             held,
-            prompt_estimate,
+            prompt_estimate: prompt.estimate,
             watch: watch.clone(),
         });
 
@@ -185,14 +186,14 @@ impl Shared {
         &self,
         key: &KeyEntry,
         parsed: &ParsedRequest,
-        prompt_estimate: u64,
+        prompt: PromptTokens,
     ) -> Result<(Option<Held>, HeaderMap), Response<GatewayBody>> {
         let mut headers = HeaderMap::new();
         if key.limits.quotas.is_empty() {
             return Ok((None, headers));
         }
         let completion = parsed.generation.completion_bound(cap(key));
-        let need = prompt_estimate.saturating_add(completion);
+        let need = prompt.bound.saturating_add(completion);
         match self
             .backend
             .reserve(&key.name, &key.limits.quotas, need)

@@ -33,6 +33,7 @@
 //! |---|---|
 //! | `x-mock-chunks: N` | produce `N` tokens / content chunks |
 //! | `x-mock-tools: 1` | chat answers with a `get_weather` tool call (`finish_reason: "tool_calls"`) |
+//! | `x-mock-prompt-tokens: N` | report `N` prompt tokens (as a real tokenizer might count the prompt) |
 //! | `x-mock-status: 503` | answer with that 4xx/5xx status and an OpenAI-style error body, even for `stream: true` |
 //! | `x-mock-header-delay-ms: N` | wait `N` ms before sending response headers |
 //! | `x-mock-chunk-delay-ms: N` | wait `N` ms between body frames (first frame right after the headers) |
@@ -456,6 +457,7 @@ enum Fault {
 #[derive(Debug, Default)]
 struct Knobs {
     chunks: Option<usize>,
+    prompt_tokens: Option<usize>,
     tools: bool,
     status: Option<StatusCode>,
     header_delay: Option<Duration>,
@@ -485,6 +487,8 @@ impl Knobs {
             chunks: header_str(headers, "x-mock-chunks")
                 .and_then(|v| v.parse::<usize>().ok())
                 .map(|n| n.min(HEADER_CHUNKS_CAP)),
+            prompt_tokens: header_str(headers, "x-mock-prompt-tokens")
+                .and_then(|v| v.parse::<usize>().ok()),
             tools: matches!(
                 header_str(headers, "x-mock-tools"),
                 Some("1" | "true" | "yes")
@@ -850,7 +854,9 @@ impl Generation {
             ),
             n,
             finish: if tools { "tool_calls" } else { finish },
-            prompt_tokens: prompt_tokens(route, request),
+            prompt_tokens: knobs
+                .prompt_tokens
+                .unwrap_or_else(|| prompt_tokens(route, request)),
             tools,
         }
     }

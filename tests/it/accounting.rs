@@ -371,7 +371,7 @@ async fn two_hundred_concurrent_requests_never_charge_more_than_the_quota() {
 #[tokio::test]
 async fn quota_refusals_carry_the_window_reset_and_token_headers() {
     let upstream = MockUpstream::start().await.expect("mock upstream");
-    let keys = key_entry("q", "tg-q", "max_tokens = 50\nquotas = [{ tokens = 80, per = \"1m\" }, { tokens = 1000, per = \"1d\" }]");
+    let keys = key_entry("q", "tg-q", "max_tokens = 50\nquotas = [{ tokens = 120, per = \"1m\" }, { tokens = 1000, per = \"1d\" }]");
     let gateway =
         TestGateway::start_toml(&common::config_toml(&upstream.url(), "", "", &keys)).await;
     let send = |max_tokens: u64| {
@@ -398,7 +398,7 @@ async fn quota_refusals_carry_the_window_reset_and_token_headers() {
     };
     assert_eq!(
         header(&headers, "x-ratelimit-limit-tokens").as_deref(),
-        Some("80"),
+        Some("120"),
         "tightest window"
     );
     assert!(header(&headers, "x-ratelimit-remaining-tokens").is_some());
@@ -410,7 +410,7 @@ async fn quota_refusals_carry_the_window_reset_and_token_headers() {
     assert!(
         policies
             .iter()
-            .any(|p| p.contains("\"tokens-1m\";q=80;w=60")),
+            .any(|p| p.contains("\"tokens-1m\";q=120;w=60")),
         "{policies:?}"
     );
     assert!(
@@ -420,7 +420,8 @@ async fn quota_refusals_carry_the_window_reset_and_token_headers() {
         "{policies:?}"
     );
 
-    // The mock answered with 40 completion tokens (+1 prompt); 41 + a 50-token worst case > 80.
+    // The mock answered with 40 completion tokens (+1 prompt); 41 charged + the next request's
+    // worst case (its prompt bound, 42, + 50) > 120.
     let (status, headers, body) = send(50).await;
     assert_eq!(status, 429, "{body}");
     let retry_after: u64 = header(&headers, "retry-after")
@@ -441,7 +442,7 @@ async fn quota_refusals_carry_the_window_reset_and_token_headers() {
     );
     assert_eq!(
         header(&headers, "x-ratelimit-limit-tokens").as_deref(),
-        Some("80")
+        Some("120")
     );
     let metrics = gateway.metrics().await;
     assert!(
@@ -464,7 +465,7 @@ async fn an_upstream_that_ignores_max_tokens_is_counted_as_an_overrun() {
     let body =
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
             .to_string();
-    let reserved = tollgate::accounting::usage::estimate_prompt_tokens(body.as_bytes()) + 5;
+    let reserved = tollgate::accounting::usage::prompt_token_bound(body.as_bytes()) + 5;
     let (status, _, _) = common::post(
         &format!("{}{CHAT}", gateway.url()),
         &body,

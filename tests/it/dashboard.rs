@@ -638,7 +638,7 @@ async fn mixed_workload(upstream: &MockUpstream) -> Export {
         key_entry(
             "q",
             "tg-q",
-            "max_tokens = 50\nquotas = [{ tokens = 80, per = \"1m\" }]",
+            "max_tokens = 50\nquotas = [{ tokens = 120, per = \"1m\" }]",
         ),
         key_entry(
             "o",

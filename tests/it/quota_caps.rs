@@ -268,3 +268,58 @@ async fn max_n_caps_the_answers_a_key_may_ask_for() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_prompt_in_any_script_is_reserved_in_full() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let ledger = ledger_path();
+    let quota = 1000;
+    let keys = key_entry(
+        "cjk",
+        "tg-cjk",
+        &format!("max_tokens = 8\nquotas = [{{ tokens = {quota}, per = \"1h\" }}]"),
+    );
+    let tail = format!("{keys}\n[ledger]\npath = \"{}\"\n", ledger.display());
+    let mut gateway =
+        TestGateway::start_toml(&common::config_toml(&upstream.url(), "", "", &tail)).await;
+    // 300 CJK characters, which real tokenizers make about 300 tokens of (not 300 / 4).
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "漢".repeat(300)}], "max_tokens": 8})
+        .to_string();
+    let url = format!("{}{CHAT}", gateway.url());
+    let statuses = futures_util::future::join_all((0..11).map(|_| {
+        let (url, body) = (url.clone(), body.clone());
+        async move {
+            let (status, _, _) = common::post(
+                &url,
+                &body,
+                &[
+                    ("authorization", "Bearer tg-cjk"),
+                    ("x-mock-prompt-tokens", "300"),
+                ],
+            )
+            .await;
+            status
+        }
+    }))
+    .await;
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&200), "{statuses:?}");
+
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric(&metrics, "tollgate_quota_overrun_tokens_total{key=\"cjk\"}"),
+        0,
+        "no request used more than it reserved\n{metrics}"
+    );
+    gateway.begin_shutdown().await.expect("clean shutdown");
+    let lines = read_ledger(&ledger);
+    assert!(
+        lines.iter().all(|l| l["prompt_tokens"] == 300),
+        "the upstream's count: {lines:?}"
+    );
+    let total = charged(&lines);
+    assert!(total <= quota, "charged {total} of a {quota}-token quota");
+}

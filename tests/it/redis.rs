@@ -198,7 +198,7 @@ async fn a_token_quota_holds_across_replicas_under_a_200_request_race() {
     let keys = key_entry(
         "q",
         "tg-q",
-        &format!("max_tokens = 40\nquotas = [{{ tokens = {quota}, per = \"1h\" }}]"),
+        &format!("max_tokens = 100\nquotas = [{{ tokens = {quota}, per = \"1h\" }}]"),
     );
     let ledgers: Vec<PathBuf> = (0..3)
         .map(|_| common::state_path().with_file_name("usage.jsonl"))
@@ -218,7 +218,9 @@ async fn a_token_quota_holds_across_replicas_under_a_200_request_race() {
         );
     }
     let results = futures_util::future::join_all((0..200).map(|i| {
-        let body = json!({"model": "m", "messages": [{"role": "user", "content": format!("hi {i}")}], "max_tokens": 20, "stream": i % 2 == 0});
+        // Answers long beside the prompt's bound (~45 tokens reserved for "hi {i}"), so that a
+        // burst that fills the quota with reservations charges most of it.
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": format!("hi {i}")}], "max_tokens": 100, "stream": i % 2 == 0});
         chat(&gateways[i % 3], "tg-q", body, &[("x-mock-chunk-delay-ms", "2")])
     }))
     .await;

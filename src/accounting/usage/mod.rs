@@ -9,8 +9,9 @@
 //!   generated, for an estimate when no usage ever arrives.
 //! - [`UsageStripper`]: when the gateway set `stream_options.include_usage` upstream although the
 //!   client did not ask for it, removes from the client's stream what only that flag added.
-//! - [`estimate_prompt_tokens`] / [`estimate_tokens_from_chars`]: the heuristics used where no
-//!   count exists (quota reservation, and a stream that broke off before its usage).
+//! - [`prompt_tokens`] / [`estimate_tokens_from_chars`]: where no count exists — a prompt's upper
+//!   bound (the quota reservation) and estimate (charged when no usage comes), and a stream that
+//!   broke off before its usage.
 //!
 //! Where usage rides, by server (samples in `shared/upstream/README.md`):
 //! - llama.cpp chat streams: only with `include_usage`, in a final chunk with `"choices": []`.
@@ -92,6 +93,8 @@ mod tests;
 
 pub use self::estimate::{
     estimate_prompt_tokens, estimate_prompt_tokens_json, estimate_tokens_from_chars,
+    prompt_token_bound, prompt_tokens, PromptTokens, TEMPLATE_BOUND_PER_MESSAGE,
+    TEMPLATE_BOUND_PER_REQUEST,
 };
 pub use self::json::{completion_chars_from_json, usage_from_json};
 pub use self::sse::SseObserver;

@@ -1,11 +1,12 @@
 //! The key's policy on the request itself: which models it may ask for (400 `model-not-found`),
-//! how many tokens it may ask for at most (400 `max-tokens-exceeded`, checked against both
-//! `max_tokens` and `max_completion_tokens`), and how many answers (`max_n`: 400
-//! `too_many_choices`, checked against `n`, `best_of` and llama.cpp's `n_cmpl`).
+//! how many tokens it may ask for at most (400 `max-tokens-exceeded`, checked against
+//! `max_tokens`, `max_completion_tokens` and the vendors' length fields: llama.cpp's `n_predict`,
+//! TGI's and SGLang's `max_new_tokens`, Ollama's `options.num_predict`), and how many answers
+//! (`max_n`: 400 `too_many_choices`, checked against `n`, `best_of` and llama.cpp's `n_cmpl`).
 //!
-//! On a key with either cap, a choice field that is not a whole number (`"n_cmpl": 2.5`, which
-//! llama.cpp reads as 2) is refused with 400 `unbounded_field`: the reservation could not bound
-//! it.
+//! On a key with either cap, a length or choice field that is not a whole number (`"n_predict":
+//! -1`, "no limit" to llama.cpp; `"n_cmpl": 2.5`, which llama.cpp reads as 2) is refused with 400
+//! `unbounded_field`: neither the cap nor the reservation could bound it.
 //!
 //! It also settles the request's `model` metric label: the model when the key's allow-list names
 //! it exactly, `other` otherwise — so clients cannot grow the metric set with made-up names.
@@ -70,20 +71,32 @@ fn check(limits: &Limits, parsed: &ParsedRequest) -> Result<(), GatewayError> {
             });
         }
     }
-    if let Some(cap) = limits.max_tokens {
-        for field in ["max_tokens", "max_completion_tokens"] {
-            if let Some(requested) = parsed.json.get(field).and_then(|v| v.as_u64()) {
-                if requested > u64::from(cap.get()) {
-                    return Err(GatewayError::MaxTokensExceeded {
-                        field,
-                        requested,
-                        cap: cap.get(),
-                    });
-                }
+    check_lengths(limits, &parsed.generation)?;
+    check_choices(limits, &parsed.generation)
+}
+
+/// Every length field within the key's `max_tokens`: the API's own, and the vendors' that change
+/// the length as much (llama.cpp's `n_predict` overrides `max_tokens`, so `max_tokens = 8` with
+/// `n_predict = 100000` would run past the cap); whole numbers only (`-1` is "no limit" to
+/// llama.cpp and Ollama).
+fn check_lengths(limits: &Limits, generation: &Generation) -> Result<(), GatewayError> {
+    let Some(cap) = limits.max_tokens else {
+        return Ok(());
+    };
+    for (field, value) in generation.lengths() {
+        match value {
+            Named::Count(requested) if requested > u64::from(cap.get()) => {
+                return Err(GatewayError::MaxTokensExceeded {
+                    field: field.name,
+                    requested,
+                    cap: cap.get(),
+                });
             }
+            Named::NotACount => return Err(GatewayError::UnboundedField { field: field.name }),
+            _ => {}
         }
     }
-    check_choices(limits, &parsed.generation)
+    Ok(())
 }
 
 /// `n`, `best_of` and `n_cmpl` within the key's `max_n`; whole numbers on a capped key.
@@ -178,6 +191,43 @@ mod tests {
         assert!(
             check(&limits, &parsed(serde_json::json!({"model": "m"}))).is_ok(),
             "no request, no cap breach"
+        );
+    }
+
+    #[test]
+    fn the_cap_applies_to_vendor_length_fields() {
+        let limits = Limits {
+            max_tokens: NonZeroU32::new(100),
+            ..Limits::default()
+        };
+        for body in [
+            serde_json::json!({"model": "m", "max_tokens": 8, "n_predict": 100000}),
+            serde_json::json!({"model": "m", "max_new_tokens": 101}),
+            serde_json::json!({"model": "m", "options": {"num_predict": 101}}),
+        ] {
+            let err = check(&limits, &parsed(body.clone())).expect_err("over the cap");
+            assert_eq!(err.reason(), "max_tokens_exceeded", "{body}");
+        }
+        for body in [
+            serde_json::json!({"model": "m", "n_predict": -1}),
+            serde_json::json!({"model": "m", "options": {"num_predict": -2}}),
+            serde_json::json!({"model": "m", "max_new_tokens": "50"}),
+        ] {
+            let err = check(&limits, &parsed(body.clone())).expect_err("no count");
+            assert_eq!(err.reason(), "unbounded_field", "{body}");
+        }
+        assert!(check(
+            &limits,
+            &parsed(serde_json::json!({"model": "m", "n_predict": 100, "options": {"num_predict": null}}))
+        )
+        .is_ok());
+        assert!(
+            check(
+                &Limits::default(),
+                &parsed(serde_json::json!({"model": "m", "n_predict": -1}))
+            )
+            .is_ok(),
+            "no cap, nothing to bind"
         );
     }
 

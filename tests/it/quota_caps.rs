@@ -323,3 +323,60 @@ async fn a_prompt_in_any_script_is_reserved_in_full() {
     let total = charged(&lines);
     assert!(total <= quota, "charged {total} of a {quota}-token quota");
 }
+
+#[tokio::test]
+async fn vendor_length_fields_are_held_to_the_cap() {
+    let upstream = long_default_upstream().await;
+    let keys = key_entry(
+        "vendor",
+        "tg-vendor",
+        "max_tokens = 8\nquotas = [{ tokens = 100000, per = \"1h\" }]",
+    );
+    let gateway =
+        TestGateway::start_toml(&common::config_toml(&upstream.url(), "", "", &keys)).await;
+    let chat = format!("{}{CHAT}", gateway.url());
+    let message = r#""messages":[{"role":"user","content":"hi"}]"#;
+    for (fields, param, code) in [
+        (
+            r#""max_tokens":8,"n_predict":100000"#,
+            "n_predict",
+            "max_tokens_exceeded",
+        ),
+        (r#""n_predict":-1"#, "n_predict", "unbounded_field"),
+        (
+            r#""max_new_tokens":9"#,
+            "max_new_tokens",
+            "max_tokens_exceeded",
+        ),
+        (
+            r#""options":{"num_predict":-2}"#,
+            "options.num_predict",
+            "unbounded_field",
+        ),
+        (
+            r#""options":{"num_predict":50}"#,
+            "options.num_predict",
+            "max_tokens_exceeded",
+        ),
+    ] {
+        let body = format!(r#"{{"model":"m",{message},{fields}}}"#);
+        let (status, got) = post_as(&chat, "tg-vendor", &body).await;
+        let refusal: Value = serde_json::from_slice(&got).expect("JSON");
+        assert_eq!(status, 400, "{body}: {refusal}");
+        assert_eq!(refusal["error"]["code"], code, "{body}: {refusal}");
+        assert_eq!(refusal["error"]["param"], param, "{refusal}");
+    }
+    assert_eq!(upstream.request_count(), 0, "refusals never went upstream");
+
+    // Within the cap, the request is sent with a max_tokens no larger than it asked for.
+    for fields in [r#""n_predict":5"#, r#""options":{"num_predict":5}"#] {
+        let body = format!(r#"{{"model":"m",{message},{fields}}}"#);
+        let before = upstream.request_count();
+        let (status, got) = post_as(&chat, "tg-vendor", &body).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+        assert_eq!(
+            String::from_utf8_lossy(&upstream.requests()[before].body),
+            with_members(&body, r#""max_tokens":5,"#)
+        );
+    }
+}

@@ -306,8 +306,11 @@ mod tests {
         );
         let usage = watch.observed().usage.expect("usage read");
         assert_eq!(
-            (usage.prompt_tokens, usage.completion_tokens),
-            (3, 1),
+            (
+                usage.prompt_tokens.reported(),
+                usage.completion_tokens.reported()
+            ),
+            (Some(3), Some(1)),
             "the JSON answer's usage"
         );
     }

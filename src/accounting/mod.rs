@@ -9,6 +9,8 @@
 //!
 //! What is charged:
 //! - the upstream's `usage` when one came (from the JSON body, or any SSE event) — `reported`;
+//!   a count it lacks, or holds in a form that is not a non-negative integer, is estimated as
+//!   below (and an unreadable one counted), never charged as 0;
 //! - otherwise, for a 2xx answer, the prompt estimate plus an estimate of the text forwarded —
 //!   `estimated` (client gone, upstream broke off, or an upstream that never reports);
 //! - otherwise (an upstream error status without usage, or the upstream never reached) nothing.

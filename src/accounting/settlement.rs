@@ -6,17 +6,20 @@
 //! read from the context: the settlement holds only what is its own.
 //!
 //! Edge cases: counts an upstream reports beyond [`MAX_TOKENS_PER_REQUEST`] are capped, so the
-//! quota arithmetic cannot overflow; a request without a key in its context (which the quota
-//! layer never registers) charges nothing.
+//! quota arithmetic cannot overflow; a count the usage object lacks, or holds in a form that is
+//! not a non-negative integer (`"100"`, `-100`, `100.5`), is estimated like a missing usage — never
+//! charged as 0 — and an unreadable one is counted in `tollgate_usage_unreadable_counts_total`; a
+//! request without a key in its context (which the quota layer never registers) charges nothing.
 
 use std::sync::Arc;
 
 use crate::accounting::body::{Observed, UsageWatch};
 use crate::accounting::ledger::{now_rfc3339, Ledger, LedgerEntry};
-use crate::accounting::usage::estimate_tokens_from_chars;
+use crate::accounting::usage::{estimate_tokens_from_chars, TokenCount, Usage};
 use crate::http::context::{AtEnd, Ending, RequestContext};
 use crate::http::CLIENT_CLOSED_REQUEST;
 use crate::keys::KeyEntry;
+use crate::observability::labels::TokenKind;
 use crate::observability::metrics::Metrics;
 use crate::state::{Backend, Held};
 
@@ -42,9 +45,24 @@ const MAX_TOKENS_PER_REQUEST: u64 = 1 << 32;
 struct Charge {
     prompt: u64,
     completion: u64,
-    /// `reported` (the upstream's usage) or `estimated`.
-    source: &'static str,
+    /// `reported` (the upstream's count) or `estimated`, for each.
+    prompt_source: &'static str,
+    completion_source: &'static str,
 }
+
+impl Charge {
+    /// The ledger's one word: `reported` when both counts were.
+    fn source(&self) -> &'static str {
+        if self.prompt_source == REPORTED && self.completion_source == REPORTED {
+            REPORTED
+        } else {
+            ESTIMATED
+        }
+    }
+}
+
+const REPORTED: &str = "reported";
+const ESTIMATED: &str = "estimated";
 
 impl AtEnd for Settlement {
     fn at_end(mut self: Box<Self>, context: &RequestContext, ending: &Ending) {
@@ -65,22 +83,38 @@ impl AtEnd for Settlement {
 }
 
 impl Settlement {
-    /// The tokens to charge: the upstream's usage; else, for an answer that came (or a client
-    /// that left once the upstream had the prompt), an estimate; else nothing.
+    /// The tokens to charge: the upstream's counts; else, for an answer that came (or a client
+    /// that left once the upstream had the prompt), an estimate; else nothing. A usage object
+    /// with a count missing or unreadable has the estimate for that count.
     fn charge(&self, key: &KeyEntry, observed: &Observed, ending: &Ending) -> Charge {
         let status = ending.status.as_u16();
         // A client that left before the answer leaves the prompt charged, as one that leaves
         // mid-stream does: the upstream had it.
         let answered = (200..300).contains(&status) || status == CLIENT_CLOSED_REQUEST;
-        let (prompt, completion, source) = match observed.usage {
-            Some(usage) => (usage.prompt_tokens, usage.completion_tokens, "reported"),
-            None if answered && ending.upstream_reached => (
-                self.prompt_estimate,
-                estimate_tokens_from_chars(observed.completion_chars),
-                "estimated",
-            ),
-            None => (0, 0, "estimated"),
+        let estimate = (
+            self.prompt_estimate,
+            estimate_tokens_from_chars(observed.completion_chars),
+        );
+        let usage = match observed.usage {
+            Some(usage) => usage,
+            None if answered && ending.upstream_reached => Usage::default(),
+            None => {
+                return Charge {
+                    prompt: 0,
+                    completion: 0,
+                    prompt_source: ESTIMATED,
+                    completion_source: ESTIMATED,
+                }
+            }
         };
+        let (prompt, prompt_source) =
+            self.charged_count(key, TokenKind::Prompt, usage.prompt_tokens, estimate.0);
+        let (completion, completion_source) = self.charged_count(
+            key,
+            TokenKind::Completion,
+            usage.completion_tokens,
+            estimate.1,
+        );
         if prompt.max(completion) > MAX_TOKENS_PER_REQUEST {
             tracing::warn!(
                 key = &*key.name,
@@ -92,7 +126,32 @@ impl Settlement {
         Charge {
             prompt: prompt.min(MAX_TOKENS_PER_REQUEST),
             completion: completion.min(MAX_TOKENS_PER_REQUEST),
-            source,
+            prompt_source,
+            completion_source,
+        }
+    }
+
+    /// One count as charged: the upstream's, or `estimate` when it gave none that can be read
+    /// (an unreadable one is counted).
+    fn charged_count(
+        &self,
+        key: &KeyEntry,
+        kind: TokenKind,
+        count: TokenCount,
+        estimate: u64,
+    ) -> (u64, &'static str) {
+        match count {
+            TokenCount::Reported(count) => (count, REPORTED),
+            TokenCount::Absent => (estimate, ESTIMATED),
+            TokenCount::Unreadable => {
+                self.metrics.usage_unreadable(kind);
+                tracing::debug!(
+                    key = &*key.name,
+                    kind = %kind,
+                    "the upstream's usage count is not a non-negative integer; estimated"
+                );
+                (estimate, ESTIMATED)
+            }
         }
     }
 
@@ -114,11 +173,14 @@ impl Settlement {
     /// The token and time-to-first-token metrics.
     fn count(&self, context: &RequestContext, charge: &Charge, ttft: Option<f64>) {
         let (key, model) = (context.key_label(), context.model_label());
-        for (kind, tokens) in [("prompt", charge.prompt), ("completion", charge.completion)] {
+        for (kind, tokens, source) in [
+            ("prompt", charge.prompt, charge.prompt_source),
+            ("completion", charge.completion, charge.completion_source),
+        ] {
             if tokens > 0 {
                 self.metrics
                     .tokens_total
-                    .with_label_values(&[key, model, kind, charge.source])
+                    .with_label_values(&[key, model, kind, source])
                     .inc_by(tokens);
             }
         }
@@ -152,7 +214,7 @@ fn ledger_entry(
         status: ending.status.as_u16(),
         prompt_tokens: charge.prompt,
         completion_tokens: charge.completion,
-        source: charge.source,
+        source: charge.source(),
         duration_ms: context.start().elapsed().as_secs_f64() * 1000.0,
         ttft_ms: ttft.map(|t| t * 1000.0),
         outcome,

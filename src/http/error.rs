@@ -135,6 +135,8 @@ impl GatewayError {
             GatewayError::ConcurrencyLimitExceeded { .. } => Some(Rejection::Concurrency),
             GatewayError::ModelNotFound { .. } => Some(Rejection::ModelNotFound),
             GatewayError::MaxTokensExceeded { .. } => Some(Rejection::MaxTokensExceeded),
+            GatewayError::TooManyChoices { .. } => Some(Rejection::TooManyChoices),
+            GatewayError::UnboundedField { .. } => Some(Rejection::UnboundedField),
             GatewayError::QuotaExceeded { .. } => Some(Rejection::Quota),
             GatewayError::StateUnavailable(_) => Some(Rejection::StateUnavailable),
             GatewayError::NotFound { .. }

@@ -49,6 +49,14 @@ pub enum StateOp {
     Release,
 }
 
+/// `tollgate_usage_unreadable_counts_total{kind}`: which count of a usage object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum TokenKind {
+    Prompt,
+    Completion,
+}
+
 /// `tollgate_rejections_total{key, reason}`: why the gateway refused a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
@@ -62,6 +70,8 @@ pub enum Rejection {
     Concurrency,
     ModelNotFound,
     MaxTokensExceeded,
+    TooManyChoices,
+    UnboundedField,
     Quota,
     StateUnavailable,
 }
@@ -77,6 +87,8 @@ impl Rejection {
             | Rejection::Concurrency
             | Rejection::ModelNotFound
             | Rejection::MaxTokensExceeded
+            | Rejection::TooManyChoices
+            | Rejection::UnboundedField
             | Rejection::Quota
             | Rejection::StateUnavailable => true,
         }

@@ -12,7 +12,7 @@ use prometheus::{
 };
 use strum::IntoEnumIterator;
 
-use super::labels::{LedgerErrorReason, Rejection, StateOp, UpstreamErrorKind};
+use super::labels::{LedgerErrorReason, Rejection, StateOp, TokenKind, UpstreamErrorKind};
 
 /// The `key` label before (or without) authentication.
 pub const UNAUTHENTICATED: &str = "unauthenticated";
@@ -42,6 +42,7 @@ pub struct Metrics {
     pub time_to_first_token_seconds: HistogramVec,
     pub quota_used_tokens: IntGaugeVec,
     pub quota_overrun_tokens_total: IntCounterVec,
+    pub usage_unreadable_counts_total: IntCounterVec,
     pub ledger_errors_total: IntCounterVec,
     pub state_errors_total: IntCounterVec,
 }
@@ -99,6 +100,11 @@ impl Metrics {
                 "Tokens an upstream produced beyond what the request reserved (it ignored max_tokens).",
                 &["key"],
             ),
+            usage_unreadable_counts_total: r.counters(
+                "tollgate_usage_unreadable_counts_total",
+                "Usage counts from the upstream that were not non-negative integers (\"100\", -100, 100.5), by kind (prompt|completion); each was estimated instead.",
+                &["kind"],
+            ),
             // --- what failed ---
             upstream_errors_total: r.counters(
                 "tollgate_upstream_errors_total",
@@ -134,6 +140,10 @@ impl Metrics {
         for op in StateOp::iter() {
             self.state_errors_total.with_label_values(&[label(op)]);
         }
+        for kind in TokenKind::iter() {
+            self.usage_unreadable_counts_total
+                .with_label_values(&[label(kind)]);
+        }
         for reason in Rejection::iter().filter(|r| !r.is_per_key()) {
             self.rejections_total
                 .with_label_values(&[UNAUTHENTICATED, label(reason)]);
@@ -155,6 +165,13 @@ impl Metrics {
     pub fn state_error(&self, op: StateOp) {
         self.state_errors_total
             .with_label_values(&[label(op)])
+            .inc();
+    }
+
+    /// Counts one usage count from the upstream that could not be read.
+    pub fn usage_unreadable(&self, kind: TokenKind) {
+        self.usage_unreadable_counts_total
+            .with_label_values(&[label(kind)])
             .inc();
     }
 

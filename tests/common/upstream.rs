@@ -34,6 +34,7 @@
 //! | `x-mock-chunks: N` | produce `N` tokens / content chunks |
 //! | `x-mock-tools: 1` | chat answers with a `get_weather` tool call (`finish_reason: "tool_calls"`) |
 //! | `x-mock-prompt-tokens: N` | report `N` prompt tokens (as a real tokenizer might count the prompt) |
+//! | `x-mock-usage: {…}` | send this text as the `usage` object, verbatim (a broken upstream's counts) |
 //! | `x-mock-status: 503` | answer with that 4xx/5xx status and an OpenAI-style error body, even for `stream: true` |
 //! | `x-mock-header-delay-ms: N` | wait `N` ms before sending response headers |
 //! | `x-mock-chunk-delay-ms: N` | wait `N` ms between body frames (first frame right after the headers) |
@@ -458,6 +459,7 @@ enum Fault {
 struct Knobs {
     chunks: Option<usize>,
     prompt_tokens: Option<usize>,
+    usage: Option<String>,
     tools: bool,
     status: Option<StatusCode>,
     header_delay: Option<Duration>,
@@ -489,6 +491,7 @@ impl Knobs {
                 .map(|n| n.min(HEADER_CHUNKS_CAP)),
             prompt_tokens: header_str(headers, "x-mock-prompt-tokens")
                 .and_then(|v| v.parse::<usize>().ok()),
+            usage: header_str(headers, "x-mock-usage").map(str::to_owned),
             tools: matches!(
                 header_str(headers, "x-mock-tools"),
                 Some("1" | "true" | "yes")
@@ -798,6 +801,8 @@ struct Generation {
     finish: &'static str,
     prompt_tokens: usize,
     tools: bool,
+    /// The `usage` object's text, when `x-mock-usage` scripts it.
+    usage: Option<String>,
 }
 
 /// SSE events packed into one buffer; `ends[i]` is where event `i` ends.
@@ -858,10 +863,14 @@ impl Generation {
                 .prompt_tokens
                 .unwrap_or_else(|| prompt_tokens(route, request)),
             tools,
+            usage: knobs.usage.clone(),
         }
     }
 
     fn usage(&self) -> String {
+        if let Some(usage) = &self.usage {
+            return usage.clone();
+        }
         format!(
             r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{}}}"#,
             self.prompt_tokens,

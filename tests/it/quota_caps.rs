@@ -380,3 +380,68 @@ async fn vendor_length_fields_are_held_to_the_cap() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_unreadable_usage_count_is_estimated_and_counted_never_zero() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let ledger = ledger_path();
+    let tail = format!("[ledger]\npath = \"{}\"\n", ledger.display());
+    let mut gateway =
+        TestGateway::start_toml(&common::config_toml(&upstream.url(), "", "", &tail)).await;
+    let before = gateway.metrics().await;
+    for kind in ["prompt", "completion"] {
+        let series = format!("tollgate_usage_unreadable_counts_total{{kind=\"{kind}\"}} 0");
+        assert!(
+            before.contains(&series),
+            "exported at 0 from the start: {series}"
+        );
+    }
+
+    let counts = [r#""100""#, "-100", "100.5"];
+    let url = format!("{}{CHAT}", gateway.url());
+    for count in counts {
+        let usage =
+            format!(r#"{{"prompt_tokens":5,"completion_tokens":{count},"total_tokens":105}}"#);
+        for stream in [false, true] {
+            let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": stream})
+                .to_string();
+            let headers = [("x-mock-usage", usage.as_str())];
+            let (status, _, got) = common::post(&url, &body, &headers).await;
+            assert_eq!(status, 200);
+            let direct = common::post(&format!("{}{CHAT}", upstream.url()), &body, &headers).await;
+            assert_eq!(got, direct.2, "the client's answer is unchanged");
+        }
+    }
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_usage_unreadable_counts_total{kind=\"completion\"}"
+        ),
+        2 * counts.len() as u64,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_usage_unreadable_counts_total{kind=\"prompt\"}"
+        ),
+        0
+    );
+    gateway.begin_shutdown().await.expect("clean shutdown");
+    // The mock's 8 tokens, "tok0 " … "tok7 ": 40 characters of text, ~4 a token.
+    let estimate = tollgate::accounting::usage::estimate_tokens_from_chars(40);
+    let lines = read_ledger(&ledger);
+    assert_eq!(lines.len(), 2 * counts.len());
+    for line in &lines {
+        assert_eq!(
+            line["prompt_tokens"], 5,
+            "the readable count is kept: {line}"
+        );
+        assert_eq!(
+            line["completion_tokens"], estimate,
+            "the unreadable one estimated, never 0: {line}"
+        );
+        assert_eq!(line["source"], "estimated", "{line}");
+    }
+}

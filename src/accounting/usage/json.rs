@@ -12,11 +12,11 @@ use serde::Deserialize;
 
 use super::cursor::{escaped_chars, Cursor};
 use super::search::may_hold_usage_object;
-use super::Usage;
+use super::{TokenCount, Usage};
 
 /// Reads the top-level `usage` of a complete JSON response body (`chat.completion`,
-/// `text_completion`). `None` when the body is not JSON, or `usage` is absent, null or holds no
-/// count.
+/// `text_completion`). `None` when the body is not JSON, or `usage` is absent, null or names
+/// neither `prompt_tokens` nor `completion_tokens`.
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<UsageOnly>(body).ok()?.usage.0
 }
@@ -179,7 +179,8 @@ pub(super) struct UsageOnly {
     pub(super) usage: UsageField,
 }
 
-/// A `usage` member: `Some` for an object with at least one of the two counts.
+/// A `usage` member: `Some` for an object that names at least one of the two counts (readable or
+/// not).
 #[derive(Default)]
 pub(super) struct UsageField(pub(super) Option<Usage>);
 
@@ -201,23 +202,24 @@ impl<'de> Deserialize<'de> for UsageField {
                 f.write_str("any JSON value")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageField, A::Error> {
-                let (mut prompt, mut completion) = (None, None);
+                let mut usage = Usage::default();
                 while let Some(key) = map.next_key::<UsageKey>()? {
                     match key {
-                        UsageKey::PromptTokens => prompt = map.next_value::<Count>()?.0,
-                        UsageKey::CompletionTokens => completion = map.next_value::<Count>()?.0,
+                        UsageKey::PromptTokens => {
+                            usage.prompt_tokens = map.next_value::<Count>()?.0
+                        }
+                        UsageKey::CompletionTokens => {
+                            usage.completion_tokens = map.next_value::<Count>()?.0;
+                        }
                         UsageKey::Other => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
-                if prompt.is_none() && completion.is_none() {
+                if usage == Usage::default() {
                     return Ok(UsageField(None));
                 }
-                Ok(UsageField(Some(Usage {
-                    prompt_tokens: prompt.unwrap_or(0),
-                    completion_tokens: completion.unwrap_or(0),
-                })))
+                Ok(UsageField(Some(usage)))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<UsageField, A::Error> {
                 drain_seq(seq).map(|()| UsageField(None))
@@ -245,9 +247,9 @@ impl<'de> Deserialize<'de> for UsageField {
     }
 }
 
-/// A token count: a non-negative integer (also written as an integral float); anything else is
-/// `None`.
-struct Count(Option<u64>);
+/// A token count: a non-negative integer (also written as an integral float) is reported, `null`
+/// absent, anything else unreadable.
+struct Count(TokenCount);
 
 impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -258,31 +260,37 @@ impl<'de> Deserialize<'de> for Count {
                 f.write_str("any JSON value")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
-                Ok(Count(Some(v)))
+                Ok(Count(TokenCount::Reported(v)))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
-                Ok(Count(u64::try_from(v).ok()))
+                Ok(Count(
+                    u64::try_from(v).map_or(TokenCount::Unreadable, TokenCount::Reported),
+                ))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
                 // 2^64 is exactly representable; every integral float below it fits a u64.
                 let fits = (0.0..18_446_744_073_709_551_616.0).contains(&v) && v.fract() == 0.0;
-                Ok(Count(fits.then_some(v as u64)))
+                Ok(Count(if fits {
+                    TokenCount::Reported(v as u64)
+                } else {
+                    TokenCount::Unreadable
+                }))
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
-                Ok(Count(None))
+                Ok(Count(TokenCount::Unreadable))
             }
             fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
-                Ok(Count(None))
+                Ok(Count(TokenCount::Unreadable))
             }
             fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
-                Ok(Count(None))
+                Ok(Count(TokenCount::Absent))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Count(None))
+                Ok(Count(TokenCount::Unreadable))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
-                drain_seq(seq).map(|()| Count(None))
+                drain_seq(seq).map(|()| Count(TokenCount::Unreadable))
             }
         }
         deserializer.deserialize_any(CountVisitor)

@@ -50,8 +50,6 @@ fn json_usage_absent_null_or_invalid_is_none() {
             r#"{"usage":{"total_tokens":9}}"#,
             "no prompt or completion count",
         ),
-        (r#"{"usage":{"prompt_tokens":-1}}"#, "negative count"),
-        (r#"{"usage":{"prompt_tokens":1.5}}"#, "fractional count"),
         (r#"{"usage":"lots"}"#, "not an object"),
         (
             r#"{"usage":{"prompt_tokens":5,"completion_tokens":4}"#,
@@ -63,14 +61,35 @@ fn json_usage_absent_null_or_invalid_is_none() {
         assert_eq!(usage_from_json(body.as_bytes()), None, "{why}: {body}");
     }
     assert_eq!(
-        usage_from_json(br#"{"usage":{"prompt_tokens":5.0,"completion_tokens":"x"}}"#),
-        usage(5, 0),
-        "an integral float counts; an unreadable count reads as 0 beside a readable one"
-    );
-    assert_eq!(
         usage_from_json(br#"{"choices":5,"usage":{"completion_tokens":3}}"#),
-        usage(0, 3),
-        "an odd `choices` does not hide the usage"
+        Some(Usage {
+            prompt_tokens: TokenCount::Absent,
+            completion_tokens: TokenCount::Reported(3),
+        }),
+        "an odd `choices` does not hide the usage; a missing count is absent, not 0"
+    );
+}
+
+#[test]
+fn json_counts_that_are_not_non_negative_integers_are_unreadable_never_zero() {
+    for count in [r#""100""#, "-100", "100.5", "true", "{}", "[1]", "1e30"] {
+        let body = format!(r#"{{"usage":{{"prompt_tokens":5.0,"completion_tokens":{count}}}}}"#);
+        assert_eq!(
+            usage_from_json(body.as_bytes()),
+            Some(Usage {
+                prompt_tokens: TokenCount::Reported(5),
+                completion_tokens: TokenCount::Unreadable,
+            }),
+            "{count}: an integral float counts, the other is unreadable"
+        );
+    }
+    assert_eq!(
+        usage_from_json(br#"{"usage":{"prompt_tokens":-1,"completion_tokens":null}}"#),
+        Some(Usage {
+            prompt_tokens: TokenCount::Unreadable,
+            completion_tokens: TokenCount::Absent,
+        }),
+        "null is absent"
     );
 }
 

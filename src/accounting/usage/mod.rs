@@ -61,8 +61,9 @@
 //!   (`"content": 5`) counts nothing, and a data line that is not a JSON object adds nothing.
 //! - Usage is read by serde, and only from an event that is valid JSON; a `usage` of an unexpected
 //!   shape reads as no usage and never hides the rest of its event.
-//! - A usage object needs `prompt_tokens` or `completion_tokens` (the other reads as 0); counts
-//!   that are negative, fractional or not numbers read as absent.
+//! - A usage object needs `prompt_tokens` or `completion_tokens`; each count is read as
+//!   [`TokenCount::Reported`], [`TokenCount::Absent`] (missing or `null`) or
+//!   [`TokenCount::Unreadable`] (negative, fractional, a string, …) — never as 0.
 //! - `"usage"` written with escapes in its key (`"\u0075sage"`) is not recognised by the stripper:
 //!   the event passes unchanged. An event that is not valid JSON also passes unchanged.
 //! - The stripper holds back only an incomplete event, and only until its blank line arrives;
@@ -104,16 +105,33 @@ pub use self::strip::UsageStripper;
 /// hundred bytes; a whole tool-call argument in one chunk can reach tens of KiB.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
 
-/// Token counts for one request.
+/// Token counts for one request, as an upstream's `usage` object gave them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
+    pub prompt_tokens: TokenCount,
+    pub completion_tokens: TokenCount,
 }
 
-impl Usage {
-    /// Both counts together, as charged against a quota.
-    pub fn total_tokens(&self) -> u64 {
-        self.prompt_tokens.saturating_add(self.completion_tokens)
+/// One count of a `usage` object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenCount {
+    /// Not there, or `null`.
+    #[default]
+    Absent,
+    /// A non-negative integer (an integral float such as `16.0` included).
+    Reported(u64),
+    /// There, but not a non-negative integer: `"100"`, `-100`, `100.5`, `true`, an object. Never
+    /// read as 0: the settlement estimates it, and counts it in
+    /// `tollgate_usage_unreadable_counts_total`.
+    Unreadable,
+}
+
+impl TokenCount {
+    /// The count, when the upstream reported one that can be read.
+    pub fn reported(self) -> Option<u64> {
+        match self {
+            TokenCount::Reported(count) => Some(count),
+            TokenCount::Absent | TokenCount::Unreadable => None,
+        }
     }
 }

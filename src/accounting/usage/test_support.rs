@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use super::{SseObserver, Usage, UsageStripper};
+use super::{SseObserver, TokenCount, Usage, UsageStripper};
 
 // === Samples: llama.cpp b11434 (shared/upstream/README.md), OpenAI, a proxy ===
 
@@ -180,8 +180,8 @@ pub(super) struct Case {
 
 pub(super) fn usage(prompt_tokens: u64, completion_tokens: u64) -> Option<Usage> {
     Some(Usage {
-        prompt_tokens,
-        completion_tokens,
+        prompt_tokens: TokenCount::Reported(prompt_tokens),
+        completion_tokens: TokenCount::Reported(completion_tokens),
     })
 }
 

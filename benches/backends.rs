@@ -9,9 +9,6 @@
 //!
 //! `cargo bench --bench backends` (about 1 minute; `-- --seconds N` per run, default 15).
 
-#[path = "../tests/common/upstream.rs"]
-mod upstream;
-
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -159,7 +156,7 @@ fn main() {
 
 async fn run(seconds: u64) {
     let upstream = Arc::new(
-        upstream::MockUpstream::start()
+        mock_upstream::MockUpstream::start()
             .await
             .expect("mock upstream"),
     );

@@ -2,7 +2,7 @@
 //! the model endpoint reached directly, with nginx (a plain reverse proxy) as a reference row.
 //!
 //! One run starts, on this machine:
-//! - the mock upstream (`tests/common/upstream.rs`) inside this process, on its own thread and its
+//! - the mock upstream (the `mock-upstream` crate) inside this process, on its own thread and its
 //!   own tokio runtime (see [`start_mock`] for why in-process);
 //! - one `tollgate serve --config <tmp>/…toml` child per gateway row of [`TARGETS`];
 //! - nginx with `bench/nginx.conf` when it is installed (otherwise that row is skipped, with a
@@ -15,9 +15,6 @@
 //! "added" figures are medians of the per-round differences to the direct row.
 //!
 //! `bench/README.md` explains how to run it and what every figure means.
-
-#[path = "../tests/common/upstream.rs"]
-mod upstream;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -37,7 +34,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use upstream::{MockOptions, MockUpstream};
+use mock_upstream::{MockOptions, MockUpstream};
 
 // ================================================================================================
 // Rows: what is measured

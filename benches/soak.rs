@@ -9,9 +9,6 @@
 //! shows requests served, errors by kind, and RSS after warm-up against RSS at the end
 //! (target: within 10 %).
 
-#[path = "../tests/common/upstream.rs"]
-mod upstream;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,7 +144,7 @@ fn main() {
 }
 
 async fn soak(duration: Duration) {
-    let upstream = upstream::MockUpstream::start()
+    let upstream = mock_upstream::MockUpstream::start()
         .await
         .expect("mock upstream");
     upstream.set_recording(false);

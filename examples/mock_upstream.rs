@@ -1,84 +1,49 @@
 //! Runs the deterministic mock OpenAI-compatible upstream used by the tests
-//! and benches (see `tests/common/upstream.rs` for the routes and the
-//! `x-mock-*` request headers it obeys).
+//! and benches (the workspace's `mock-upstream` crate documents the routes and
+//! the `x-mock-*` request headers it obeys).
 //!
 //! ```text
 //! cargo run --example mock_upstream -- --listen 127.0.0.1:8000 [--prefix /openai] \
 //!     [--close-after-stream] [--require-key KEY]
 //! ```
 
-#[path = "../tests/common/upstream.rs"]
-mod upstream;
-
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use upstream::{MockOptions, MockUpstream};
+use clap::Parser;
+use mock_upstream::{MockOptions, MockUpstream};
 
-const USAGE: &str = "\
-usage: mock_upstream [--listen ADDR] [--prefix PREFIX] [--close-after-stream] [--require-key KEY]
-
-  --listen ADDR           address to listen on (default 127.0.0.1:8000)
-  --prefix PREFIX         serve under PREFIX/v1/... (e.g. /openai)
-  --close-after-stream    close the connection after every SSE response (llama.cpp quirk)
-  --require-key KEY       require `Authorization: Bearer KEY`";
-
+/// The mock OpenAI-compatible upstream, until Ctrl-C.
+#[derive(Parser)]
+#[command(name = "mock_upstream")]
 struct Args {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
-    opts: MockOptions,
-}
-
-enum Parsed {
-    Run(Args),
-    Help,
-}
-
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> {
-    let mut listen = SocketAddr::from(([127, 0, 0, 1], 8000));
-    let mut opts = MockOptions::default();
-    while let Some(arg) = args.next() {
-        // Accept both `--flag value` and `--flag=value`.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-            _ => (arg, None),
-        };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match flag.as_str() {
-            "--listen" => {
-                let v = value("--listen")?;
-                listen = v
-                    .parse()
-                    .map_err(|e| format!("invalid --listen address {v:?}: {e}"))?;
-            }
-            "--prefix" => opts.prefix = value("--prefix")?,
-            "--require-key" => opts.require_key = Some(value("--require-key")?),
-            "--close-after-stream" => opts.close_after_stream = true,
-            "-h" | "--help" => return Ok(Parsed::Help),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(Parsed::Run(Args { listen, opts }))
+    /// Serve under PREFIX/v1/... (e.g. /openai).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    prefix: String,
+    /// Close the connection after every SSE response (llama.cpp quirk).
+    #[arg(long)]
+    close_after_stream: bool,
+    /// Require `Authorization: Bearer KEY`.
+    #[arg(long, value_name = "KEY")]
+    require_key: Option<String>,
+    /// Tokens generated when a request names no max_tokens (default 8).
+    #[arg(long, value_name = "N")]
+    default_tokens: Option<usize>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(Parsed::Run(args)) => args,
-        Ok(Parsed::Help) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("error: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let args = Args::parse();
+    let opts = MockOptions {
+        prefix: args.prefix,
+        close_after_stream: args.close_after_stream,
+        require_key: args.require_key,
+        default_tokens: args.default_tokens,
     };
-    let mock = match MockUpstream::start_on(args.listen, args.opts).await {
+    let mock = match MockUpstream::start_on(args.listen, opts).await {
         Ok(mock) => mock,
         Err(e) => {
             eprintln!("error: cannot listen on {}: {e}", args.listen);

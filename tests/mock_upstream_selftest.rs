@@ -1,8 +1,5 @@
-//! Self-test of the mock upstream (`tests/common/upstream.rs`) over real
+//! Self-test of the mock upstream (the workspace's `mock-upstream` crate) over real
 //! sockets, with a raw hyper client or a plain `TcpStream`.
-
-#[path = "common/upstream.rs"]
-mod upstream;
 
 use std::time::{Duration, Instant};
 
@@ -12,11 +9,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mock_upstream::{canned, Fault, MockOptions, MockUpstream, FAULT_HEADER};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use upstream::{MockOptions, MockUpstream};
 
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
@@ -559,6 +556,108 @@ async fn abort_after_breaks_the_body() {
         0,
         "an abort is not a cancellation"
     );
+}
+
+#[tokio::test]
+async fn canned_answers_come_whole_whatever_the_request() {
+    let mock = MockUpstream::start().await.expect("start mock");
+    let garbage_sse: Vec<u8> = canned::garbage_sse().concat();
+    let cases: [(Fault, Value, &str, &[u8]); 3] = [
+        (
+            Fault::GarbageSse,
+            chat_body(false, false),
+            "text/event-stream",
+            &garbage_sse,
+        ),
+        (
+            Fault::GarbageJson,
+            chat_body(true, true),
+            "application/json",
+            &canned::garbage_json(),
+        ),
+        (
+            Fault::AbsurdUsage,
+            chat_body(true, false),
+            "application/json",
+            canned::ABSURD_USAGE.as_bytes(),
+        ),
+    ];
+    let mut sent = 0;
+    for (fault, body, content_type, expected) in cases {
+        let value = fault.to_string();
+        let got = fetch(&mock, post(CHAT, &[(FAULT_HEADER, &value)], &body)).await;
+        assert_eq!(got.status, StatusCode::OK, "{fault} status");
+        assert_eq!(got.header("content-type"), content_type, "{fault} type");
+        assert!(
+            got.body[..] == *expected,
+            "{fault}: {} bytes, expected {}",
+            got.body.len(),
+            expected.len()
+        );
+        sent += expected.len() as u64;
+    }
+    assert_eq!(mock.body_bytes_sent(), sent, "every body byte counted");
+    assert_eq!(mock.completed_streams(), 1, "garbage-sse is a stream");
+}
+
+#[tokio::test]
+async fn a_flood_sends_its_bytes_only_as_fast_as_they_are_read() {
+    let mock = MockUpstream::start().await.expect("start mock");
+    // Whole: every byte, in frames of whole events.
+    let total = 1_000_000;
+    let flood = Fault::Flood(total).to_string();
+    let got = fetch(
+        &mock,
+        post(CHAT, &[(FAULT_HEADER, &flood)], &chat_body(true, false)),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "flood status");
+    assert_eq!(got.body.len() as u64, total, "flood length");
+    assert!(
+        got.body.starts_with(canned::FLOOD_EVENT),
+        "flood starts with its event"
+    );
+    assert_eq!(mock.completed_streams(), 1, "a whole flood completes");
+
+    // Read once, then left: the mock made little more than was read, and counts a cancel.
+    let mut conn = connect(&mock).await;
+    let huge = Fault::Flood(u64::MAX).to_string();
+    let req = post(CHAT, &[(FAULT_HEADER, &huge)], &chat_body(true, false));
+    let resp = conn.sender.send_request(req).await.expect("headers arrive");
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a frame").expect("no error");
+    assert!(first.is_data(), "a data frame first");
+    drop(body);
+    drop(conn);
+    assert!(
+        mock.wait_cancelled(1, Duration::from_secs(5)).await,
+        "the unread flood is cancelled"
+    );
+    let made = mock.body_bytes_sent() - total;
+    assert!(
+        made < 64 * 1024 * 1024,
+        "the mock makes frames only as they are taken: {made} bytes"
+    );
+}
+
+#[test]
+fn fault_header_values_round_trip() {
+    for value in [
+        "reset-before-headers",
+        "stall-headers",
+        "stall-body",
+        "abort-after=3",
+        "not-json",
+        "garbage-json",
+        "garbage-sse",
+        "absurd-usage",
+        "flood=1048576",
+    ] {
+        let fault: Fault = value.parse().expect("a known fault");
+        assert_eq!(fault.to_string(), value, "{value} round-trips");
+    }
+    assert!("abort-after=x".parse::<Fault>().is_err(), "a bad count");
+    assert!("flood".parse::<Fault>().is_err(), "a flood needs its size");
 }
 
 #[tokio::test]

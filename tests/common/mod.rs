@@ -1,8 +1,8 @@
 //! Shared test helpers: a gateway started in-process on free ports, pointed at a
-//! [`upstream::MockUpstream`], and small HTTP client helpers.
+//! [`mock_upstream::MockUpstream`] (the workspace's `mock-upstream` crate), and small HTTP
+//! client helpers.
 
 pub mod redis_server;
-pub mod upstream;
 
 use std::net::SocketAddr;
 use std::time::Duration;

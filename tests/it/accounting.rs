@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use mock_upstream::MockUpstream;
 use serde_json::{json, Value};
 
-use crate::common::upstream::MockUpstream;
 use crate::common::{self, key_entry, ledger_path, read_ledger, TestGateway};
 
 const CHAT: &str = "/v1/chat/completions";

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::common::upstream::MockUpstream;
+use mock_upstream::MockUpstream;
 use serde_json::Value;
 
 use crate::common::{self, chat_body};

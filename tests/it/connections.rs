@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mock_upstream::MockUpstream;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::upstream::MockUpstream;
 use crate::common::{self, chat_body, TestGateway, TEST_KEY};
 
 const CHAT: &str = "/v1/chat/completions";

@@ -9,9 +9,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use mock_upstream::MockUpstream;
 use serde_json::{json, Value};
 
-use crate::common::upstream::MockUpstream;
 use crate::common::{self, key_entry, TestGateway};
 
 const DASHBOARD: &str = include_str!("../../config/grafana-dashboard.json");

@@ -7,27 +7,17 @@
 //! that grows with what a client does not read, or a key or credential written anywhere.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::future::join_all;
-use http_body::Frame;
-use http_body_util::combinators::BoxBody;
-use http_body_util::BodyExt;
+use mock_upstream::{canned, Fault, MockOptions, MockUpstream, FAULT_HEADER};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
-use crate::common::upstream::{MockOptions, MockUpstream};
 use crate::common::{self, chat_body, key_entry, TestGateway};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -289,183 +279,8 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-// ---------------------------------------------------------------------------------------------
-// A scripted upstream, for answers the mock cannot give
-// ---------------------------------------------------------------------------------------------
-
-/// An upstream whose answer the `x-script` request header picks:
-/// - `flood`: 200 SSE, [`FLOOD_BYTES`] of chunks in 64 KiB frames, made as fast as they are taken;
-/// - `garbage-sse`: 200 `text/event-stream` whose body is anything but SSE;
-/// - `garbage-json`: 200 `application/json` whose body is not JSON (nested past any limit);
-/// - `absurd-usage`: a chat answer reporting `u64::MAX` tokens; `slow`: a small one after 800 ms.
-struct Scripted {
-    addr: SocketAddr,
-    flood: Arc<FloodState>,
-    task: JoinHandle<()>,
-}
-
-#[derive(Default)]
-struct FloodState {
-    produced: AtomicU64,
-    finished: AtomicBool,
-    dropped: AtomicBool,
-}
-
+/// The size of the mock's `flood` answer (`x-mock-fault: flood=BYTES`).
 const FLOOD_BYTES: u64 = 200 * MIB;
-
-type ScriptBody = BoxBody<Bytes, Infallible>;
-
-impl Scripted {
-    async fn start() -> Scripted {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let flood = Arc::new(FloodState::default());
-        let state = flood.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |request| script(request, state.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        Scripted { addr, flood, task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn garbage_sse() -> Vec<Bytes> {
-    vec![
-        Bytes::from_static(b"\xff\xfe\x00 not SSE at all\r\r\n"),
-        Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"\\ud800\"}}]}\n\n"),
-        Bytes::from(format!("data: {}\n\n", "[".repeat(100_000))),
-        Bytes::from(format!(
-            "data: {{\"choices\":[{{\"text\":\"{}",
-            "y".repeat(3_000_000)
-        )),
-        Bytes::from_static(b"\"}]}\n\n: a comment\n\nevent: \x01\x02\ndata: [DONE]\n\n"),
-        Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":1e999}}]}\r\n\r\ndata:"),
-    ]
-}
-
-fn garbage_json() -> Bytes {
-    Bytes::from(format!("{{\"usage\":{}", "[".repeat(200_000)))
-}
-
-async fn script(
-    request: http::Request<hyper::body::Incoming>,
-    flood: Arc<FloodState>,
-) -> Result<http::Response<ScriptBody>, Infallible> {
-    let which = request
-        .headers()
-        .get("x-script")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let _ = request.into_body().collect().await;
-    let (content_type, body): (&str, ScriptBody) = match which.as_str() {
-        "flood" => ("text/event-stream", FloodBody::new(flood).boxed()),
-        "garbage-sse" => {
-            let frames = garbage_sse()
-                .into_iter()
-                .map(|frame| Ok::<_, Infallible>(Frame::data(frame)));
-            (
-                "text/event-stream",
-                http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed(),
-            )
-        }
-        "garbage-json" => (
-            "application/json",
-            http_body_util::Full::new(garbage_json()).boxed(),
-        ),
-        "absurd-usage" => (
-            "application/json",
-            http_body_util::Full::new(Bytes::from_static(ABSURD_USAGE.as_bytes())).boxed(),
-        ),
-        "slow" => {
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            (
-                "application/json",
-                http_body_util::Full::new(Bytes::from_static(SMALL_USAGE.as_bytes())).boxed(),
-            )
-        }
-        _ => (
-            "application/json",
-            http_body_util::Full::new(Bytes::from_static(b"{}")).boxed(),
-        ),
-    };
-    let mut response = http::Response::new(body);
-    response
-        .headers_mut()
-        .insert("content-type", http::HeaderValue::from_static(content_type));
-    Ok(response)
-}
-
-/// A chat answer whose usage no request could have: the largest counts JSON can carry.
-const ABSURD_USAGE: &str = r#"{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":18446744073709551615,"total_tokens":18446744073709551615}}"#;
-const SMALL_USAGE: &str = r#"{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-
-/// [`FLOOD_BYTES`] of SSE chunks, each frame made only when the previous one was taken.
-struct FloodBody {
-    frame: Bytes,
-    left: u64,
-    state: Arc<FloodState>,
-}
-
-impl FloodBody {
-    fn new(state: Arc<FloodState>) -> FloodBody {
-        let event = b"data: {\"id\":\"flood\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"flood \"},\"finish_reason\":null}]}\n\n";
-        let frame = event.repeat(64 * 1024 / event.len());
-        FloodBody {
-            frame: Bytes::from(frame),
-            left: FLOOD_BYTES,
-            state,
-        }
-    }
-}
-
-impl http_body::Body for FloodBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        if this.left == 0 {
-            this.state.finished.store(true, Ordering::SeqCst);
-            return Poll::Ready(None);
-        }
-        let len = this.left.min(this.frame.len() as u64);
-        this.left -= len;
-        this.state.produced.fetch_add(len, Ordering::SeqCst);
-        // `len` is at most the frame's length, so it fits a usize.
-        let frame = this.frame.slice(..usize::try_from(len).unwrap_or(0));
-        Poll::Ready(Some(Ok(Frame::data(frame))))
-    }
-}
-
-impl Drop for FloodBody {
-    fn drop(&mut self) {
-        if self.left > 0 {
-            self.state.dropped.store(true, Ordering::SeqCst);
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Upstream faults
@@ -787,27 +602,27 @@ async fn an_upstream_that_ignores_max_tokens_is_charged_for_what_it_sent() {
 
 #[tokio::test]
 async fn garbage_from_the_upstream_passes_through_untouched_and_is_charged_once() {
-    let upstream = Scripted::start().await;
+    let upstream = MockUpstream::start().await.expect("mock upstream");
     let (gateway, ledger) = gateway_with_ledger(&upstream.url(), "", "", "concurrency = 5").await;
-    let sse: Vec<u8> = garbage_sse().concat();
+    let sse: Vec<u8> = canned::garbage_sse().concat();
     let cases = [
         (
             "garbage-sse-stripped",
-            "garbage-sse",
+            Fault::GarbageSse,
             chat_body(true, false),
             &sse[..],
         ),
         (
             "garbage-sse-plain",
-            "garbage-sse",
+            Fault::GarbageSse,
             chat_body(true, true),
             &sse[..],
         ),
         (
             "garbage-json",
-            "garbage-json",
+            Fault::GarbageJson,
             chat_body(false, false),
-            &garbage_json()[..],
+            &canned::garbage_json()[..],
         ),
     ];
     for (id, which, body, expected) in &cases {
@@ -815,7 +630,7 @@ async fn garbage_from_the_upstream_passes_through_untouched_and_is_charged_once(
             .post(format!("{}{CHAT}", gateway.url()))
             .header("content-type", "application/json")
             .header("x-request-id", *id)
-            .header("x-script", *which)
+            .header(FAULT_HEADER, which.to_string())
             .body(body.clone())
             .send()
             .await
@@ -844,7 +659,7 @@ async fn garbage_from_the_upstream_passes_through_untouched_and_is_charged_once(
 
 #[tokio::test]
 async fn absurd_usage_from_the_upstream_neither_breaks_the_answer_nor_frees_the_quota() {
-    let upstream = Scripted::start().await;
+    let upstream = MockUpstream::start().await.expect("mock upstream");
     let (gateway, ledger) = gateway_with_ledger(
         &upstream.url(),
         "",
@@ -853,27 +668,30 @@ async fn absurd_usage_from_the_upstream_neither_breaks_the_answer_nor_frees_the_
     )
     .await;
     let url = format!("{}{CHAT}", gateway.url());
-    let send = |id: &str, which: &str| {
+    // `slow`: a small answer after 800 ms; `absurd`: usage of u64::MAX tokens.
+    let slow_answer = ("x-mock-header-delay-ms", "800".to_owned());
+    let absurd_answer = (FAULT_HEADER, Fault::AbsurdUsage.to_string());
+    let send = |id: &str, (name, value): &(&str, String)| {
         client()
             .post(&url)
             .header("content-type", "application/json")
             .header("x-request-id", id)
-            .header("x-script", which)
+            .header(*name, value)
             .body(chat_body(false, false))
             .send()
     };
     // A request in flight holds a reservation while the absurd usage is settled.
-    let slow = tokio::spawn(send("slow", "slow"));
+    let slow = tokio::spawn(send("slow", &slow_answer));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let response = send("absurd", "absurd-usage").await.expect("answered");
+    let response = send("absurd", &absurd_answer).await.expect("answered");
     assert_eq!(response.status(), 200, "the upstream's answer");
     let body = response.bytes().await;
     assert!(
         body.as_ref()
-            .is_ok_and(|b| b[..] == *ABSURD_USAGE.as_bytes()),
+            .is_ok_and(|b| b[..] == *canned::ABSURD_USAGE.as_bytes()),
         "the answer arrives whole and unchanged: {body:?}"
     );
-    let response = send("after", "slow").await.expect("answered");
+    let response = send("after", &slow_answer).await.expect("answered");
     let status = response.status().as_u16();
     let body = response.bytes().await.expect("whole body");
     assert_eq!(status, 429, "the window is spent: {}", lossy(&body));
@@ -1121,7 +939,7 @@ async fn connections_that_never_send_a_request_head_are_cut() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_holds_neither_memory_nor_the_upstream() {
-    let upstream = Scripted::start().await;
+    let upstream = MockUpstream::start().await.expect("mock upstream");
     let (gateway, _ledger) = gateway_with_ledger(&upstream.url(), "", "", "concurrency = 2").await;
     let before = rss_bytes();
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -1129,7 +947,8 @@ async fn a_client_that_stops_reading_holds_neither_memory_nor_the_upstream() {
         .set_recv_buffer_size(16 * 1024)
         .expect("small receive buffer");
     let mut socket = socket.connect(gateway.addr).await.expect("connect");
-    let request = raw_post(CHAT, "x-script: flood\r\n", &chat_body(true, true));
+    let flood = format!("{FAULT_HEADER}: {}\r\n", Fault::Flood(FLOOD_BYTES));
+    let request = raw_post(CHAT, &flood, &chat_body(true, true));
     socket.write_all(&request).await.expect("send");
     let mut buf = vec![0u8; 64 * 1024];
     let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf))
@@ -1148,12 +967,12 @@ async fn a_client_that_stops_reading_holds_neither_memory_nor_the_upstream() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while still < 5 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = upstream.flood.produced.load(Ordering::SeqCst);
+        let now = upstream.body_bytes_sent();
         still = if now == last { still + 1 } else { 0 };
         last = now;
     }
     assert!(
-        !upstream.flood.finished.load(Ordering::SeqCst),
+        upstream.completed_streams() == 0,
         "the upstream's stream ran to its end while the client read nothing"
     );
     assert!(
@@ -1177,12 +996,8 @@ async fn a_client_that_stops_reading_holds_neither_memory_nor_the_upstream() {
     );
 
     drop(socket);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !upstream.flood.dropped.load(Ordering::SeqCst) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert!(
-        upstream.flood.dropped.load(Ordering::SeqCst),
+        upstream.wait_cancelled(1, Duration::from_secs(5)).await,
         "the client left: the upstream stream is cancelled"
     );
     assert_slots_released(&gateway, "h").await;

@@ -4,9 +4,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use mock_upstream::MockUpstream;
 use tollgate::state::clock::Clock;
 
-use crate::common::upstream::MockUpstream;
 use crate::common::{self, chat_body, key_entry, post, TestGateway};
 
 const CHAT: &str = "/v1/chat/completions";

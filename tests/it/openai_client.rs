@@ -8,8 +8,8 @@ use async_openai::types::chat::{
 use async_openai::types::completions::CreateCompletionRequestArgs;
 use async_openai::Client;
 use futures_util::StreamExt;
+use mock_upstream::MockUpstream;
 
-use crate::common::upstream::MockUpstream;
 use crate::common::TestGateway;
 
 fn client_for(gateway: &TestGateway) -> Client<OpenAIConfig> {

@@ -4,10 +4,10 @@
 use std::io::Write;
 use std::time::Duration;
 
+use mock_upstream::MockUpstream;
 use serde_json::{json, Value};
 use tollgate::state::clock::Clock;
 
-use crate::common::upstream::MockUpstream;
 use crate::common::{self, key_entry, TestGateway};
 
 /// A self-signed certificate for `localhost`: (certificate PEM, key PEM).

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use mock_upstream::{MockOptions, MockUpstream};
 
-use crate::common::upstream::{MockOptions, MockUpstream};
 use crate::common::{self, chat_body, completions_body, post, TestGateway};
 
 const CHAT: &str = "/openai/v1/chat/completions";

@@ -4,8 +4,8 @@
 
 use serde_json::{json, Value};
 
-use crate::common::upstream::{MockOptions, MockUpstream};
 use crate::common::{self, key_entry, ledger_path, read_ledger, TestGateway};
+use mock_upstream::{MockOptions, MockUpstream};
 
 const CHAT: &str = "/v1/chat/completions";
 

@@ -6,10 +6,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use mock_upstream::MockUpstream;
 use serde_json::{json, Value};
 
 use crate::common::redis_server::{RedisServer, SlowProxy};
-use crate::common::upstream::MockUpstream;
 use crate::common::{self, key_entry, TestGateway};
 
 const CHAT: &str = "/v1/chat/completions";

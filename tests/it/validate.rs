@@ -5,10 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mock_upstream::MockUpstream;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use crate::common::upstream::MockUpstream;
 use crate::common::{self, key_entry, TestGateway};
 
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus");

@@ -9,40 +9,38 @@
 //!
 //! `cargo bench --bench backends` (about 1 minute; `-- --seconds N` per run, default 15).
 
-use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use bench_support::args::CargoBench;
+use bench_support::ports::free_addr;
+use bench_support::process::ChildGuard;
+use bench_support::procfs::{self, process_ticks};
+use bench_support::stats::percentile;
+use clap::Parser as _;
 
 const RATE: u64 = 300;
 const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":8}"#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// What the state backend and TLS cost, through the real gateway process.
+#[derive(clap::Parser)]
+#[command(
+    name = "backends",
+    override_usage = "cargo bench --bench backends [-- OPTIONS]"
+)]
+struct Args {
+    /// Seconds of load per row.
+    #[arg(long, value_name = "N", default_value_t = 15)]
+    seconds: u64,
+    #[command(flatten)]
+    cargo: CargoBench,
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse::<f64>().ok())
-        .unwrap_or(100.0);
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // Fields after the command name, which is in parentheses and may hold spaces.
-            let rest = stat.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((utime + stime) / ticks)
-        })
-        .unwrap_or(0.0)
+/// utime + stime of a process, in seconds; 0 if it cannot be read.
+fn cpu_seconds(pid: u32, clk_tck: f64) -> f64 {
+    process_ticks(pid).map_or(0.0, |ticks| ticks.seconds(clk_tck))
 }
 
 struct Row {
@@ -53,19 +51,13 @@ struct Row {
     errors: u64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 async fn drive(
     client: reqwest::Client,
     url: String,
     seconds: u64,
     pid: u32,
 ) -> (Vec<f64>, u64, f64) {
+    let (clk_tck, _) = procfs::clk_tck();
     // Warm the pool and the gateway.
     for _ in 0..200 {
         let _ = client
@@ -77,7 +69,7 @@ async fn drive(
             .map(|r| r.bytes());
     }
     let total = RATE * seconds;
-    let cpu_before = cpu_seconds(pid);
+    let cpu_before = cpu_seconds(pid, clk_tck);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
@@ -106,46 +98,33 @@ async fn drive(
             _ => errors += 1,
         }
     }
-    let cpu_us = (cpu_seconds(pid) - cpu_before) * 1e6 / total as f64;
+    let cpu_us = (cpu_seconds(pid, clk_tck) - cpu_before) * 1e6 / total as f64;
     latencies.sort_by(f64::total_cmp);
     (latencies, errors, cpu_us)
 }
 
-fn start_gateway(config: &str, dir: &std::path::Path, name: &str) -> Child {
+/// A gateway on `config`, listening (its admin port `admin` accepts connections) when this
+/// returns.
+fn start_gateway(config: &str, dir: &std::path::Path, name: &str, admin: SocketAddr) -> ChildGuard {
     let path = dir.join(format!("{name}.toml"));
-    std::fs::File::create(&path)
-        .and_then(|mut f| f.write_all(config.as_bytes()))
-        .expect("write config");
-    Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tollgate")
-}
-
-async fn wait_up(admin: u16) {
-    for _ in 0..200 {
-        if reqwest::get(format!("http://127.0.0.1:{admin}/healthz"))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("gateway did not come up");
+    std::fs::write(&path, config).expect("write config");
+    let mut child = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("start tollgate");
+    child
+        .wait_listening(admin, Duration::from_secs(5))
+        .expect("gateway comes up");
+    child
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let seconds = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(15);
+    let Args { seconds, .. } = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -172,26 +151,35 @@ async fn run(seconds: u64) {
     std::fs::write(dir.path().join("cert.pem"), made.cert.pem()).expect("cert");
     std::fs::write(dir.path().join("key.pem"), made.signing_key.serialize_pem()).expect("key");
 
-    let redis_port = free_port();
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            &redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok();
-    if redis.is_none() {
-        println!("redis-server not found: the redis row is skipped\n");
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let redis_addr = free_addr().expect("a free port");
+    let redis_port = redis_addr.port();
+    let redis = match ChildGuard::spawn(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    ) {
+        Err(_) => {
+            println!("redis-server not found: the redis row is skipped\n");
+            None
+        }
+        Ok(mut redis) => match redis.wait_listening(redis_addr, Duration::from_secs(5)) {
+            Ok(()) => Some(redis),
+            Err(error) => {
+                println!("redis-server did not start ({error}): the redis row is skipped\n");
+                None
+            }
+        },
+    };
 
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
@@ -217,7 +205,11 @@ async fn run(seconds: u64) {
         if name == "redis" && redis.is_none() {
             continue;
         }
-        let (port, admin) = (free_port(), free_port());
+        let (listen, admin) = (
+            free_addr().expect("a free port"),
+            free_addr().expect("a free port"),
+        );
+        let port = listen.port();
         let state = if name == "redis" {
             format!(
                 "[state]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{redis_port}\"\n"
@@ -231,12 +223,11 @@ async fn run(seconds: u64) {
             ""
         };
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{tls}\
+            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n{tls}\
              [upstream]\nurl = \"{}\"\n{state}{key}",
             upstream.url()
         );
-        let mut child = start_gateway(&config, dir.path(), name);
-        wait_up(admin).await;
+        let child = start_gateway(&config, dir.path(), name, admin);
         let (client, url) = if name == "local+tls" {
             (
                 https.clone(),
@@ -248,23 +239,18 @@ async fn run(seconds: u64) {
                 format!("http://127.0.0.1:{port}/v1/chat/completions"),
             )
         };
-        let (latencies, errors, cpu_us) = drive(client, url, seconds, child.id()).await;
+        let (latencies, errors, cpu_us) = drive(client, url, seconds, child.pid()).await;
         rows.push(Row {
             name,
-            p50_ms: percentile(&latencies, 0.5),
-            p99_ms: percentile(&latencies, 0.99),
+            p50_ms: percentile(&latencies, 50.0),
+            p99_ms: percentile(&latencies, 99.0),
             cpu_us,
             errors,
         });
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let _ = child.wait();
+        // SIGTERM, and waits for it to exit.
+        drop(child);
     }
-    if let Some(redis) = redis.as_mut() {
-        let _ = redis.kill();
-        let _ = redis.wait();
-    }
+    drop(redis);
 
     println!(
         "## state backend and TLS, non-streamed chat at {RATE} req/s for {seconds} s (quota key)\n"

@@ -14,7 +14,10 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bench_support::args::CargoBench;
+use bench_support::stats::{median, percentile};
 use bytes::Bytes;
+use clap::Parser as _;
 use http_body_util::{BodyExt, StreamBody};
 use tollgate::accounting::{Settlement, UsageWatch, WatchedBody};
 use tollgate::config::{KeyConfig, Limits, Quota};
@@ -30,9 +33,12 @@ use tollgate::state::{Backend, Store};
 
 const ROUNDS: usize = 9;
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+/// Costs of single steps (validation, accounting on streams), in-process.
+#[derive(clap::Parser)]
+#[command(name = "components", override_usage = "cargo bench --bench components")]
+struct Args {
+    #[command(flatten)]
+    cargo: CargoBench,
 }
 
 /// A chat body of about `target` bytes: a system prompt, tools, and a conversation.
@@ -83,9 +89,8 @@ fn bench_validation(schemas: &Schemas) {
             }
             rounds.push(start.elapsed().as_secs_f64() * 1e6 / iterations as f64);
         }
-        let mut sorted = rounds.clone();
-        sorted.sort_by(f64::total_cmp);
-        let (p50, p90) = (median(rounds), sorted[sorted.len() * 9 / 10]);
+        rounds.sort_by(f64::total_cmp);
+        let (p50, p90) = (median(rounds.iter().copied()), percentile(&rounds, 90.0));
         let verdict = if p50 <= target_us { "met" } else { "MISSED" };
         println!(
             "| {label} | {} | {p50:.1} µs | {p90:.1} µs | < {target_us} µs: {verdict} |",
@@ -251,6 +256,8 @@ async fn bench_accounting() {
 }
 
 fn main() {
+    // No options: this answers --help and takes the `--bench` cargo passes.
+    Args::parse();
     let schemas = Schemas::compile().expect("schemas compile");
     bench_validation(&schemas);
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -9,34 +9,33 @@
 //! shows requests served, errors by kind, and RSS after warm-up against RSS at the end
 //! (target: within 10 %).
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bench_support::args::CargoBench;
+use bench_support::ports::free_addr;
+use bench_support::process::ChildGuard;
+use bench_support::procfs::rss_kb;
+use clap::Parser as _;
 use futures_util::StreamExt;
 
 const WORKERS: usize = 24;
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// A mixed load through the gateway for a long time, watching its memory.
+#[derive(clap::Parser)]
+#[command(
+    name = "soak",
+    override_usage = "cargo bench --bench soak [-- OPTIONS]"
+)]
+struct Args {
+    /// How long the load runs, in seconds.
+    #[arg(long, value_name = "N", default_value_t = 600)]
+    seconds: u64,
+    #[command(flatten)]
+    cargo: CargoBench,
 }
 
 #[derive(Default)]
@@ -127,14 +126,7 @@ async fn one(client: &reqwest::Client, base: &str, i: u64, counts: &Counts) {
 }
 
 fn main() {
-    let mut seconds = 600u64;
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(at) = args.iter().position(|a| a == "--seconds") {
-        seconds = args
-            .get(at + 1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(seconds);
-    }
+    let Args { seconds, .. } = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -149,10 +141,13 @@ async fn soak(duration: Duration) {
         .expect("mock upstream");
     upstream.set_recording(false);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (port, admin) = (free_port(), free_port());
+    let (listen, admin) = (
+        free_addr().expect("a free port"),
+        free_addr().expect("a free port"),
+    );
     let sha = hex::encode(tollgate::keys::hash_token(b"tg-soak"));
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n\
          [upstream]\nurl = \"{}\"\n[state]\npath = \"{}/state.db\"\n[ledger]\npath = \"{}/usage.jsonl\"\n\
          [[keys]]\nname = \"soak\"\nsha256 = \"{sha}\"\nmax_tokens = 64\nconcurrency = 64\n\
          rate = {{ requests = 1000000, per = \"1s\" }}\nquotas = [{{ tokens = 100000000000, per = \"1d\" }}]\n",
@@ -161,33 +156,23 @@ async fn soak(duration: Duration) {
         dir.path().display()
     );
     let config_path = dir.path().join("tollgate.toml");
-    std::fs::File::create(&config_path)
-        .and_then(|mut f| f.write_all(config.as_bytes()))
-        .expect("write config");
-    let mut gateway = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the gateway");
-    let pid = gateway.id();
-    let base = format!("http://127.0.0.1:{port}");
+    std::fs::write(&config_path, config).expect("write config");
+    let mut gateway = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("start the gateway");
+    let pid = gateway.pid();
+    let base = format!("http://{listen}");
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(WORKERS)
         .build()
         .expect("client");
-    for _ in 0..100 {
-        if client
-            .get(format!("http://127.0.0.1:{admin}/healthz"))
-            .send()
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // As before: a gateway that is slow to start is given 5 s, then the load starts anyway.
+    let _ = gateway.wait_listening(admin, Duration::from_secs(5));
 
     println!(
         "soak: {WORKERS} workers for {:?} through tollgate (pid {pid})\n",
@@ -220,7 +205,7 @@ async fn soak(duration: Duration) {
         let done = next.load(Ordering::Relaxed);
         let rate = (done - last.1) as f64 / last.0.elapsed().as_secs_f64();
         last = (Instant::now(), done);
-        let rss = rss_kib(pid);
+        let rss = rss_kb(pid).unwrap_or(0);
         samples.push(rss);
         println!(
             "| {:>4.0} s | {done} | {rate:.0} | {:.1} MB |",
@@ -273,8 +258,6 @@ async fn soak(duration: Duration) {
             "MISSED"
         }
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = gateway.wait();
+    // SIGTERM, and waits for it to exit.
+    drop(gateway);
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use bench_support::stats::{median, ratio};
+use bench_support::stats::{max_of, median, min_of, ratios};
 use bench_support::table::{num, verdict, Table};
 use bytes::Bytes;
 use http::StatusCode;
@@ -247,20 +247,28 @@ pub fn print_old_comparison(bench: &Bench, report: &Report) {
         &format!("This build against the old binary ({OLD_ROW})"),
         &[
             "Medians over rounds; new/old = median over rounds of (tollgate / tollgate-old) in the same round.".into(),
-            "Every figure here is a cost: below 1.00 this build spends less.".into(),
+            "Every figure here is a cost: below 1.00 this build spends less. A wide min-max of the".into(),
+            "per-round ratios says the machine was noisy.".into(),
         ],
     );
-    let mut table = Table::aligned(&["figure", "old", "new", "new/old"], &[44, 9, 9, 7], &[0]);
+    let mut table = Table::aligned(
+        &["figure", "old", "new", "new/old", "min", "max"],
+        &[44, 9, 9, 7, 6, 6],
+        &[0],
+    );
     for kept in &report.kept {
         let (Some(new_rounds), Some(old_rounds)) = (kept.per_row.get(new), kept.per_row.get(old))
         else {
             continue;
         };
+        let ratios = ratios(new_rounds, old_rounds);
         table.row(vec![
             kept.figure.clone(),
             num(median(old_rounds.iter().copied()), 2),
             num(median(new_rounds.iter().copied()), 2),
-            num(ratio(new_rounds, old_rounds), 3),
+            num(median(ratios.iter().copied()), 3),
+            num(min_of(ratios.iter().copied()), 2),
+            num(max_of(ratios.iter().copied()), 2),
         ]);
     }
     table.print();

@@ -60,9 +60,9 @@ pub fn added(row: &[f64], base: &[f64]) -> f64 {
     median(row.iter().zip(base).map(|(r, b)| r - b))
 }
 
-/// Median over rounds of `row / base`, round by round.
-pub fn ratio(row: &[f64], base: &[f64]) -> f64 {
-    median(row.iter().zip(base).map(|(r, b)| r / b))
+/// `row / base`, round by round.
+pub fn ratios(row: &[f64], base: &[f64]) -> Vec<f64> {
+    row.iter().zip(base).map(|(r, b)| r / b).collect()
 }
 
 #[cfg(test)]
@@ -89,6 +89,10 @@ mod tests {
         assert_eq!(median([4.0, 1.0]), 2.5, "even count");
         assert!(median([f64::NAN]).is_nan(), "nothing left");
         assert_eq!(added(&[5.0, 7.0, 9.0], &[1.0, 2.0, 3.0]), 5.0, "per round");
-        assert_eq!(ratio(&[2.0, 3.0, 8.0], &[1.0, 1.0, 2.0]), 3.0, "per round");
+        assert_eq!(
+            median(ratios(&[2.0, 3.0, 8.0], &[1.0, 1.0, 2.0])),
+            3.0,
+            "per round"
+        );
     }
 }

@@ -33,21 +33,21 @@ pub fn hash_token(token: &[u8]) -> [u8; 32] {
 }
 
 /// A new random key: `tg-` and 192 random bits in hex.
-pub fn generate_token() -> Result<String, ring::error::Unspecified> {
+pub(crate) fn generate_token() -> Result<String, ring::error::Unspecified> {
     let mut secret = [0u8; 24];
     ring::rand::SystemRandom::new().fill(&mut secret)?;
     Ok(format!("{TOKEN_PREFIX}{}", hex::encode(secret)))
 }
 
-pub type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
+pub(crate) type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
 /// One configured key, as the request layers see it.
 pub struct KeyEntry {
     pub name: Arc<str>,
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// Present when the key has a rate limit.
-    pub limiter: Option<Arc<Limiter>>,
-    pub inflight: Arc<Inflight>,
+    pub(crate) limiter: Option<Arc<Limiter>>,
+    pub(crate) inflight: Arc<Inflight>,
 }
 
 /// The table the auth layer reads; replaced whole on reload.
@@ -87,7 +87,7 @@ impl InflightRegistry {
     }
 }
 
-pub type SharedKeys = Arc<ArcSwap<KeyStore>>;
+pub(crate) type SharedKeys = Arc<ArcSwap<KeyStore>>;
 
 impl KeyStore {
     /// Builds the table for `keys`, carrying over limiter state from `previous` where a key of
@@ -132,16 +132,16 @@ impl KeyStore {
     }
 
     /// Number of distinct keys (by name).
-    pub fn key_count(&self) -> usize {
+    pub(crate) fn key_count(&self) -> usize {
         self.by_name.len()
     }
 
     /// The key a bearer token belongs to.
-    pub fn lookup(&self, token: &[u8]) -> Option<&Arc<KeyEntry>> {
+    pub(crate) fn lookup(&self, token: &[u8]) -> Option<&Arc<KeyEntry>> {
         self.by_hash.get(&hash_token(token))
     }
 
-    pub fn clock(&self) -> &Clock {
+    pub(crate) fn clock(&self) -> &Clock {
         &self.clock
     }
 
@@ -155,7 +155,7 @@ impl KeyStore {
     }
 
     /// Every key.
-    pub fn entries(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
         self.by_name.values()
     }
 }
@@ -172,14 +172,17 @@ fn new_limiter(rate: RateLimit, clock: &Clock) -> Limiter {
 
 /// Requests of one key in flight now: counted from admission until the response's last byte is
 /// sent or the client leaves.
-pub struct Inflight {
+pub(crate) struct Inflight {
     count: AtomicU32,
     gauge: IntGauge,
 }
 
 impl Inflight {
     /// Admits one more request unless `limit` are already in flight.
-    pub fn try_acquire(self: &Arc<Self>, limit: Option<NonZeroU32>) -> Option<InflightGuard> {
+    pub(crate) fn try_acquire(
+        self: &Arc<Self>,
+        limit: Option<NonZeroU32>,
+    ) -> Option<InflightGuard> {
         let admitted = self
             .count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| match limit {
@@ -192,13 +195,13 @@ impl Inflight {
         })
     }
 
-    pub fn current(&self) -> u32 {
+    pub(crate) fn current(&self) -> u32 {
         self.count.load(Ordering::Acquire)
     }
 }
 
 /// Releases its request's in-flight slot when dropped.
-pub struct InflightGuard(Arc<Inflight>);
+pub(crate) struct InflightGuard(Arc<Inflight>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {

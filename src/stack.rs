@@ -119,8 +119,8 @@ pub fn build_stack(
 /// Where usage is charged and written.
 #[derive(Clone)]
 pub struct Accounting {
-    pub backend: Arc<Backend>,
-    pub ledger: Option<Arc<Ledger>>,
+    pub(crate) backend: Arc<Backend>,
+    pub(crate) ledger: Option<Arc<Ledger>>,
 }
 
 fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response<GatewayBody> {

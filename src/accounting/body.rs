@@ -58,16 +58,16 @@ enum Watch {
 /// What the settlement charges from: the upstream's usage when it came, and the generated text's
 /// size (for an estimate when it did not).
 #[derive(Debug, Default)]
-pub struct Observed {
-    pub usage: Option<Usage>,
-    pub completion_chars: u64,
+pub(crate) struct Observed {
+    pub(crate) usage: Option<Usage>,
+    pub(crate) completion_chars: u64,
     /// Of a stream: when its first data frame passed.
-    pub first_data: Option<Instant>,
+    pub(crate) first_data: Option<Instant>,
 }
 
 impl UsageWatch {
     /// What was seen, read whole (a JSON answer is parsed here).
-    pub fn observed(&self) -> Observed {
+    pub(crate) fn observed(&self) -> Observed {
         let seen = self.lock();
         let (usage, completion_chars) = match &seen.watch {
             None => (None, 0),

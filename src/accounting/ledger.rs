@@ -28,23 +28,23 @@ const QUEUE: usize = 65_536;
 
 /// One finished request.
 #[derive(Debug, Clone, Serialize)]
-pub struct LedgerEntry {
+pub(crate) struct LedgerEntry {
     /// RFC 3339, UTC, milliseconds.
-    pub time: String,
-    pub request_id: String,
-    pub key: String,
-    pub model: String,
-    pub endpoint: &'static str,
-    pub status: u16,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
+    pub(crate) time: String,
+    pub(crate) request_id: String,
+    pub(crate) key: String,
+    pub(crate) model: String,
+    pub(crate) endpoint: &'static str,
+    pub(crate) status: u16,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) completion_tokens: u64,
     /// `reported` by the upstream, or `estimated` by the gateway.
-    pub source: &'static str,
-    pub duration_ms: f64,
+    pub(crate) source: &'static str,
+    pub(crate) duration_ms: f64,
     /// Time to the first byte of a streamed answer.
-    pub ttft_ms: Option<f64>,
+    pub(crate) ttft_ms: Option<f64>,
     /// `complete`, `client_gone`, `upstream_error`.
-    pub outcome: &'static str,
+    pub(crate) outcome: &'static str,
 }
 
 pub struct Ledger {
@@ -57,7 +57,7 @@ pub struct Ledger {
 
 impl Ledger {
     /// Opens (creating) the ledger file for appending and starts its writer thread.
-    pub fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Ledger, String> {
+    pub(crate) fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Ledger, String> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("ledger: cannot create {}: {e}", parent.display()))?;
@@ -83,7 +83,7 @@ impl Ledger {
     }
 
     /// Queues a line; never blocks.
-    pub fn record(&self, entry: LedgerEntry) {
+    pub(crate) fn record(&self, entry: LedgerEntry) {
         use std::sync::atomic::Ordering;
         let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(sender) = sender.as_ref() else {
@@ -109,7 +109,7 @@ impl Ledger {
     }
 
     /// Writes every queued line and stops the writer (waits at most `timeout`).
-    pub fn close(&self, timeout: Duration) {
+    pub(crate) fn close(&self, timeout: Duration) {
         drop(
             self.sender
                 .lock()
@@ -195,7 +195,7 @@ fn report(
 }
 
 /// Now, as the ledger writes it.
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 

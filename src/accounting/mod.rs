@@ -15,9 +15,9 @@
 //!   `estimated` (client gone, upstream broke off, or an upstream that never reports);
 //! - otherwise (an upstream error status without usage, or the upstream never reached) nothing.
 
-pub mod body;
-pub mod ledger;
-pub mod settlement;
+pub(crate) mod body;
+pub(crate) mod ledger;
+pub(crate) mod settlement;
 pub mod usage;
 
 pub use self::body::{UsageWatch, WatchedBody};

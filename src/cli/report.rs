@@ -34,7 +34,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Longest ledger line read; a longer one is skipped as malformed (its bytes are never held).
-pub const MAX_LINE: usize = 1 << 20;
+pub(crate) const MAX_LINE: usize = 1 << 20;
 
 /// What the report's rows are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -49,7 +49,7 @@ pub enum GroupBy {
 
 impl GroupBy {
     /// The group column's name in every format.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             GroupBy::Key => "key",
             GroupBy::Model => "model",
@@ -71,12 +71,12 @@ pub enum Format {
 
 /// What to report.
 #[derive(Clone, Copy, Debug)]
-pub struct Options {
-    pub by: GroupBy,
+pub(crate) struct Options {
+    pub(crate) by: GroupBy,
     /// Keep only lines at or after `now - since`.
-    pub since: Option<Duration>,
+    pub(crate) since: Option<Duration>,
     /// "Now" for `since`: the clock, or a fixed time in tests.
-    pub now: SystemTime,
+    pub(crate) now: SystemTime,
 }
 
 /// One ledger line, borrowing its strings from the read buffer. Fields the report does not use
@@ -130,7 +130,7 @@ const PAGES: usize = BUCKETS.div_ceil(PAGE);
 /// Size: 7,301 buckets of `u64`, in pages of 100 allocated on first use, so a group whose
 /// durations span one decade holds under 8 KB; the worst case is about 59 KB.
 #[derive(Debug, Clone)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     pages: Vec<Option<Box<[u64; PAGE]>>>,
     count: u64,
     max_us: u64,
@@ -143,7 +143,7 @@ impl Default for Histogram {
 }
 
 impl Histogram {
-    pub fn new() -> Histogram {
+    pub(crate) fn new() -> Histogram {
         Histogram {
             pages: Vec::new(),
             count: 0,
@@ -152,13 +152,13 @@ impl Histogram {
     }
 
     /// Adds a sample in milliseconds (rounded to the microsecond; negative counts as 0).
-    pub fn record_ms(&mut self, ms: f64) {
+    pub(crate) fn record_ms(&mut self, ms: f64) {
         // `as` saturates: NaN and negatives become 0, huge values u64::MAX.
         self.record_us((ms * 1000.0).round() as u64);
     }
 
     /// Adds a sample in microseconds.
-    pub fn record_us(&mut self, us: u64) {
+    pub(crate) fn record_us(&mut self, us: u64) {
         let index = bucket_of(us);
         if self.pages.is_empty() {
             self.pages.resize(PAGES, None);
@@ -171,14 +171,9 @@ impl Histogram {
         self.max_us = self.max_us.max(us);
     }
 
-    /// Samples recorded.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
     /// The nearest-rank percentile `per_mille / 10` in microseconds (truncated to 3 significant
     /// digits), or `None` without samples. `per_mille` is clamped to 1..=1000.
-    pub fn percentile_us(&self, per_mille: u64) -> Option<u64> {
+    pub(crate) fn percentile_us(&self, per_mille: u64) -> Option<u64> {
         if self.count == 0 {
             return None;
         }
@@ -204,7 +199,7 @@ impl Histogram {
     }
 
     /// [`Histogram::percentile_us`] in milliseconds.
-    pub fn percentile_ms(&self, per_mille: u64) -> Option<f64> {
+    pub(crate) fn percentile_ms(&self, per_mille: u64) -> Option<f64> {
         self.percentile_us(per_mille).map(|us| us as f64 / 1000.0)
     }
 }
@@ -235,16 +230,16 @@ fn lower_bound(index: usize) -> u64 {
 
 /// The figures of one group (or of all of them).
 #[derive(Debug, Clone, Default)]
-pub struct Stats {
-    pub requests: u64,
-    pub errors: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
+pub(crate) struct Stats {
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) completion_tokens: u64,
     /// Prompt + completion tokens of lines whose source is `estimated`.
-    pub estimated_tokens: u64,
-    pub duration: Histogram,
+    pub(crate) estimated_tokens: u64,
+    pub(crate) duration: Histogram,
     /// Streams only (lines with a `ttft_ms`).
-    pub ttft: Histogram,
+    pub(crate) ttft: Histogram,
 }
 
 impl Stats {
@@ -269,7 +264,7 @@ impl Stats {
     }
 
     /// The figures a report shows.
-    pub fn summary(&self) -> Summary {
+    pub(crate) fn summary(&self) -> Summary {
         let tokens = self.prompt_tokens.saturating_add(self.completion_tokens);
         Summary {
             requests: self.requests,
@@ -290,34 +285,34 @@ impl Stats {
 
 /// One row of a report. `None` where a figure is undefined (no tokens, no streams).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Summary {
-    pub requests: u64,
-    pub errors: u64,
-    pub error_pct: Option<f64>,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub estimated_pct: Option<f64>,
-    pub p50_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-    pub ttft_p50_ms: Option<f64>,
-    pub ttft_p99_ms: Option<f64>,
+pub(crate) struct Summary {
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
+    pub(crate) error_pct: Option<f64>,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) completion_tokens: u64,
+    pub(crate) estimated_pct: Option<f64>,
+    pub(crate) p50_ms: Option<f64>,
+    pub(crate) p99_ms: Option<f64>,
+    pub(crate) ttft_p50_ms: Option<f64>,
+    pub(crate) ttft_p99_ms: Option<f64>,
 }
 
 /// The whole report.
 #[derive(Debug, Clone)]
-pub struct Report {
-    pub by: GroupBy,
+pub(crate) struct Report {
+    pub(crate) by: GroupBy,
     /// Sorted by group name (so days are in order).
-    pub groups: Vec<(String, Stats)>,
-    pub total: Stats,
+    pub(crate) groups: Vec<(String, Stats)>,
+    pub(crate) total: Stats,
     /// Lines read, blank ones excepted.
-    pub lines: u64,
+    pub(crate) lines: u64,
     /// Malformed lines skipped.
-    pub skipped: u64,
+    pub(crate) skipped: u64,
     /// The 1-based line number of the first malformed line.
-    pub first_skipped: Option<u64>,
+    pub(crate) first_skipped: Option<u64>,
     /// Well-formed lines older than `since`.
-    pub before_since: u64,
+    pub(crate) before_since: u64,
 }
 
 enum Read {
@@ -366,7 +361,7 @@ fn read_line<R: BufRead>(reader: &mut R, buf: &mut Vec<u8>) -> io::Result<Read> 
 }
 
 /// Folds every line of a ledger into a report. Fails only on a read error.
-pub fn aggregate<R: BufRead>(mut reader: R, options: &Options) -> io::Result<Report> {
+pub(crate) fn aggregate<R: BufRead>(mut reader: R, options: &Options) -> io::Result<Report> {
     let cutoff = options
         .since
         .and_then(|since| options.now.checked_sub(since));
@@ -434,7 +429,7 @@ fn parse(bytes: &[u8]) -> Option<(Line<'_>, SystemTime)> {
 }
 
 /// Writes `report` in `format`.
-pub fn write(report: &Report, format: Format, out: &mut dyn Write) -> io::Result<()> {
+pub(crate) fn write(report: &Report, format: Format, out: &mut dyn Write) -> io::Result<()> {
     match format {
         Format::Table => write_table(report, out),
         Format::Csv => write_csv(report, out),
@@ -443,7 +438,7 @@ pub fn write(report: &Report, format: Format, out: &mut dyn Write) -> io::Result
 }
 
 /// The figure columns, after the group column, in every format.
-pub const COLUMNS: [&str; 10] = [
+pub(crate) const COLUMNS: [&str; 10] = [
     "requests",
     "errors",
     "error_pct",

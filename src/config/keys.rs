@@ -20,10 +20,10 @@ use crate::observability::metrics::UNAUTHENTICATED;
 
 /// What every key `tollgate keygen` makes starts with, so that a leaked one is recognisable (and
 /// one pasted where its hash belongs is refused).
-pub const TOKEN_PREFIX: &str = "tg-";
+pub(crate) const TOKEN_PREFIX: &str = "tg-";
 
 /// Key names become metric labels and log fields: keep them plain.
-pub fn is_valid_key_name(name: &str) -> bool {
+pub(crate) fn is_valid_key_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

@@ -16,9 +16,9 @@ mod read;
 mod source;
 #[cfg(test)]
 mod tests;
-pub mod tls;
+pub(crate) mod tls;
 
-pub use self::keys::{is_valid_key_name, TOKEN_PREFIX};
+pub(crate) use self::keys::{is_valid_key_name, TOKEN_PREFIX};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// The default config, embedded so that `tollgate serve` runs with no file at all.
-pub const DEFAULT_CONFIG: &str = include_str!("../../config/tollgate.toml");
+pub(crate) const DEFAULT_CONFIG: &str = include_str!("../../config/tollgate.toml");
 
 /// A config problem, already phrased for the operator: `FILE:LINE: key.path: what is wrong`.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../config/tollgate.toml");
 pub struct ConfigError(String);
 
 impl ConfigError {
-    pub fn new(message: String) -> Self {
+    pub(crate) fn new(message: String) -> Self {
         ConfigError(message)
     }
 }
@@ -59,9 +59,9 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct StateConfig {
     /// Where the quota windows are saved (`local` backend).
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// How often charged usage is written; at most this much is lost to a SIGKILL.
-    pub flush_interval: Duration,
+    pub(crate) flush_interval: Duration,
     /// Set when `backend = "redis"`.
     pub redis: Option<RedisConfig>,
 }
@@ -69,14 +69,14 @@ pub struct StateConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisConfig {
     /// `redis://` or `rediss://` (TLS).
-    pub url: String,
-    pub password: Option<Secret>,
+    pub(crate) url: String,
+    pub(crate) password: Option<Secret>,
     /// Every Redis key the gateway writes starts with this.
-    pub prefix: String,
-    pub on_error: OnError,
+    pub(crate) prefix: String,
+    pub(crate) on_error: OnError,
     /// How long a concurrency slot or a quota reservation outlives a replica that stopped
     /// renewing it.
-    pub lease: Duration,
+    pub(crate) lease: Duration,
 }
 
 /// A token budget over a fixed window aligned to UTC (see `state::local`).
@@ -87,18 +87,18 @@ pub struct Quota {
 }
 
 impl Quota {
-    pub fn per_secs(&self) -> u64 {
+    pub(crate) fn per_secs(&self) -> u64 {
         self.per.as_secs().max(1)
     }
 
     /// The metric label of this window: its length as written in configs (`1m`, `1d`).
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         window_label(self.per)
     }
 }
 
 /// A window's length as written in configs (`1m`, `1d`): its metric label and name in headers.
-pub fn window_label(per: Duration) -> String {
+pub(crate) fn window_label(per: Duration) -> String {
     match per.as_secs().max(1) {
         s if s % 86_400 == 0 => format!("{}d", s / 86_400),
         s if s % 3_600 == 0 => format!("{}h", s / 3_600),
@@ -136,64 +136,64 @@ pub struct Limits {
 /// GCRA: `requests` per `per` as a steady rate, with up to `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
-    pub requests: NonZeroU32,
-    pub per: Duration,
-    pub burst: NonZeroU32,
+    pub(crate) requests: NonZeroU32,
+    pub(crate) per: Duration,
+    pub(crate) burst: NonZeroU32,
 }
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
-    pub max_body_bytes: usize,
+    pub(crate) listen: SocketAddr,
+    pub(crate) admin_listen: SocketAddr,
+    pub(crate) max_body_bytes: usize,
     /// How long in-flight requests and streams may run on after SIGTERM before they are cut.
-    pub shutdown_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
     /// A client must finish sending request headers within this time (slowloris guard).
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// A client must finish sending its request body within this time (slowloris guard).
-    pub body_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Client connections open at once; more are closed as they come.
-    pub max_connections: NonZeroUsize,
+    pub(crate) max_connections: NonZeroUsize,
     /// The largest request head (request line and header fields) answered, else 431.
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
     /// The admin API's bearer token; `None` disables `/admin/*`.
-    pub admin_token: Option<Secret>,
+    pub(crate) admin_token: Option<Secret>,
     /// TLS on the client listener; `None`: plain HTTP (and h2c).
-    pub tls: Option<tls::TlsFiles>,
+    pub(crate) tls: Option<tls::TlsFiles>,
     /// TLS on the admin listener; `None`: plain HTTP.
-    pub admin_tls: Option<tls::TlsFiles>,
+    pub(crate) admin_tls: Option<tls::TlsFiles>,
     /// Threads serving client connections, each with its own event loop and upstream pool.
-    pub workers: NonZeroUsize,
+    pub(crate) workers: NonZeroUsize,
 }
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// `http` or `https`.
-    pub scheme: http::uri::Scheme,
-    pub authority: http::uri::Authority,
+    pub(crate) scheme: http::uri::Scheme,
+    pub(crate) authority: http::uri::Authority,
     /// The base path without a trailing slash: "" or e.g. "/openai".
-    pub base_path: String,
+    pub(crate) base_path: String,
     /// The gateway's own credential, sent as `Authorization: Bearer …`.
-    pub api_key: Option<Secret>,
+    pub(crate) api_key: Option<Secret>,
     /// Where the credential should have come from, for messages when it is missing.
-    pub api_key_source: Option<String>,
+    pub(crate) api_key_source: Option<String>,
     /// Extra trusted CA certificates (PEM) besides the system's and the webpki roots.
-    pub ca_file: Option<std::path::PathBuf>,
+    pub(crate) ca_file: Option<std::path::PathBuf>,
     /// Ask streams for usage (`stream_options.include_usage`) when the client did not, and remove
     /// what the client did not ask for from its stream.
-    pub inject_usage: bool,
-    pub connect_timeout: Duration,
-    pub response_header_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub pool_idle_timeout: Duration,
-    pub pool_max_idle_per_host: usize,
+    pub(crate) inject_usage: bool,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) response_header_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) pool_idle_timeout: Duration,
+    pub(crate) pool_max_idle_per_host: usize,
 }
 
 impl ServerConfig {
     /// Every listener, by its config key.
-    pub fn listeners(&self) -> [(&'static str, SocketAddr); 2] {
+    pub(crate) fn listeners(&self) -> [(&'static str, SocketAddr); 2] {
         [
             ("server.listen", self.listen),
             ("server.admin_listen", self.admin_listen),
@@ -201,7 +201,7 @@ impl ServerConfig {
     }
 
     /// The first two listeners that could not both bind.
-    pub fn listener_clash(&self) -> Option<ListenerClash> {
+    pub(crate) fn listener_clash(&self) -> Option<ListenerClash> {
         let listeners = self.listeners();
         listeners.iter().enumerate().find_map(|(i, &first)| {
             listeners[i + 1..]
@@ -214,9 +214,9 @@ impl ServerConfig {
 
 /// Two listeners on one address, by config key and address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListenerClash {
-    pub first: (&'static str, SocketAddr),
-    pub second: (&'static str, SocketAddr),
+pub(crate) struct ListenerClash {
+    pub(crate) first: (&'static str, SocketAddr),
+    pub(crate) second: (&'static str, SocketAddr),
 }
 
 impl fmt::Display for ListenerClash {
@@ -241,20 +241,21 @@ fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
 
 impl UpstreamConfig {
     /// `scheme://authority/base_path` as configured, for logs and `tollgate check`.
-    pub fn base_url(&self) -> String {
+    pub(crate) fn base_url(&self) -> String {
         format!("{}://{}{}", self.scheme, self.authority, self.base_path)
     }
 }
 
 /// A secret value: never printed by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub(crate) struct Secret(String);
 
 impl Secret {
-    pub fn new(value: String) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(value: String) -> Self {
         Secret(value)
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -274,7 +275,7 @@ impl fmt::Display for Secret {
 /// Where quota windows and limits live (`state.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum StateBackend {
+pub(crate) enum StateBackend {
     /// In this process, saved to `state.path`.
     #[default]
     Local,
@@ -285,7 +286,7 @@ pub enum StateBackend {
 /// What the gateway does while the Redis backend is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OnError {
+pub(crate) enum OnError {
     /// Admit on this replica's local limits; apply the usage to Redis when it returns.
     FailOpen,
     /// Refuse with 503.
@@ -295,7 +296,7 @@ pub enum OnError {
 
 impl Config {
     /// Problems that do not stop the gateway but that an operator should hear about.
-    pub fn warnings(&self) -> Vec<String> {
+    pub(crate) fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         if self.keys.is_empty() {
             warnings.push(

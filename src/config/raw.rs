@@ -199,65 +199,65 @@ pub(super) mod defaults {
     use std::time::Duration;
     use toml::Spanned;
 
-    pub fn listen() -> Spanned<SocketAddr> {
+    pub(crate) fn listen() -> Spanned<SocketAddr> {
         Spanned::new(0..0, SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)))
     }
-    pub fn admin_listen() -> Spanned<SocketAddr> {
+    pub(crate) fn admin_listen() -> Spanned<SocketAddr> {
         Spanned::new(0..0, SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)))
     }
-    pub fn max_body_bytes() -> Spanned<u64> {
+    pub(crate) fn max_body_bytes() -> Spanned<u64> {
         Spanned::new(0..0, 4 * 1024 * 1024)
     }
-    pub fn shutdown_timeout() -> Duration {
+    pub(crate) fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }
-    pub fn header_read_timeout() -> Duration {
+    pub(crate) fn header_read_timeout() -> Duration {
         Duration::from_secs(30)
     }
-    pub fn server_idle_timeout() -> Duration {
+    pub(crate) fn server_idle_timeout() -> Duration {
         Duration::from_secs(300)
     }
-    pub fn max_connections() -> Spanned<u64> {
+    pub(crate) fn max_connections() -> Spanned<u64> {
         Spanned::new(0..0, 10_000)
     }
-    pub fn max_header_bytes() -> Spanned<u64> {
+    pub(crate) fn max_header_bytes() -> Spanned<u64> {
         Spanned::new(0..0, 64 * 1024)
     }
-    pub fn body_read_timeout() -> Duration {
+    pub(crate) fn body_read_timeout() -> Duration {
         Duration::from_secs(60)
     }
-    pub fn connect_timeout() -> Duration {
+    pub(crate) fn connect_timeout() -> Duration {
         Duration::from_secs(5)
     }
     /// A non-streamed completion sends its headers only when the whole answer is generated.
-    pub fn response_header_timeout() -> Duration {
+    pub(crate) fn response_header_timeout() -> Duration {
         Duration::from_secs(300)
     }
-    pub fn idle_timeout() -> Duration {
+    pub(crate) fn idle_timeout() -> Duration {
         Duration::from_secs(60)
     }
-    pub fn pool_idle_timeout() -> Duration {
+    pub(crate) fn pool_idle_timeout() -> Duration {
         Duration::from_secs(30)
     }
-    pub fn pool_max_idle_per_host() -> usize {
+    pub(crate) fn pool_max_idle_per_host() -> usize {
         256
     }
-    pub fn inject_usage() -> bool {
+    pub(crate) fn inject_usage() -> bool {
         true
     }
-    pub fn backend() -> Spanned<super::StateBackend> {
+    pub(crate) fn backend() -> Spanned<super::StateBackend> {
         Spanned::new(0..0, super::StateBackend::Local)
     }
-    pub fn state_path() -> std::path::PathBuf {
+    pub(crate) fn state_path() -> std::path::PathBuf {
         "state/tollgate.db".into()
     }
-    pub fn flush_interval() -> Duration {
+    pub(crate) fn flush_interval() -> Duration {
         Duration::from_secs(1)
     }
-    pub fn prefix() -> String {
+    pub(crate) fn prefix() -> String {
         "tollgate:".to_owned()
     }
-    pub fn lease() -> Duration {
+    pub(crate) fn lease() -> Duration {
         Duration::from_secs(30)
     }
 }

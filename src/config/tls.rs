@@ -13,14 +13,14 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The files of `[server.tls]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+pub(crate) struct TlsFiles {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 /// Why TLS files did not load; every message names the file.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("{}: {source}", path.display())]
     Pem {
         path: PathBuf,
@@ -42,7 +42,7 @@ pub enum TlsError {
 }
 
 /// Loads a certificate chain and its private key from PEM files.
-pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+pub(crate) fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let pem = |path: &Path| {
         let path = path.to_owned();
         move |source| TlsError::Pem { path, source }

@@ -49,7 +49,7 @@ pub struct RequestContext {
     at_end: Mutex<Vec<Box<dyn AtEnd>>>,
 }
 
-pub type SharedContext = Arc<RequestContext>;
+pub(crate) type SharedContext = Arc<RequestContext>;
 
 impl RequestContext {
     /// A request received now.
@@ -67,37 +67,37 @@ impl RequestContext {
     }
 
     /// The context the outer layer gave `request`.
-    pub fn of<B>(request: &Request<B>) -> Option<&SharedContext> {
+    pub(crate) fn of<B>(request: &Request<B>) -> Option<&SharedContext> {
         request.extensions().get::<SharedContext>()
     }
 
-    pub fn id_header(&self) -> &HeaderValue {
+    pub(crate) fn id_header(&self) -> &HeaderValue {
         &self.id
     }
 
     /// The id as text; `-` when the client sent one that is not.
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         self.id.to_str().unwrap_or("-")
     }
 
-    pub fn start(&self) -> Instant {
+    pub(crate) fn start(&self) -> Instant {
         self.start
     }
 
-    pub fn method(&self) -> &Method {
+    pub(crate) fn method(&self) -> &Method {
         &self.method
     }
 
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         &self.path
     }
 
-    pub fn endpoint(&self) -> Option<Endpoint> {
+    pub(crate) fn endpoint(&self) -> Option<Endpoint> {
         self.endpoint.get().copied()
     }
 
     /// The `endpoint` label: `none` before routing.
-    pub fn endpoint_label(&self) -> &'static str {
+    pub(crate) fn endpoint_label(&self) -> &'static str {
         self.endpoint().map_or("none", Endpoint::label)
     }
 
@@ -107,12 +107,12 @@ impl RequestContext {
     }
 
     /// The authenticated caller's entry in the live key table.
-    pub fn key(&self) -> Option<&Arc<KeyEntry>> {
+    pub(crate) fn key(&self) -> Option<&Arc<KeyEntry>> {
         self.key.get()
     }
 
     /// The `key` label: the key's configured name, or `unauthenticated`.
-    pub fn key_label(&self) -> &str {
+    pub(crate) fn key_label(&self) -> &str {
         self.key.get().map_or(UNAUTHENTICATED, |key| &key.name)
     }
 
@@ -122,12 +122,12 @@ impl RequestContext {
     }
 
     /// The `model` label: a model the key names exactly, or `other`.
-    pub fn model_label(&self) -> &str {
+    pub(crate) fn model_label(&self) -> &str {
         self.model.get().map_or(OTHER_MODEL, |model| model)
     }
 
     /// Set once, by the policy layer.
-    pub fn set_model_label(&self, model: &str) {
+    pub(crate) fn set_model_label(&self, model: &str) {
         let _ = self.model.set(Arc::from(model));
     }
 
@@ -183,7 +183,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The access log's word: `complete`, `client_gone`, `body_error` (the body failed).
-    pub fn log_label(self) -> &'static str {
+    pub(crate) fn log_label(self) -> &'static str {
         match self {
             Outcome::Complete => "complete",
             Outcome::ClientGone => "client_gone",
@@ -194,7 +194,7 @@ impl Outcome {
     /// The ledger's word: `complete`, `client_gone`, `upstream_error` (the upstream failed the
     /// request, mid-body or before it). Both words are read by users and tools: each output keeps
     /// its own.
-    pub fn ledger_label(self) -> &'static str {
+    pub(crate) fn ledger_label(self) -> &'static str {
         match self {
             Outcome::Complete => "complete",
             Outcome::ClientGone => "client_gone",
@@ -213,7 +213,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// The path under the upstream base URL, and the `endpoint` metric label.
-    pub fn upstream_path(self) -> &'static str {
+    pub(crate) fn upstream_path(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/v1/chat/completions",
             Endpoint::Completions => "/v1/completions",
@@ -221,7 +221,7 @@ impl Endpoint {
         }
     }
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "chat_completions",
             Endpoint::Completions => "completions",
@@ -233,24 +233,22 @@ impl Endpoint {
 /// Set on a response when the upstream saw the request (it answered, or failed after the request
 /// was sent): such a request may have used tokens.
 #[derive(Debug, Clone, Copy)]
-pub struct UpstreamReached;
+pub(crate) struct UpstreamReached;
 
 /// The request body, parsed and checked against the schema, with the fields later layers use.
 #[derive(Debug)]
 pub struct ParsedRequest {
-    pub json: serde_json::Value,
-    pub model: String,
-    pub stream: bool,
+    pub(crate) json: serde_json::Value,
+    pub(crate) model: String,
+    pub(crate) stream: bool,
     /// `stream_options.include_usage` as the client sent it.
-    pub include_usage: bool,
-    /// The larger of `max_tokens` and `max_completion_tokens`, when either is set.
-    pub max_tokens: Option<u64>,
+    pub(crate) include_usage: bool,
     /// The fields that bound the answer's length and count.
-    pub generation: Generation,
+    pub(crate) generation: Generation,
 }
 
 impl ParsedRequest {
-    pub fn new(json: serde_json::Value) -> ParsedRequest {
+    pub(crate) fn new(json: serde_json::Value) -> ParsedRequest {
         let model = json
             .get("model")
             .and_then(|m| m.as_str())
@@ -266,7 +264,6 @@ impl ParsedRequest {
             .unwrap_or(false);
         let generation = Generation::read(&json);
         ParsedRequest {
-            max_tokens: generation.standard_max_tokens(),
             generation,
             json,
             model,

@@ -58,22 +58,22 @@ impl<C: OnEnd> Hook<C> {
     }
 
     /// A hook with nothing left to fire: what stays behind when a hook is moved on.
-    pub fn fired() -> Self {
+    pub(crate) fn fired() -> Self {
         Hook { callback: None }
     }
 
     /// The callback, while it has not fired: to tell it what was learnt (the response head).
-    pub fn get_mut(&mut self) -> Option<&mut C> {
+    pub(crate) fn get_mut(&mut self) -> Option<&mut C> {
         self.callback.as_mut()
     }
 
-    pub fn fire(&mut self, end: End<'_>) {
+    pub(crate) fn fire(&mut self, end: End<'_>) {
         if let Some(callback) = self.callback.take() {
             callback.on_end(end);
         }
     }
 
-    pub fn has_fired(&self) -> bool {
+    pub(crate) fn has_fired(&self) -> bool {
         self.callback.is_none()
     }
 }

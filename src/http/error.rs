@@ -34,6 +34,10 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("the request body does not match the API schema ({total} problem(s)); see errors[]")]
     InvalidBody {
+        #[expect(
+            clippy::box_collection,
+            reason = "one pointer, not a Vec's three words, keeps every Result<_, GatewayError> small"
+        )]
         errors: Box<Vec<FieldError>>,
         total: usize,
     },
@@ -105,11 +109,11 @@ pub enum GatewayError {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FieldError {
     /// Where: `body.messages[2].role`.
-    pub location: String,
+    pub(crate) location: String,
     /// What was expected.
-    pub message: String,
+    pub(crate) message: String,
     /// What came (truncated when large).
-    pub value: serde_json::Value,
+    pub(crate) value: serde_json::Value,
 }
 
 /// What the access log should say about a gateway-made error whose details the client must not
@@ -120,13 +124,13 @@ pub struct ErrorSource(pub String);
 
 impl GatewayError {
     /// The metric and log label of this error.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         self.into()
     }
 
     /// Its `tollgate_rejections_total` reason, when it is a refusal of the auth, limit or policy
     /// layers. No wildcard: a new variant must say whether it is one.
-    pub fn rejection(&self) -> Option<Rejection> {
+    pub(crate) fn rejection(&self) -> Option<Rejection> {
         match self {
             GatewayError::MissingApiKey => Some(Rejection::MissingApiKey),
             GatewayError::MalformedApiKey => Some(Rejection::MalformedApiKey),
@@ -246,7 +250,7 @@ impl GatewayError {
     }
 
     /// The only place that picks a status code and shapes an error body.
-    pub fn into_response(self) -> Response<GatewayBody> {
+    pub(crate) fn into_response(self) -> Response<GatewayBody> {
         let status = self.status();
         let title = status.canonical_reason().unwrap_or("Error");
         let mut detail = self.to_string();
@@ -313,7 +317,7 @@ impl GatewayError {
 }
 
 /// `Retry-After` is whole seconds: round up, so that a client that waits that long succeeds.
-pub fn retry_after_secs(wait: Duration) -> u64 {
+pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
     let whole = wait.as_secs();
     if wait.subsec_nanos() > 0 || whole == 0 {
         whole + 1

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 /// What a request holds in one field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Named {
+pub(crate) enum Named {
     /// Not there, or `null`.
     Absent,
     /// A whole number, at least 0.
@@ -28,9 +28,9 @@ pub enum Named {
 
 /// A field of the request body, by its path.
 #[derive(Debug)]
-pub struct Field {
+pub(crate) struct Field {
     /// How error messages name it: `n_predict`, `options.num_predict`.
-    pub name: &'static str,
+    pub(crate) name: &'static str,
     path: &'static [&'static str],
 }
 
@@ -40,7 +40,7 @@ const fn field(name: &'static str, path: &'static [&'static str]) -> Field {
 
 /// The fields that bound an answer's length. The first two are the API's own: a request that
 /// names neither gets the key's cap added as `max_tokens` (see [`Generation::max_tokens_to_add`]).
-pub const LENGTH_FIELDS: [Field; 5] = [
+pub(crate) const LENGTH_FIELDS: [Field; 5] = [
     field("max_tokens", &["max_tokens"]),
     field("max_completion_tokens", &["max_completion_tokens"]),
     field("n_predict", &["n_predict"]),
@@ -52,7 +52,7 @@ pub const LENGTH_FIELDS: [Field; 5] = [
 const STANDARD_LENGTH_FIELDS: usize = 2;
 
 /// The fields that multiply the answers generated for each prompt.
-pub const CHOICE_FIELDS: [Field; 3] = [
+pub(crate) const CHOICE_FIELDS: [Field; 3] = [
     field("n", &["n"]),
     field("best_of", &["best_of"]),
     field("n_cmpl", &["n_cmpl"]),
@@ -60,7 +60,7 @@ pub const CHOICE_FIELDS: [Field; 3] = [
 
 /// The generation a request asks for, as its body says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Generation {
+pub(crate) struct Generation {
     lengths: [Named; LENGTH_FIELDS.len()],
     choices: [Named; CHOICE_FIELDS.len()],
     /// Prompts answered: 1 for chat, the list's length for a completions list of prompts.
@@ -69,7 +69,7 @@ pub struct Generation {
 
 impl Generation {
     /// Reads the fields from a request body (a JSON object).
-    pub fn read(json: &Value) -> Generation {
+    pub(crate) fn read(json: &Value) -> Generation {
         Generation {
             lengths: LENGTH_FIELDS.each_ref().map(|f| named(json, f)),
             choices: CHOICE_FIELDS.each_ref().map(|f| named(json, f)),
@@ -78,17 +78,17 @@ impl Generation {
     }
 
     /// The length fields the request names, with what each holds.
-    pub fn lengths(&self) -> impl Iterator<Item = (&'static Field, Named)> + '_ {
+    pub(crate) fn lengths(&self) -> impl Iterator<Item = (&'static Field, Named)> + '_ {
         present(&LENGTH_FIELDS, &self.lengths)
     }
 
     /// The choice fields the request names, with what each holds.
-    pub fn choices(&self) -> impl Iterator<Item = (&'static Field, Named)> + '_ {
+    pub(crate) fn choices(&self) -> impl Iterator<Item = (&'static Field, Named)> + '_ {
         present(&CHOICE_FIELDS, &self.choices)
     }
 
     /// The larger of `max_tokens` and `max_completion_tokens`, when either is set.
-    pub fn standard_max_tokens(&self) -> Option<u64> {
+    pub(crate) fn standard_max_tokens(&self) -> Option<u64> {
         counts(&self.lengths[..STANDARD_LENGTH_FIELDS]).max()
     }
 
@@ -97,7 +97,7 @@ impl Generation {
     /// neither `max_tokens` nor `max_completion_tokens`. Its value is the cap, or the largest
     /// vendor length field the request names (within the cap), so that the request asks for no
     /// more than it said.
-    pub fn max_tokens_to_add(&self, cap: Option<u64>) -> Option<u64> {
+    pub(crate) fn max_tokens_to_add(&self, cap: Option<u64>) -> Option<u64> {
         let cap = cap?;
         if self.standard_max_tokens().is_some() {
             return None;
@@ -108,7 +108,7 @@ impl Generation {
 
     /// Answers generated: the largest of `n`, `best_of` and `n_cmpl` (at least 1), for each
     /// prompt.
-    pub fn answers(&self) -> u64 {
+    pub(crate) fn answers(&self) -> u64 {
         let choices = counts(&self.choices).max().unwrap_or(1).max(1);
         choices.saturating_mul(self.prompts)
     }
@@ -116,7 +116,7 @@ impl Generation {
     /// The most completion tokens the request can cost with the key's `cap`: the largest length
     /// it names or the gateway adds (0 when it names none and there is no cap: nothing bounds
     /// it), for each answer.
-    pub fn completion_bound(&self, cap: Option<u64>) -> u64 {
+    pub(crate) fn completion_bound(&self, cap: Option<u64>) -> u64 {
         let per_answer = counts(&self.lengths)
             .chain(self.max_tokens_to_add(cap))
             .max()

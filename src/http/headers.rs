@@ -11,7 +11,7 @@ use http::{header, HeaderMap, HeaderName};
 
 /// Where a client presents its key: `Authorization: Bearer <key>`, or `api-key:` / `x-api-key:`
 /// (which some clients send). The gateway's business, never the upstream's.
-pub const CLIENT_CREDENTIALS: [HeaderName; 3] = [
+pub(crate) const CLIENT_CREDENTIALS: [HeaderName; 3] = [
     header::AUTHORIZATION,
     HeaderName::from_static("x-api-key"),
     HeaderName::from_static("api-key"),
@@ -19,28 +19,30 @@ pub const CLIENT_CREDENTIALS: [HeaderName; 3] = [
 
 /// The token of an `Authorization: Bearer <token>` value: the scheme in any case (RFC 9110
 /// §11.1), the token without surrounding whitespace. `None` for another scheme or an empty token.
-pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+pub(crate) fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let space = value.iter().position(|&b| b == b' ')?;
     let (scheme, token) = (&value[..space], value[space + 1..].trim_ascii());
     (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
 }
 
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The upstream's own request id, kept for support requests to the upstream's operator.
-pub const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+pub(crate) const X_UPSTREAM_REQUEST_ID: HeaderName =
+    HeaderName::from_static("x-upstream-request-id");
 
-pub const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
-pub const REMAINING_REQUESTS: HeaderName =
+pub(crate) const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+pub(crate) const REMAINING_REQUESTS: HeaderName =
     HeaderName::from_static("x-ratelimit-remaining-requests");
-pub const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-pub const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
-pub const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
-pub const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
-pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub(crate) const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+pub(crate) const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+pub(crate) const REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-tokens");
+pub(crate) const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+pub(crate) const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub(crate) const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Whether `name` is a rate-limit field: one the gateway sets from its own limits.
-pub fn is_rate_limit(name: &HeaderName) -> bool {
+pub(crate) fn is_rate_limit(name: &HeaderName) -> bool {
     let name = name.as_str();
     name.starts_with("x-ratelimit-") || name == RATELIMIT || name == RATELIMIT_POLICY
 }
@@ -48,7 +50,7 @@ pub fn is_rate_limit(name: &HeaderName) -> bool {
 /// Makes the upstream's response headers the gateway's: its request id moves to
 /// `x-upstream-request-id` (the gateway's own is set by the outer layer), and its rate-limit
 /// fields are removed (the limit layers set the key's).
-pub fn own_upstream_headers(headers: &mut HeaderMap) {
+pub(crate) fn own_upstream_headers(headers: &mut HeaderMap) {
     let ids: Vec<_> = headers.get_all(X_REQUEST_ID).iter().cloned().collect();
     headers.remove(X_REQUEST_ID);
     for id in ids {

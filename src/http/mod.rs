@@ -7,11 +7,11 @@
 pub mod body;
 pub mod context;
 pub mod end;
-pub mod error;
-pub mod generation;
-pub mod headers;
-pub mod request_edit;
+pub(crate) mod error;
+pub(crate) mod generation;
+pub(crate) mod headers;
+pub(crate) mod request_edit;
 
 /// nginx's "client closed request": the status recorded for a request whose client left before
 /// the response headers came.
-pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+pub(crate) const CLIENT_CLOSED_REQUEST: u16 = 499;

@@ -14,9 +14,9 @@ use serde_json::Value;
 
 /// What to change in a request body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Edits {
+pub(crate) struct Edits {
     /// Set `stream_options.include_usage` to `true`.
-    pub include_usage: bool,
+    pub(crate) include_usage: bool,
     /// Add `max_tokens` with this value (the request names neither `max_tokens` nor
     /// `max_completion_tokens`).
     ///
@@ -26,17 +26,17 @@ pub struct Edits {
     /// refuses a request that sets the two at once, which is why nothing is added when the
     /// client named either. (OpenAI's reasoning models refuse `max_tokens`; their clients name
     /// `max_completion_tokens`, and then nothing is added.)
-    pub max_tokens: Option<u64>,
+    pub(crate) max_tokens: Option<u64>,
 }
 
 impl Edits {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == Edits::default()
     }
 }
 
 /// `body` with `edits` made; `json` is the same body, parsed.
-pub fn edited_body(body: &Bytes, json: &Value, edits: Edits) -> Bytes {
+pub(crate) fn edited_body(body: &Bytes, json: &Value, edits: Edits) -> Bytes {
     if edits.is_empty() {
         return body.clone();
     }

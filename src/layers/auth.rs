@@ -20,13 +20,13 @@ use crate::keys::SharedKeys;
 use crate::observability::metrics::{Metrics, UNAUTHENTICATED};
 
 #[derive(Clone)]
-pub struct Authenticate {
+pub(crate) struct Authenticate {
     keys: SharedKeys,
     metrics: Arc<Metrics>,
 }
 
 /// The auth layer: tower-http's request validation with our key lookup.
-pub fn auth_layer(
+pub(crate) fn auth_layer(
     keys: SharedKeys,
     metrics: Arc<Metrics>,
 ) -> ValidateRequestHeaderLayer<Authenticate> {

@@ -12,12 +12,12 @@
 //! 8. [`policy`]: model allow-list and `max_tokens` cap, or 400
 //! 9. [`quota`]: the token reservation on the way in, accounting on the way out, or 429
 
-pub mod auth;
-pub mod observe;
-pub mod policy;
-pub mod quota;
-pub mod rate_limit;
-pub mod request_body;
-pub mod request_head;
-pub mod route;
+pub(crate) mod auth;
+pub(crate) mod observe;
+pub(crate) mod policy;
+pub(crate) mod quota;
+pub(crate) mod rate_limit;
+pub(crate) mod request_body;
+pub(crate) mod request_head;
+pub(crate) mod route;
 pub mod validate;

@@ -37,12 +37,12 @@ use crate::observability::access;
 use crate::observability::metrics::Metrics;
 
 #[derive(Clone)]
-pub struct ObserveLayer {
+pub(crate) struct ObserveLayer {
     metrics: Arc<Metrics>,
 }
 
 impl ObserveLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         ObserveLayer { metrics }
     }
 }
@@ -59,7 +59,7 @@ impl<S> Layer<S> for ObserveLayer {
 }
 
 #[derive(Clone)]
-pub struct Observe<S> {
+pub(crate) struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
 }
@@ -114,7 +114,7 @@ fn random_request_id() -> HeaderValue {
 pin_project! {
     /// Holds the hook until the response head comes; dropped before that, the hook fires
     /// (the client left).
-    pub struct ResponseFuture<F> {
+    pub(crate) struct ResponseFuture<F> {
         #[pin]
         inner: F,
         hook: Hook<Finish>,
@@ -160,7 +160,7 @@ impl Head {
 }
 
 /// The request's end: its context's end actions, then its access line and request metrics.
-pub struct Finish {
+pub(crate) struct Finish {
     context: SharedContext,
     metrics: Arc<Metrics>,
     /// Set when the response head comes; `None` while the request is still inside.

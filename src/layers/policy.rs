@@ -24,12 +24,12 @@ use crate::http::error::GatewayError;
 use crate::http::generation::{Generation, Named};
 use crate::observability::metrics::Metrics;
 
-pub fn policy_layer(metrics: Arc<Metrics>) -> ValidateRequestHeaderLayer<EnforcePolicy> {
+pub(crate) fn policy_layer(metrics: Arc<Metrics>) -> ValidateRequestHeaderLayer<EnforcePolicy> {
     ValidateRequestHeaderLayer::custom(EnforcePolicy { metrics })
 }
 
 #[derive(Clone)]
-pub struct EnforcePolicy {
+pub(crate) struct EnforcePolicy {
     metrics: Arc<Metrics>,
 }
 

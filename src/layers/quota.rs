@@ -52,7 +52,7 @@ use crate::observability::metrics::Metrics;
 use crate::state::{Backend, Held, QuotaDenied, WindowStatus};
 
 #[derive(Clone)]
-pub struct QuotaLayer {
+pub(crate) struct QuotaLayer {
     shared: Arc<Shared>,
 }
 
@@ -64,7 +64,7 @@ struct Shared {
 }
 
 impl QuotaLayer {
-    pub fn new(
+    pub(crate) fn new(
         backend: Arc<Backend>,
         ledger: Option<Arc<Ledger>>,
         metrics: Arc<Metrics>,
@@ -93,7 +93,7 @@ impl<S> Layer<S> for QuotaLayer {
 }
 
 #[derive(Clone)]
-pub struct QuotaService<S> {
+pub(crate) struct QuotaService<S> {
     inner: S,
     shared: Arc<Shared>,
 }

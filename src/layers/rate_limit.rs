@@ -32,13 +32,13 @@ use crate::observability::metrics::Metrics;
 use crate::state::{Backend, Refusal, Slot};
 
 #[derive(Clone)]
-pub struct RateLimitLayer {
+pub(crate) struct RateLimitLayer {
     backend: Arc<Backend>,
     metrics: Arc<Metrics>,
 }
 
 impl RateLimitLayer {
-    pub fn new(backend: Arc<Backend>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(backend: Arc<Backend>, metrics: Arc<Metrics>) -> Self {
         RateLimitLayer { backend, metrics }
     }
 }
@@ -56,7 +56,7 @@ impl<S> Layer<S> for RateLimitLayer {
 }
 
 #[derive(Clone)]
-pub struct RateLimit<S> {
+pub(crate) struct RateLimit<S> {
     inner: S,
     backend: Arc<Backend>,
     metrics: Arc<Metrics>,
@@ -188,7 +188,7 @@ fn set_headers(headers: &mut HeaderMap, rate: RateConfig, remaining: u32, reset:
 }
 
 /// A duration the way OpenAI writes `x-ratelimit-reset-*`: `120ms`, `1s`, `6m0s`, `1h2m3s`.
-pub fn go_duration(d: Duration) -> String {
+pub(crate) fn go_duration(d: Duration) -> String {
     if d < Duration::from_secs(1) {
         return format!("{}ms", d.as_millis());
     }

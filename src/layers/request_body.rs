@@ -34,13 +34,13 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy)]
-pub struct RequestBodyLayer {
+pub(crate) struct RequestBodyLayer {
     limit: usize,
     timeout: Duration,
 }
 
 impl RequestBodyLayer {
-    pub fn new(limit: usize, timeout: Duration) -> Self {
+    pub(crate) fn new(limit: usize, timeout: Duration) -> Self {
         RequestBodyLayer { limit, timeout }
     }
 }
@@ -58,7 +58,7 @@ impl<S> Layer<S> for RequestBodyLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct RequestBody<S> {
+pub(crate) struct RequestBody<S> {
     inner: S,
     limit: usize,
     timeout: Duration,

@@ -23,7 +23,7 @@ const REQUEST_LINE_OVERHEAD: usize = 12;
 const FIELD_OVERHEAD: usize = 4;
 
 /// The size of a request's head as HTTP/1.1 would write it.
-pub fn head_bytes<B>(request: &Request<B>) -> usize {
+pub(crate) fn head_bytes<B>(request: &Request<B>) -> usize {
     let uri = request.uri();
     let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len());
@@ -36,12 +36,12 @@ pub fn head_bytes<B>(request: &Request<B>) -> usize {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct RequestHeadLayer {
+pub(crate) struct RequestHeadLayer {
     limit: usize,
 }
 
 impl RequestHeadLayer {
-    pub fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         RequestHeadLayer { limit }
     }
 }
@@ -58,7 +58,7 @@ impl<S> Layer<S> for RequestHeadLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct RequestHead<S> {
+pub(crate) struct RequestHead<S> {
     inner: S,
     limit: usize,
 }

@@ -17,7 +17,7 @@ use crate::http::context::{Endpoint, RequestContext};
 use crate::http::error::GatewayError;
 
 /// Matches a request's method and path to an endpoint.
-pub fn resolve(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
+pub(crate) fn resolve(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
     let api_path = path.strip_prefix("/openai").unwrap_or(path);
     let (endpoint, allowed, allow) = match api_path {
         "/v1/chat/completions" => (Endpoint::ChatCompletions, Method::POST, "POST"),
@@ -37,7 +37,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RouteLayer;
+pub(crate) struct RouteLayer;
 
 impl<S> Layer<S> for RouteLayer {
     type Service = Route<S>;
@@ -48,7 +48,7 @@ impl<S> Layer<S> for RouteLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct Route<S> {
+pub(crate) struct Route<S> {
     inner: S,
 }
 

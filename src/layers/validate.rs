@@ -237,12 +237,12 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
 }
 
 /// The validation layer: tower-http's request validation with our schema check.
-pub fn validate_layer(schemas: Arc<Schemas>) -> ValidateRequestHeaderLayer<ValidateBody> {
+pub(crate) fn validate_layer(schemas: Arc<Schemas>) -> ValidateRequestHeaderLayer<ValidateBody> {
     ValidateRequestHeaderLayer::custom(ValidateBody { schemas })
 }
 
 #[derive(Clone)]
-pub struct ValidateBody {
+pub(crate) struct ValidateBody {
     schemas: Arc<Schemas>,
 }
 
@@ -330,7 +330,7 @@ fn field_error(root: &Value, error: &ValidationError<'_>) -> FieldError {
 /// A JSON pointer into `root` written the seed's way: `body.messages[2].role`. Whether a segment
 /// is an index or a property name is decided by the value it walks through, so an object key
 /// that looks like a number (`logit_bias."50256"`) stays a property.
-pub fn location(root: &Value, pointer: &str) -> String {
+pub(crate) fn location(root: &Value, pointer: &str) -> String {
     let mut out = String::from("body");
     let mut node = Some(root);
     for raw in pointer.split('/').skip(1) {
@@ -417,7 +417,7 @@ mod tests {
             .expect("valid");
         assert_eq!(parsed.model, "m");
         assert!(parsed.stream && parsed.include_usage);
-        assert_eq!(parsed.max_tokens, Some(7));
+        assert_eq!(parsed.generation.standard_max_tokens(), Some(7));
     }
 
     #[test]
@@ -511,7 +511,7 @@ mod tests {
                 br#"{"model":"m","prompt":"p","max_tokens":0}"#,
             )
             .expect("a plain integer");
-        assert_eq!(ok.max_tokens, Some(0));
+        assert_eq!(ok.generation.standard_max_tokens(), Some(0));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use strum::{Display, EnumIter, IntoStaticStr};
 /// `tollgate_upstream_errors_total{kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
-pub enum UpstreamErrorKind {
+pub(crate) enum UpstreamErrorKind {
     /// No connection could be made.
     Connect,
     /// No response headers before `response_header_timeout`.
@@ -28,7 +28,7 @@ pub enum UpstreamErrorKind {
 /// `tollgate_ledger_errors_total{reason}`: why a ledger line was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
-pub enum LedgerErrorReason {
+pub(crate) enum LedgerErrorReason {
     /// The disk refused the write.
     Write,
     /// The writer thread did not keep up.
@@ -40,7 +40,7 @@ pub enum LedgerErrorReason {
 /// `tollgate_state_errors_total{op}`: the shared-state (Redis) call that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
-pub enum StateOp {
+pub(crate) enum StateOp {
     Admit,
     Reserve,
     Settle,
@@ -52,7 +52,7 @@ pub enum StateOp {
 /// `tollgate_usage_unreadable_counts_total{kind}`: which count of a usage object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
-pub enum TokenKind {
+pub(crate) enum TokenKind {
     Prompt,
     Completion,
 }
@@ -60,7 +60,7 @@ pub enum TokenKind {
 /// `tollgate_rejections_total{key, reason}`: why the gateway refused a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
-pub enum Rejection {
+pub(crate) enum Rejection {
     // --- before a key is known: counted under `key="unauthenticated"` ---
     MissingApiKey,
     MalformedApiKey,
@@ -78,7 +78,7 @@ pub enum Rejection {
 
 impl Rejection {
     /// Whether this refusal is counted under a configured key (else under `unauthenticated`).
-    pub fn is_per_key(self) -> bool {
+    pub(crate) fn is_per_key(self) -> bool {
         match self {
             Rejection::MissingApiKey | Rejection::MalformedApiKey | Rejection::InvalidApiKey => {
                 false

@@ -21,7 +21,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 /// `FormatEvent` for plain-text logs (see the module docs).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PlainText;
+pub(crate) struct PlainText;
 
 impl<S, N> FormatEvent<S, N> for PlainText
 where

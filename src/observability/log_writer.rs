@@ -23,18 +23,18 @@ use std::time::{Duration, Instant};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// How long a line may wait in memory.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// A batch this large is written without waiting for the interval.
-pub const BATCH_BYTES: usize = 64 * 1024;
+pub(crate) const BATCH_BYTES: usize = 64 * 1024;
 /// Past this, loggers wait for the writer thread.
-pub const MAX_BUFFERED: usize = 8 * 1024 * 1024;
+pub(crate) const MAX_BUFFERED: usize = 8 * 1024 * 1024;
 /// After this long without a line, the writer thread stops waking every interval.
-pub const IDLE_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// The `MakeWriter` for `tracing_subscriber::fmt`: every event's formatted line is appended to
 /// the shared buffer.
 #[derive(Clone)]
-pub struct BatchedStdout {
+pub(crate) struct BatchedStdout {
     shared: Arc<Shared>,
 }
 
@@ -64,7 +64,7 @@ struct State {
 
 impl BatchedStdout {
     /// The writer and the guard that flushes it; starts the writer thread.
-    pub fn start() -> std::io::Result<(BatchedStdout, FlushGuard)> {
+    pub(crate) fn start() -> std::io::Result<(BatchedStdout, FlushGuard)> {
         let guard = FlushGuard::start(std::io::stdout())?;
         let writer = BatchedStdout {
             shared: guard.shared.clone(),
@@ -105,7 +105,7 @@ impl<'a> MakeWriter<'a> for BatchedStdout {
 }
 
 /// One event's writer (`tracing_subscriber` formats the whole line first, then writes it once).
-pub struct LineSink<'a> {
+pub(crate) struct LineSink<'a> {
     shared: &'a Shared,
 }
 

@@ -15,9 +15,9 @@ use strum::IntoEnumIterator;
 use super::labels::{LedgerErrorReason, Rejection, StateOp, TokenKind, UpstreamErrorKind};
 
 /// The `key` label before (or without) authentication.
-pub const UNAUTHENTICATED: &str = "unauthenticated";
+pub(crate) const UNAUTHENTICATED: &str = "unauthenticated";
 /// The `model` label when the model is unknown or not one the key names.
-pub const OTHER_MODEL: &str = "other";
+pub(crate) const OTHER_MODEL: &str = "other";
 
 /// Buckets for whole requests: from a cached short answer to a long generation.
 const DURATION_BUCKETS: &[f64] = &[
@@ -32,19 +32,19 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
-    pub requests_total: IntCounterVec,
-    pub request_duration_seconds: HistogramVec,
-    pub overhead_seconds: Histogram,
-    pub upstream_errors_total: IntCounterVec,
-    pub rejections_total: IntCounterVec,
-    pub inflight_requests: IntGaugeVec,
-    pub tokens_total: IntCounterVec,
-    pub time_to_first_token_seconds: HistogramVec,
-    pub quota_used_tokens: IntGaugeVec,
-    pub quota_overrun_tokens_total: IntCounterVec,
-    pub usage_unreadable_counts_total: IntCounterVec,
-    pub ledger_errors_total: IntCounterVec,
-    pub state_errors_total: IntCounterVec,
+    pub(crate) requests_total: IntCounterVec,
+    pub(crate) request_duration_seconds: HistogramVec,
+    pub(crate) overhead_seconds: Histogram,
+    pub(crate) upstream_errors_total: IntCounterVec,
+    pub(crate) rejections_total: IntCounterVec,
+    pub(crate) inflight_requests: IntGaugeVec,
+    pub(crate) tokens_total: IntCounterVec,
+    pub(crate) time_to_first_token_seconds: HistogramVec,
+    pub(crate) quota_used_tokens: IntGaugeVec,
+    pub(crate) quota_overrun_tokens_total: IntCounterVec,
+    pub(crate) usage_unreadable_counts_total: IntCounterVec,
+    pub(crate) ledger_errors_total: IntCounterVec,
+    pub(crate) state_errors_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -152,7 +152,7 @@ impl Metrics {
 
     /// Creates a configured key's counters at 0; called for every key at start and for the keys a
     /// reload adds (a key already known keeps its counts).
-    pub fn add_key(&self, key: &str) {
+    pub(crate) fn add_key(&self, key: &str) {
         for reason in Rejection::iter().filter(|r| r.is_per_key()) {
             self.rejections_total
                 .with_label_values(&[key, label(reason)]);
@@ -162,42 +162,42 @@ impl Metrics {
     }
 
     /// Counts one failed state-backend call.
-    pub fn state_error(&self, op: StateOp) {
+    pub(crate) fn state_error(&self, op: StateOp) {
         self.state_errors_total
             .with_label_values(&[label(op)])
             .inc();
     }
 
     /// Counts one usage count from the upstream that could not be read.
-    pub fn usage_unreadable(&self, kind: TokenKind) {
+    pub(crate) fn usage_unreadable(&self, kind: TokenKind) {
         self.usage_unreadable_counts_total
             .with_label_values(&[label(kind)])
             .inc();
     }
 
     /// Counts one lost ledger line.
-    pub fn ledger_error(&self, reason: LedgerErrorReason) {
+    pub(crate) fn ledger_error(&self, reason: LedgerErrorReason) {
         self.ledger_errors_total
             .with_label_values(&[label(reason)])
             .inc();
     }
 
     /// Counts one request the gateway refused.
-    pub fn rejection(&self, key: &str, reason: Rejection) {
+    pub(crate) fn rejection(&self, key: &str, reason: Rejection) {
         self.rejections_total
             .with_label_values(&[key, label(reason)])
             .inc();
     }
 
     /// Counts one upstream failure of the given kind.
-    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+    pub(crate) fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors_total
             .with_label_values(&[label(kind)])
             .inc();
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         let families = self.registry.gather();
         if let Err(err) = TextEncoder::new().encode(&families, &mut out) {

@@ -2,10 +2,10 @@
 //! request metrics ([`access`]), and the log lines — their text layout ([`log_format`]) and the
 //! batched writer that puts them on stdout ([`log_writer`]).
 
-pub mod access;
-pub mod labels;
-pub mod log_format;
-pub mod log_writer;
+pub(crate) mod access;
+pub(crate) mod labels;
+pub(crate) mod log_format;
+pub(crate) mod log_writer;
 pub mod metrics;
 
 use self::log_format::PlainText;

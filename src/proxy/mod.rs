@@ -25,7 +25,7 @@
 //! received (it was written, and the connection broke or closed with no answer) is never sent
 //! again: a completion costs money and need not be idempotent. That client gets one 502.
 
-pub mod upstream_body;
+pub(crate) mod upstream_body;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -55,7 +55,7 @@ use crate::proxy::upstream_body::UpstreamBody;
 
 /// How upstream connections are made (TCP, TLS with the trusted roots); built once and shared
 /// by every worker's client.
-pub type Connector = HttpsConnector<HttpConnector>;
+pub(crate) type Connector = HttpsConnector<HttpConnector>;
 type UpstreamClient = Client<Connector, Full<Bytes>>;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy
@@ -72,7 +72,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 #[derive(Clone)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     shared: Arc<Shared>,
 }
 
@@ -88,7 +88,7 @@ struct Shared {
 
 impl Proxy {
     /// A proxy with its own connection pool, connecting through `connector`.
-    pub fn new(
+    pub(crate) fn new(
         upstream: &UpstreamConfig,
         connector: Connector,
         metrics: Arc<Metrics>,
@@ -130,7 +130,7 @@ fn client_builder() -> hyper_util::client::legacy::Builder {
 }
 
 /// The upstream connector for `upstream`: reads the system's trusted roots and `ca_file`.
-pub fn connector(upstream: &UpstreamConfig) -> Result<Connector, BoxError> {
+pub(crate) fn connector(upstream: &UpstreamConfig) -> Result<Connector, BoxError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     // Each SSE event must leave at once, not wait for a delayed ACK (Nagle).

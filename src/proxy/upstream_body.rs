@@ -28,10 +28,10 @@ use crate::observability::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 #[error("upstream sent nothing for {0:?} mid-response")]
-pub struct IdleTimeout(Duration);
+pub(crate) struct IdleTimeout(Duration);
 
 pin_project! {
-    pub struct UpstreamBody {
+    pub(crate) struct UpstreamBody {
         #[pin]
         inner: Incoming,
         #[pin]
@@ -43,7 +43,7 @@ pin_project! {
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, idle_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(inner: Incoming, idle_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         let now = Instant::now();
         UpstreamBody {
             inner,

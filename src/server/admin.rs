@@ -28,17 +28,17 @@ use crate::state::Backend;
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
-pub struct Admin {
-    pub metrics: Arc<Metrics>,
-    pub upstream: UpstreamConfig,
-    pub backend: Arc<Backend>,
-    pub keys: SharedKeys,
+pub(crate) struct Admin {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) upstream: UpstreamConfig,
+    pub(crate) backend: Arc<Backend>,
+    pub(crate) keys: SharedKeys,
     /// SHA-256 of the admin token; `None`: the admin API is off.
-    pub token_digest: Option<[u8; 32]>,
+    pub(crate) token_digest: Option<[u8; 32]>,
 }
 
 impl Admin {
-    pub async fn handle(
+    pub(crate) async fn handle(
         self,
         request: Request<Incoming>,
     ) -> Result<Response<GatewayBody>, Infallible> {

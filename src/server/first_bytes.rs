@@ -18,14 +18,14 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// and until then nothing times out: a connection that sends nothing, one byte, or part of the
 /// h2 preface was held open forever (a slowloris that costs one socket and no bytes). Reads fail
 /// with `TimedOut` past the deadline until the protocol is known; then this is a pass-through.
-pub struct FirstBytesDeadline<I> {
+pub(crate) struct FirstBytesDeadline<I> {
     io: I,
     /// Until the protocol is known: the deadline, and how many leading bytes matched the preface.
     pending: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 impl<I> FirstBytesDeadline<I> {
-    pub fn new(io: I, timeout: Duration) -> Self {
+    pub(crate) fn new(io: I, timeout: Duration) -> Self {
         FirstBytesDeadline {
             io,
             pending: Some((Box::pin(tokio::time::sleep(timeout)), 0)),

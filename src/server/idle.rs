@@ -31,7 +31,7 @@ use crate::http::end::{End, Hook, HookBody, OnEnd};
 
 /// What one connection has in flight, and since when it has had nothing.
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` at which the last request in flight ended.
@@ -41,7 +41,7 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub fn new() -> Arc<Activity> {
+    pub(crate) fn new() -> Arc<Activity> {
         Arc::new(Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -52,7 +52,7 @@ impl Activity {
 
     /// Completes once nothing has been in flight for `idle_timeout` (`first_request` before the
     /// first request came).
-    pub async fn idle(&self, first_request: Duration, idle_timeout: Duration) {
+    pub(crate) async fn idle(&self, first_request: Duration, idle_timeout: Duration) {
         loop {
             let deadline = match self.in_flight.load(Ordering::Acquire) {
                 0 => {
@@ -77,7 +77,7 @@ impl Activity {
     }
 
     /// Whether a request is in flight now.
-    pub fn busy(&self) -> bool {
+    pub(crate) fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0
     }
 
@@ -90,7 +90,7 @@ impl Activity {
 
 /// One request in flight; its drop ends it.
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -109,13 +109,13 @@ impl OnEnd for InFlight {
 
 /// A connection's request stack, counting what it has in flight into an [`Activity`].
 #[derive(Debug, Clone)]
-pub struct Tracked<S> {
+pub(crate) struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
 }
 
 impl<S> Tracked<S> {
-    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
         Tracked { inner, activity }
     }
 }
@@ -143,7 +143,7 @@ where
 
 pin_project! {
     /// The stack's future; hands its time in flight on to the response body.
-    pub struct ResponseFuture<F> {
+    pub(crate) struct ResponseFuture<F> {
         #[pin]
         inner: F,
         in_flight: Option<InFlight>,
@@ -166,7 +166,7 @@ where
 }
 
 /// A response body that keeps its request in flight until its end, or until hyper drops it.
-pub type TrackedBody<B> = HookBody<B, InFlight>;
+pub(crate) type TrackedBody<B> = HookBody<B, InFlight>;
 
 #[cfg(test)]
 mod tests {

@@ -6,13 +6,13 @@
 //! scraped during a shutdown; with `[server] admin_tls` it speaks HTTPS, so that the admin token
 //! never crosses the network in the clear.
 
-pub mod admin;
-pub mod first_bytes;
-pub mod idle;
+pub(crate) mod admin;
+pub(crate) mod first_bytes;
+pub(crate) mod idle;
 pub mod reload;
-pub mod restart_only;
-pub mod tls;
-pub mod worker;
+pub(crate) mod restart_only;
+pub(crate) mod tls;
+pub(crate) mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;

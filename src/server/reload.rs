@@ -22,16 +22,16 @@ use crate::server::restart_only;
 use crate::server::tls::CertResolver;
 use crate::state::Backend;
 
-pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What a successful reload did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReloadSummary {
-    pub keys: usize,
+    pub(crate) keys: usize,
     pub added: Vec<String>,
     pub removed: Vec<String>,
     /// The config keys of settings that changed but need a restart (each logged).
-    pub not_applied: Vec<&'static str>,
+    pub(crate) not_applied: Vec<&'static str>,
 }
 
 pub struct Reloader {
@@ -47,7 +47,7 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(
+    pub(crate) fn new(
         path: PathBuf,
         keys: SharedKeys,
         tls: [Option<Arc<CertResolver>>; 2],
@@ -128,7 +128,7 @@ impl Reloader {
     }
 
     /// Reloads and logs the outcome; an error keeps the running config.
-    pub fn reload_and_log(&self, trigger: &str) {
+    pub(crate) fn reload_and_log(&self, trigger: &str) {
         match self.reload() {
             Ok(summary) => tracing::info!(
                 trigger,
@@ -147,7 +147,7 @@ impl Reloader {
     }
 
     /// Runs until the process ends: reloads on SIGHUP and when the file changes.
-    pub async fn watch(self: Arc<Self>) {
+    pub(crate) async fn watch(self: Arc<Self>) {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(stream) => Some(stream),

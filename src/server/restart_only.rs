@@ -12,7 +12,7 @@ use crate::config::{Config, RedisConfig, ServerConfig, StateConfig, UpstreamConf
 
 /// The config keys of the start-only settings that differ between `current` and `new`, in the
 /// order of the reference in README.
-pub fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
+pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
     // Keys (and the policies they were resolved from) are what a reload applies.
     let Config {
         server,

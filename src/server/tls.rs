@@ -23,19 +23,19 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves whichever certificate was loaded last.
 #[derive(Debug)]
-pub struct CertResolver {
+pub(crate) struct CertResolver {
     current: ArcSwap<CertifiedKey>,
 }
 
 impl CertResolver {
-    pub fn new(cert: &Path, key: &Path) -> Result<CertResolver, TlsError> {
+    pub(crate) fn new(cert: &Path, key: &Path) -> Result<CertResolver, TlsError> {
         Ok(CertResolver {
             current: ArcSwap::from_pointee(load(cert, key)?),
         })
     }
 
     /// Loads new files and serves them to new handshakes, or keeps the old ones.
-    pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
+    pub(crate) fn reload(&self, cert: &Path, key: &Path) -> Result<(), TlsError> {
         self.current.store(Arc::new(load(cert, key)?));
         Ok(())
     }
@@ -48,7 +48,10 @@ impl ResolvesServerCert for CertResolver {
 }
 
 /// An acceptor serving `resolver`'s certificate, offering `alpn` (most preferred first).
-pub fn acceptor(resolver: Arc<CertResolver>, alpn: &[&[u8]]) -> Result<TlsAcceptor, rustls::Error> {
+pub(crate) fn acceptor(
+    resolver: Arc<CertResolver>,
+    alpn: &[&[u8]],
+) -> Result<TlsAcceptor, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -61,7 +64,7 @@ pub fn acceptor(resolver: Arc<CertResolver>, alpn: &[&[u8]]) -> Result<TlsAccept
 /// The server side of a TLS handshake on `stream`, within [`HANDSHAKE_TIMEOUT`]; `None` (logged
 /// at debug) when it fails or takes too long. Run it in the connection's own task: a slow
 /// client then delays only itself.
-pub async fn accept<IO>(acceptor: &TlsAcceptor, stream: IO) -> Option<TlsStream<IO>>
+pub(crate) async fn accept<IO>(acceptor: &TlsAcceptor, stream: IO) -> Option<TlsStream<IO>>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

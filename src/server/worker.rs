@@ -52,7 +52,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Where the server is in its life; workers watch it. Ordered: each phase implies the ones
 /// before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
+pub(crate) enum Phase {
     Serve,
     /// Stop accepting; let open connections finish their requests.
     Drain,
@@ -63,7 +63,7 @@ pub enum Phase {
 }
 
 /// The request stack as a worker serves it (what `stack::build_stack` returns).
-pub trait Stack<B>:
+pub(crate) trait Stack<B>:
     Service<Request<Incoming>, Response = Response<B>, Error = Infallible, Future: Send + 'static>
     + Clone
     + Send
@@ -84,25 +84,28 @@ impl<S, B> Stack<B> for S where
 }
 
 /// A response body as a worker sends it.
-pub trait ResponseBody: Body<Data = Bytes, Error = BoxError> + Send + 'static {}
+pub(crate) trait ResponseBody:
+    Body<Data = Bytes, Error = BoxError> + Send + 'static
+{
+}
 
 impl<B> ResponseBody for B where B: Body<Data = Bytes, Error = BoxError> + Send + 'static {}
 
 /// How every client connection is served, the same on every worker.
-pub struct ConnectionSettings {
-    pub builder: auto::Builder<TokioExecutor>,
-    pub tls: Option<TlsAcceptor>,
+pub(crate) struct ConnectionSettings {
+    pub(crate) builder: auto::Builder<TokioExecutor>,
+    pub(crate) tls: Option<TlsAcceptor>,
     /// The client must show which protocol it speaks, and send its first request, within this
     /// time (see `first_bytes` and `idle`).
-    pub head_timeout: Duration,
+    pub(crate) head_timeout: Duration,
     /// A connection with nothing in flight for this long is closed.
-    pub idle_timeout: Duration,
-    pub limit: ConnectionLimit,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) limit: ConnectionLimit,
 }
 
 /// Client connections open across all workers, against `server.max_connections`.
 #[derive(Debug)]
-pub struct ConnectionLimit {
+pub(crate) struct ConnectionLimit {
     max: usize,
     open: Arc<AtomicUsize>,
     /// Whether new connections are being turned away, and whether `accept` is failing: each
@@ -121,7 +124,7 @@ impl Drop for Slot {
 }
 
 impl ConnectionLimit {
-    pub fn new(max: std::num::NonZeroUsize) -> Self {
+    pub(crate) fn new(max: std::num::NonZeroUsize) -> Self {
         ConnectionLimit {
             max: max.get(),
             open: Arc::new(AtomicUsize::new(0)),
@@ -162,16 +165,16 @@ impl ConnectionLimit {
 }
 
 /// A running worker thread.
-pub struct Worker {
+pub(crate) struct Worker {
     thread: std::thread::JoinHandle<()>,
     /// Completes (or fails, if the thread died) once the worker has no connection left.
-    pub closed: oneshot::Receiver<()>,
+    pub(crate) closed: oneshot::Receiver<()>,
 }
 
 impl Worker {
     /// Starts worker `index` on its own thread. It serves until `phase` moves on, or until its
     /// sender is dropped (the server is gone), which counts as `Exit`.
-    pub fn spawn<S, B>(
+    pub(crate) fn spawn<S, B>(
         index: usize,
         listener: std::net::TcpListener,
         stack: S,
@@ -195,7 +198,7 @@ impl Worker {
     }
 
     /// Waits for the thread to end (after [`Phase::Exit`]).
-    pub fn join(self) {
+    pub(crate) fn join(self) {
         if self.thread.join().is_err() {
             tracing::error!("a worker thread panicked");
         }

@@ -35,7 +35,7 @@ impl Clock {
     }
 
     /// A manual clock whose wall time starts at `wall`.
-    pub fn manual_at(wall: SystemTime) -> Clock {
+    pub(crate) fn manual_at(wall: SystemTime) -> Clock {
         Clock {
             origin: Instant::now(),
             wall_origin: wall,
@@ -44,7 +44,7 @@ impl Clock {
     }
 
     /// Wall time as seconds since the Unix epoch (UTC).
-    pub fn unix_secs(&self) -> u64 {
+    pub(crate) fn unix_secs(&self) -> u64 {
         let wall = match &self.manual {
             Some(manual) => self.wall_origin + Duration::from_nanos(manual.load(Ordering::SeqCst)),
             None => SystemTime::now(),

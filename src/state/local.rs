@@ -176,7 +176,7 @@ impl LocalState {
 
     /// Reserves `amount` tokens in every window of `quotas`, or refuses with the window that is
     /// too full. All windows or none.
-    pub fn reserve(
+    pub(crate) fn reserve(
         &self,
         key: &Arc<str>,
         quotas: &[Quota],
@@ -225,7 +225,7 @@ impl LocalState {
 
     /// Replaces a reservation by what the request really used. A window that rolled over since
     /// the reservation simply forgets it; the usage lands in the window current now.
-    pub fn settle(&self, reservation: Reservation, used: u64) {
+    pub(crate) fn settle(&self, reservation: Reservation, used: u64) {
         let now = self.clock.unix_secs();
         let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
         for (per_secs, start) in &reservation.windows {
@@ -250,7 +250,7 @@ impl LocalState {
     }
 
     /// Used (settled + reserved) and remaining tokens of each of `quotas` for `key`, now.
-    pub fn status(&self, key: &Arc<str>, quotas: &[Quota]) -> Vec<WindowStatus> {
+    pub(crate) fn status(&self, key: &Arc<str>, quotas: &[Quota]) -> Vec<WindowStatus> {
         let now = self.clock.unix_secs();
         let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
         quotas
@@ -260,7 +260,7 @@ impl LocalState {
     }
 
     /// Writes a snapshot if anything was charged since the last one.
-    pub fn flush(&self) -> Result<(), LocalStateError> {
+    pub(crate) fn flush(&self) -> Result<(), LocalStateError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
@@ -290,7 +290,7 @@ impl LocalState {
     }
 
     /// Flushes every `interval` until the process ends.
-    pub async fn run_flusher(self: Arc<Self>, interval: Duration) {
+    pub(crate) async fn run_flusher(self: Arc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         let mut failing = false;
         loop {

@@ -28,58 +28,58 @@ use crate::state::clock::Clock;
 /// Tokens held for one request in each of its key's windows, until settled.
 #[derive(Debug)]
 pub struct Reservation {
-    pub key: Arc<str>,
+    pub(crate) key: Arc<str>,
     /// `(window length in seconds, window start)` for each window reserved in.
-    pub windows: Vec<(u64, u64)>,
-    pub amount: u64,
+    pub(crate) windows: Vec<(u64, u64)>,
+    pub(crate) amount: u64,
 }
 
 /// Why a reservation was refused: the window that had no room.
 #[derive(Debug, Clone)]
 pub struct QuotaDenied {
-    pub per: Duration,
-    pub limit: u64,
+    pub(crate) per: Duration,
+    pub(crate) limit: u64,
     /// Settled plus reserved, before this request.
-    pub used: u64,
+    pub(crate) used: u64,
     /// What this request needed.
-    pub needed: u64,
-    pub retry_after: Duration,
+    pub(crate) needed: u64,
+    pub(crate) retry_after: Duration,
 }
 
 /// One window of a key, now.
 #[derive(Debug, Clone)]
 pub struct WindowStatus {
-    pub per: Duration,
-    pub limit: u64,
+    pub(crate) per: Duration,
+    pub(crate) limit: u64,
     /// Settled plus reserved.
-    pub used: u64,
-    pub remaining: u64,
-    pub reset_after: Duration,
+    pub(crate) used: u64,
+    pub(crate) remaining: u64,
+    pub(crate) reset_after: Duration,
 }
 
 /// A request's place among its key's requests in flight: a local count always (the
 /// `tollgate_inflight_requests` gauge), and a Redis lease when the limit is shared.
-pub struct Slot {
+pub(crate) struct Slot {
     _local: InflightGuard,
     _lease: Option<Lease>,
 }
 
 /// Why a request was not admitted.
-pub enum Refusal {
+pub(crate) enum Refusal {
     Concurrency,
     Rate { wait: Duration },
     Unavailable(Unavailable),
 }
 
 /// A request admitted: its slot, and `(remaining, reset)` of its rate when it has one.
-pub struct Admission {
-    pub slot: Slot,
-    pub rate: Option<(u32, Duration)>,
+pub(crate) struct Admission {
+    pub(crate) slot: Slot,
+    pub(crate) rate: Option<(u32, Duration)>,
 }
 
 /// Where a reservation was made, so that it is settled in the same place.
 pub struct Held {
-    pub reservation: Reservation,
+    pub(crate) reservation: Reservation,
     /// Made in this process (the local backend, or Redis's fail-open fallback).
     local: bool,
     /// What holds it in Redis (given back when dropped unsettled).
@@ -95,7 +95,7 @@ impl Held {
         }
     }
 
-    pub fn amount(&self) -> u64 {
+    pub(crate) fn amount(&self) -> u64 {
         self.reservation.amount
     }
 }
@@ -110,7 +110,7 @@ pub enum Store {
 }
 
 pub struct Backend {
-    pub store: Store,
+    pub(crate) store: Store,
     clock: Clock,
     metrics: Arc<Metrics>,
     /// Redis settlements running in the background, waited for at shutdown.
@@ -128,7 +128,7 @@ impl Backend {
     }
 
     /// Takes a slot and a rate cell for `key`.
-    pub async fn admit(&self, key: &KeyEntry) -> Result<Admission, Refusal> {
+    pub(crate) async fn admit(&self, key: &KeyEntry) -> Result<Admission, Refusal> {
         let shared = key.limits.concurrency.is_some() || key.limits.rate.is_some();
         if let (Store::Redis { redis, .. }, true) = (&self.store, shared) {
             let concurrency = key.limits.concurrency.map(|c| c.get());
@@ -217,7 +217,7 @@ impl Backend {
 
     /// Replaces a reservation by what the request used. Never waits: a Redis settlement runs in
     /// the background (and is kept for later if Redis is away).
-    pub fn settle(&self, held: Held, used: u64, quotas: &[Quota]) {
+    pub(crate) fn settle(&self, held: Held, used: u64, quotas: &[Quota]) {
         let key = held.reservation.key.clone();
         match &self.store {
             Store::Local(local) => {
@@ -265,7 +265,7 @@ impl Backend {
     }
 
     /// Each window of `quotas` for `key`, now (for the admin API).
-    pub async fn status(
+    pub(crate) async fn status(
         &self,
         key: &Arc<str>,
         quotas: &[Quota],
@@ -280,7 +280,7 @@ impl Backend {
     /// series exists, at its true value, before the key's first request (a restart with usage in
     /// the state file must not show 0). A window the state cannot tell now is left to the key's
     /// first request.
-    pub async fn publish_windows(&self, keys: Vec<Arc<KeyEntry>>) {
+    pub(crate) async fn publish_windows(&self, keys: Vec<Arc<KeyEntry>>) {
         for key in keys {
             let quotas = &key.limits.quotas;
             if quotas.is_empty() {
@@ -293,7 +293,7 @@ impl Backend {
     }
 
     /// Waits (at most `timeout`) for background settlements, so that a shutdown loses none.
-    pub async fn drain(&self, timeout: Duration) {
+    pub(crate) async fn drain(&self, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         while self.settling.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -301,7 +301,7 @@ impl Backend {
     }
 
     /// How the state backend is doing, for `/readyz`: `(ready, description)`.
-    pub async fn readiness(&self) -> (bool, String) {
+    pub(crate) async fn readiness(&self) -> (bool, String) {
         match &self.store {
             Store::Local(_) => (true, "local".to_owned()),
             Store::Redis { redis, .. } => match redis.ping().await {
@@ -321,7 +321,7 @@ impl Backend {
     }
 
     /// The Redis backend, when that is where state lives.
-    pub fn redis(&self) -> Option<&Arc<RedisState>> {
+    pub(crate) fn redis(&self) -> Option<&Arc<RedisState>> {
         match &self.store {
             Store::Redis { redis, .. } => Some(redis),
             Store::Local(_) => None,
@@ -329,7 +329,7 @@ impl Backend {
     }
 
     /// The file-backed local state, when that is where state lives.
-    pub fn local(&self) -> Option<&Arc<LocalState>> {
+    pub(crate) fn local(&self) -> Option<&Arc<LocalState>> {
         match &self.store {
             Store::Local(local) => Some(local),
             Store::Redis { .. } => None,

@@ -222,7 +222,7 @@ return #KEYS
 ";
 
 /// What Redis said about a request's concurrency and rate.
-pub enum Admit {
+pub(crate) enum Admit {
     /// Admitted, holding `lease` when the key has a concurrency limit; `rate` is
     /// `(remaining, reset)` when it has a rate.
     Admitted {
@@ -239,7 +239,7 @@ pub enum Admit {
 pub struct Reserved {
     pub reservation: Reservation,
     pub lease: Lease,
-    pub status: Vec<WindowStatus>,
+    pub(crate) status: Vec<WindowStatus>,
 }
 
 /// The backend could not answer.
@@ -325,7 +325,7 @@ impl RedisState {
         })
     }
 
-    pub fn on_error(&self) -> OnError {
+    pub(crate) fn on_error(&self) -> OnError {
         self.on_error
     }
 
@@ -378,7 +378,7 @@ impl RedisState {
     }
 
     /// Takes a concurrency slot and a rate cell for `name`, in one round trip.
-    pub async fn admit(
+    pub(crate) async fn admit(
         self: &Arc<Self>,
         name: &str,
         concurrency: Option<u32>,
@@ -517,7 +517,7 @@ impl RedisState {
     }
 
     /// Used (settled + reserved) tokens and time to reset of each window of `quotas`, now.
-    pub async fn status(
+    pub(crate) async fn status(
         self: &Arc<Self>,
         name: &str,
         quotas: &[Quota],
@@ -552,7 +552,7 @@ impl RedisState {
     }
 
     /// Remembers usage to apply when Redis returns.
-    pub fn keep_pending(&self, reservation: &Reservation, used: u64) {
+    pub(crate) fn keep_pending(&self, reservation: &Reservation, used: u64) {
         if used == 0 {
             return;
         }
@@ -603,7 +603,7 @@ impl RedisState {
 
     /// Renews every lease this replica holds (slots and reservations), every third of the lease
     /// time, until the process ends.
-    pub async fn run_renewer(self: Arc<Self>) {
+    pub(crate) async fn run_renewer(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(self.lease / 3);
         loop {
             ticker.tick().await;
@@ -635,7 +635,7 @@ impl RedisState {
     }
 
     /// Whether Redis answers a PING within a second (an answer also ends an outage).
-    pub async fn ping(self: &Arc<Self>) -> Result<(), RedisError> {
+    pub(crate) async fn ping(self: &Arc<Self>) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
         let command = redis::cmd("PING");
         let ping = command.query_async::<String>(&mut conn);

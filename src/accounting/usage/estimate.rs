@@ -49,9 +49,9 @@ pub fn estimate_tokens_from_chars(chars: u64) -> u64 {
 pub struct PromptTokens {
     /// At least what any tokenizer makes of it (with the template allowances): what a quota
     /// reservation holds.
-    pub bound: u64,
+    pub(crate) bound: u64,
     /// A fair guess, charged when the upstream reports no usage.
-    pub estimate: u64,
+    pub(crate) estimate: u64,
 }
 
 /// Estimates the prompt tokens of a chat or completions request body: see [`prompt_tokens`]. A

@@ -17,14 +17,14 @@ use super::{TokenCount, Usage};
 /// Reads the top-level `usage` of a complete JSON response body (`chat.completion`,
 /// `text_completion`). `None` when the body is not JSON, or `usage` is absent, null or names
 /// neither `prompt_tokens` nor `completion_tokens`.
-pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
+pub(crate) fn usage_from_json(body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<UsageOnly>(body).ok()?.usage.0
 }
 
 /// Characters of generated text in a complete JSON response body: `choices[].message.content`,
 /// `choices[].text`, reasoning, refusals and tool calls, as [`SseObserver::completion_chars`]
 /// counts them in a stream (and as leniently). 0 when the body is not a JSON object.
-pub fn completion_chars_from_json(body: &[u8]) -> u64 {
+pub(crate) fn completion_chars_from_json(body: &[u8]) -> u64 {
     scan_chunk(body).map_or(0, |scan| scan.chars)
 }
 

@@ -97,24 +97,24 @@ pub use self::estimate::{
     prompt_token_bound, prompt_tokens, PromptTokens, TEMPLATE_BOUND_PER_MESSAGE,
     TEMPLATE_BOUND_PER_REQUEST,
 };
-pub use self::json::{completion_chars_from_json, usage_from_json};
-pub use self::sse::SseObserver;
-pub use self::strip::UsageStripper;
+pub(crate) use self::json::{completion_chars_from_json, usage_from_json};
+pub(crate) use self::sse::SseObserver;
+pub(crate) use self::strip::UsageStripper;
 
 /// A sensible cap on an SSE line (observer) or an incomplete event (stripper): chunks are a few
 /// hundred bytes; a whole tool-call argument in one chunk can reach tens of KiB.
-pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
+pub(crate) const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
 
 /// Token counts for one request, as an upstream's `usage` object gave them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
-    pub prompt_tokens: TokenCount,
-    pub completion_tokens: TokenCount,
+pub(crate) struct Usage {
+    pub(crate) prompt_tokens: TokenCount,
+    pub(crate) completion_tokens: TokenCount,
 }
 
 /// One count of a `usage` object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TokenCount {
+pub(crate) enum TokenCount {
     /// Not there, or `null`.
     #[default]
     Absent,
@@ -128,7 +128,8 @@ pub enum TokenCount {
 
 impl TokenCount {
     /// The count, when the upstream reported one that can be read.
-    pub fn reported(self) -> Option<u64> {
+    #[cfg(test)]
+    pub(crate) fn reported(self) -> Option<u64> {
         match self {
             TokenCount::Reported(count) => Some(count),
             TokenCount::Absent | TokenCount::Unreadable => None,

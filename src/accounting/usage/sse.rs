@@ -11,7 +11,7 @@ use super::Usage;
 /// Watches an SSE stream frame by frame: feed it every data frame's bytes as they pass (it only
 /// borrows them, and copies only a frame's unfinished last line).
 #[derive(Debug)]
-pub struct SseObserver {
+pub(crate) struct SseObserver {
     max_line_bytes: usize,
     /// The unfinished line a frame ended with, waiting for the rest of it.
     carry: Vec<u8>,
@@ -22,8 +22,17 @@ pub struct SseObserver {
     /// A `data:` line of the current event has been seen (an event counts once).
     in_event: bool,
     usage: Option<Usage>,
-    saw_done: bool,
     completion_chars: u64,
+    /// What the tests check the scan by; not kept in a release build (nothing else reads it).
+    #[cfg(test)]
+    seen: Seen,
+}
+
+/// What the unit tests count of a scan.
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct Seen {
+    saw_done: bool,
     events: u64,
     dropped_lines: u64,
 }
@@ -31,7 +40,7 @@ pub struct SseObserver {
 impl SseObserver {
     /// `max_line_bytes` caps one line (and so the carried-over bytes); a longer line is dropped.
     /// [`DEFAULT_MAX_LINE_BYTES`] suits model streams.
-    pub fn new(max_line_bytes: usize) -> Self {
+    pub(crate) fn new(max_line_bytes: usize) -> Self {
         SseObserver {
             max_line_bytes,
             carry: Vec::new(),
@@ -39,15 +48,14 @@ impl SseObserver {
             pending_lf: false,
             in_event: false,
             usage: None,
-            saw_done: false,
             completion_chars: 0,
-            events: 0,
-            dropped_lines: 0,
+            #[cfg(test)]
+            seen: Seen::default(),
         }
     }
 
     /// Reads one frame of the stream. Events may span frames; a frame may hold many events.
-    pub fn observe(&mut self, frame: &[u8]) {
+    pub(crate) fn observe(&mut self, frame: &[u8]) {
         let mut rest = frame;
         if self.pending_lf {
             if let Some((&first, after)) = rest.split_first() {
@@ -69,31 +77,34 @@ impl SseObserver {
     }
 
     /// The last non-null usage object seen in any data event.
-    pub fn usage(&self) -> Option<Usage> {
+    pub(crate) fn usage(&self) -> Option<Usage> {
         self.usage
     }
 
     /// Whether `data: [DONE]` was seen: the upstream finished the stream properly.
-    pub fn saw_done(&self) -> bool {
-        self.saw_done
+    #[cfg(test)]
+    pub(crate) fn saw_done(&self) -> bool {
+        self.seen.saw_done
     }
 
     /// Characters of generated text seen so far: `choices[].delta.content` (a string or content
     /// parts' `text`), `choices[].text`, `delta.reasoning_content` / `delta.reasoning`,
     /// `delta.refusal`, and the name and arguments of `delta.tool_calls[].function` (and of the
     /// legacy `delta.function_call`). For [`estimate_tokens_from_chars`] when no usage arrives.
-    pub fn completion_chars(&self) -> u64 {
+    pub(crate) fn completion_chars(&self) -> u64 {
         self.completion_chars
     }
 
     /// Data events seen, `[DONE]` included.
-    pub fn events(&self) -> u64 {
-        self.events
+    #[cfg(test)]
+    pub(crate) fn events(&self) -> u64 {
+        self.seen.events
     }
 
     /// Lines dropped because they were longer than the cap.
-    pub fn dropped_lines(&self) -> u64 {
-        self.dropped_lines
+    #[cfg(test)]
+    pub(crate) fn dropped_lines(&self) -> u64 {
+        self.seen.dropped_lines
     }
 
     /// The unfinished line carried over, for the tests of its cap.
@@ -110,7 +121,10 @@ impl SseObserver {
         }
         if self.carry.len() + line.len() > self.max_line_bytes {
             // Dropped whether it came whole or in pieces, so the outcome does not depend on cuts.
-            self.dropped_lines += 1;
+            #[cfg(test)]
+            {
+                self.seen.dropped_lines += 1;
+            }
             self.carry.clear();
             return;
         }
@@ -131,7 +145,10 @@ impl SseObserver {
             return;
         }
         if self.carry.len() + tail.len() > self.max_line_bytes {
-            self.dropped_lines += 1;
+            #[cfg(test)]
+            {
+                self.seen.dropped_lines += 1;
+            }
             self.skipping = true;
             self.carry = Vec::new();
             return;
@@ -150,11 +167,17 @@ impl SseObserver {
         };
         if !self.in_event {
             self.in_event = true;
-            self.events += 1;
+            #[cfg(test)]
+            {
+                self.seen.events += 1;
+            }
         }
         let value = value.trim_ascii();
         if value == b"[DONE]" {
-            self.saw_done = true;
+            #[cfg(test)]
+            {
+                self.seen.saw_done = true;
+            }
         } else if let Some(scan) = scan_chunk(value) {
             self.completion_chars += scan.chars;
             if scan.usage_object {

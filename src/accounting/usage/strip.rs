@@ -16,7 +16,7 @@ use super::sse::{data_value, line_end, LineEnd};
 /// Removes from a client's SSE stream what the gateway's own `include_usage` added (see the
 /// module doc for the rule). Holds back only an incomplete event, with its own carry-over.
 #[derive(Debug)]
-pub struct UsageStripper {
+pub(crate) struct UsageStripper {
     max_event_bytes: usize,
     /// The start of an incomplete event (at most `max_event_bytes`).
     held: Vec<u8>,
@@ -28,8 +28,9 @@ pub struct UsageStripper {
     drop_lf: bool,
     /// The current event outgrew the cap: it is forwarded unchanged until it ends.
     passthrough: bool,
-    events_removed: u64,
-    fields_removed: u64,
+    /// What was removed, for the tests; not kept in a release build (nothing else reads it).
+    #[cfg(test)]
+    removed: (u64, u64),
 }
 
 /// What becomes of one complete event.
@@ -43,7 +44,7 @@ enum Fate {
 impl UsageStripper {
     /// `max_line_bytes` caps the bytes of an incomplete event held back; a longer event is
     /// forwarded unchanged. [`DEFAULT_MAX_LINE_BYTES`] suits model streams.
-    pub fn new(max_line_bytes: usize) -> Self {
+    pub(crate) fn new(max_line_bytes: usize) -> Self {
         UsageStripper {
             max_event_bytes: max_line_bytes,
             held: Vec::new(),
@@ -51,8 +52,8 @@ impl UsageStripper {
             pending_lf: false,
             drop_lf: false,
             passthrough: false,
-            events_removed: 0,
-            fields_removed: 0,
+            #[cfg(test)]
+            removed: (0, 0),
         }
     }
 
@@ -60,7 +61,7 @@ impl UsageStripper {
     /// nothing to remove comes back as the same `Bytes` (no copy); a frame that ends inside an
     /// event returns the events before it as a slice of the frame and holds the rest until the
     /// event's end arrives. The result may be empty: there is nothing to send yet.
-    pub fn rewrite(&mut self, frame: Bytes) -> Bytes {
+    pub(crate) fn rewrite(&mut self, frame: Bytes) -> Bytes {
         let mut emit = Emit::default();
         let mut start = 0; // where the current event's bytes in this frame begin
         let mut i = 0; // where scanning resumes
@@ -100,7 +101,7 @@ impl UsageStripper {
 
     /// Flushes what is held at the end of the stream: an event that never got its blank line
     /// (which the client will not dispatch) is still rewritten by the same rule.
-    pub fn finish(&mut self) -> Bytes {
+    pub(crate) fn finish(&mut self) -> Bytes {
         self.pending_lf = false;
         self.drop_lf = false;
         self.passthrough = false;
@@ -119,13 +120,15 @@ impl UsageStripper {
     }
 
     /// Usage-only events removed so far.
-    pub fn events_removed(&self) -> u64 {
-        self.events_removed
+    #[cfg(test)]
+    pub(crate) fn events_removed(&self) -> u64 {
+        self.removed.0
     }
 
     /// `"usage": null` members removed so far.
-    pub fn fields_removed(&self) -> u64 {
-        self.fields_removed
+    #[cfg(test)]
+    pub(crate) fn fields_removed(&self) -> u64 {
+        self.removed.1
     }
 
     /// An event ends with `frame[range]` (its last `term` bytes are the blank line's break).
@@ -196,13 +199,14 @@ impl UsageStripper {
         }
     }
 
-    /// Decides an event's fate, and counts what is removed.
+    /// Decides an event's fate (and, under test, counts what is removed).
     fn fate(&mut self, event: &[u8]) -> Fate {
         let fate = event_fate(event);
+        #[cfg(test)]
         match fate {
             Fate::Keep => {}
-            Fate::Drop => self.events_removed += 1,
-            Fate::Cut(_) => self.fields_removed += 1,
+            Fate::Drop => self.removed.0 += 1,
+            Fate::Cut(_) => self.removed.1 += 1,
         }
         fate
     }

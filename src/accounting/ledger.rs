@@ -5,14 +5,20 @@
 //! and flushes whenever the channel runs dry, so a line is on disk within moments of its request
 //! ending, and on shutdown every line is written before the process exits.
 //!
+//! [`Ledger::reopen`] (SIGHUP) makes the writer close the file and open `path` again, so that a
+//! log rotation that moved the file away (`mv usage.jsonl usage.jsonl.1`) gets a new file from
+//! the next line on: lines queued before the reopen go to the old file, later ones to the new.
+//!
 //! Edge cases: a failed write (a full disk) is logged once when it starts and once when it ends,
 //! and every line it loses is counted in `tollgate_ledger_errors_total`; a channel that is full
 //! (the disk cannot keep up) drops the line, counted and logged the same way. Neither ever blocks
-//! or fails a request.
+//! or fails a request. A reopen that cannot open the path (a directory that went away) is logged
+//! and the writer keeps the file it has, so that no line is lost to it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -47,50 +53,86 @@ pub(crate) struct LedgerEntry {
     pub(crate) outcome: &'static str,
 }
 
+/// Why the ledger could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger: cannot create the directory {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("ledger: cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("ledger: cannot start the writer thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// What the writer thread is told.
+enum Message {
+    Line(LedgerEntry),
+    /// Close the file and open the path again (log rotation).
+    Reopen,
+}
+
 pub struct Ledger {
-    sender: Mutex<Option<SyncSender<LedgerEntry>>>,
+    sender: Mutex<Option<SyncSender<Message>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
     /// Whether the last enqueue failed, so that a full queue is logged once, not per line.
-    overflowing: std::sync::atomic::AtomicBool,
+    overflowing: AtomicBool,
+    /// A reopen asked for while the queue was full: the writer does it after its next flush.
+    reopen_requested: Arc<AtomicBool>,
 }
 
 impl Ledger {
     /// Opens (creating) the ledger file for appending and starts its writer thread.
-    pub(crate) fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Ledger, String> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("ledger: cannot create {}: {e}", parent.display()))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("ledger: cannot open {}: {e}", path.display()))?;
+    pub(crate) fn open(path: &Path, metrics: Arc<Metrics>) -> Result<Ledger, LedgerError> {
+        let file = open_file(path)?;
         let (sender, receiver) = mpsc::sync_channel(QUEUE);
-        let writer_metrics = metrics.clone();
-        let path = path.to_owned();
+        let reopen_requested = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            path: path.to_owned(),
+            metrics: metrics.clone(),
+            reopen_requested: reopen_requested.clone(),
+            failing: false,
+            pending: 0,
+        };
         let writer = std::thread::Builder::new()
             .name("tollgate-ledger".into())
-            .spawn(move || write_lines(file, &path, receiver, &writer_metrics))
-            .map_err(|e| format!("ledger: cannot start the writer: {e}"))?;
+            .spawn(move || writer.run(file, receiver))
+            .map_err(LedgerError::Spawn)?;
         Ok(Ledger {
             sender: Mutex::new(Some(sender)),
             writer: Mutex::new(Some(writer)),
             metrics,
-            overflowing: std::sync::atomic::AtomicBool::new(false),
+            overflowing: AtomicBool::new(false),
+            reopen_requested,
         })
+    }
+
+    /// Makes the writer open the ledger's path again, after the lines already queued; never
+    /// blocks.
+    pub fn reopen(&self) {
+        let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(sender) = sender.as_ref() else {
+            return;
+        };
+        if let Err(TrySendError::Full(_)) = sender.try_send(Message::Reopen) {
+            self.reopen_requested.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Queues a line; never blocks.
     pub(crate) fn record(&self, entry: LedgerEntry) {
-        use std::sync::atomic::Ordering;
         let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(sender) = sender.as_ref() else {
             self.metrics.ledger_error(LedgerErrorReason::Closed);
             return;
         };
-        match sender.try_send(entry) {
+        match sender.try_send(Message::Line(entry)) {
             Ok(()) => {
                 if self.overflowing.swap(false, Ordering::Relaxed) {
                     tracing::info!("ledger queue has room again");
@@ -135,63 +177,110 @@ impl Ledger {
     }
 }
 
-fn write_lines(file: File, path: &Path, receiver: Receiver<LedgerEntry>, metrics: &Metrics) {
-    let mut out = BufWriter::with_capacity(64 * 1024, file);
-    let mut failing = false;
-    let mut pending = 0u64;
-    let mut line = Vec::with_capacity(512);
-    while let Ok(first) = receiver.recv() {
-        let mut next = Some(first);
-        while let Some(entry) = next.take() {
-            line.clear();
-            if serde_json::to_writer(&mut line, &entry).is_ok() {
-                line.push(b'\n');
-                match out.write_all(&line) {
-                    Ok(()) => pending += 1,
-                    Err(error) => report(&mut failing, &mut pending, path, &error, metrics, 1),
-                }
-            }
-            next = receiver.try_recv().ok();
-        }
-        // The queue ran dry: put what we have on disk.
-        match out.flush() {
-            Ok(()) => {
-                if failing {
-                    tracing::info!(path = %path.display(), "ledger writes succeed again");
-                    failing = false;
-                }
-                pending = 0;
-            }
-            Err(error) => {
-                let lost = pending;
-                report(&mut failing, &mut pending, path, &error, metrics, lost);
-                // Drop what is buffered rather than retry it forever against a full disk.
-                out = BufWriter::with_capacity(64 * 1024, out.into_parts().0);
-            }
-        }
+/// Creates the parent directory and opens `path` for appending.
+fn open_file(path: &Path) -> Result<File, LedgerError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| LedgerError::CreateDir {
+            path: parent.to_owned(),
+            source,
+        })?;
     }
-    if let Err(error) = out.flush() {
-        let lost = pending;
-        report(&mut failing, &mut pending, path, &error, metrics, lost);
-    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| LedgerError::Open {
+            path: path.to_owned(),
+            source,
+        })
 }
 
-fn report(
-    failing: &mut bool,
-    pending: &mut u64,
-    path: &Path,
-    error: &std::io::Error,
-    metrics: &Metrics,
-    lost: u64,
-) {
-    if !*failing {
-        tracing::error!(path = %path.display(), %error, "cannot write the ledger; lines are lost until it recovers (tollgate_ledger_errors_total)");
-        *failing = true;
+/// The writer thread's state.
+struct Writer {
+    path: PathBuf,
+    metrics: Arc<Metrics>,
+    reopen_requested: Arc<AtomicBool>,
+    /// Whether writes are failing now, so that a failure is logged once, not per line.
+    failing: bool,
+    /// Lines written to the buffer since the last successful flush.
+    pending: u64,
+}
+
+impl Writer {
+    fn run(mut self, file: File, receiver: Receiver<Message>) {
+        let mut out = BufWriter::with_capacity(64 * 1024, file);
+        let mut line = Vec::with_capacity(512);
+        while let Ok(first) = receiver.recv() {
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Line(entry) => {
+                        line.clear();
+                        if serde_json::to_writer(&mut line, &entry).is_ok() {
+                            line.push(b'\n');
+                            match out.write_all(&line) {
+                                Ok(()) => self.pending += 1,
+                                Err(error) => self.report(&error, 1),
+                            }
+                        }
+                    }
+                    Message::Reopen => out = self.reopen(out),
+                }
+                next = receiver.try_recv().ok();
+            }
+            // The queue ran dry: put what we have on disk.
+            out = self.flush(out);
+            if self.reopen_requested.swap(false, Ordering::Relaxed) {
+                out = self.reopen(out);
+            }
+        }
+        self.flush(out);
     }
-    for _ in 0..lost {
-        metrics.ledger_error(LedgerErrorReason::Write);
+
+    /// Flushes the buffer; on failure drops what it held (counted) rather than retry it forever
+    /// against a full disk.
+    fn flush(&mut self, mut out: BufWriter<File>) -> BufWriter<File> {
+        match out.flush() {
+            Ok(()) => {
+                if self.failing {
+                    tracing::info!(path = %self.path.display(), "ledger writes succeed again");
+                    self.failing = false;
+                }
+                self.pending = 0;
+                out
+            }
+            Err(error) => {
+                self.report(&error, self.pending);
+                BufWriter::with_capacity(64 * 1024, out.into_parts().0)
+            }
+        }
     }
-    *pending = 0;
+
+    /// Flushes into the old file and opens the path again; keeps the old file if that fails.
+    fn reopen(&mut self, out: BufWriter<File>) -> BufWriter<File> {
+        let out = self.flush(out);
+        match open_file(&self.path) {
+            Ok(file) => {
+                tracing::info!(path = %self.path.display(), "ledger reopened");
+                BufWriter::with_capacity(64 * 1024, file)
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot reopen the ledger; writing on to the file it had");
+                out
+            }
+        }
+    }
+
+    fn report(&mut self, error: &std::io::Error, lost: u64) {
+        if !self.failing {
+            tracing::error!(path = %self.path.display(), %error, "cannot write the ledger; lines are lost until it recovers (tollgate_ledger_errors_total)");
+            self.failing = true;
+        }
+        for _ in 0..lost {
+            self.metrics.ledger_error(LedgerErrorReason::Write);
+        }
+        self.pending = 0;
+    }
 }
 
 /// Now, as the ledger writes it.
@@ -236,6 +325,60 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 1000, "every line written");
         assert_eq!(lines[999]["prompt_tokens"], 999, "in order");
+    }
+
+    #[test]
+    fn a_reopen_after_a_rename_starts_a_new_file_in_line_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("usage.jsonl");
+        let ledger = Ledger::open(&path, Arc::new(Metrics::new())).expect("open");
+        for n in 0..10 {
+            ledger.record(entry(n));
+        }
+        std::fs::rename(&path, dir.path().join("usage.jsonl.1")).expect("rotate");
+        ledger.reopen();
+        for n in 10..15 {
+            ledger.record(entry(n));
+        }
+        ledger.close(Duration::from_secs(5));
+        let tokens = |name: &str| -> Vec<u64> {
+            std::fs::read_to_string(dir.path().join(name))
+                .expect("read")
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+                    v["prompt_tokens"].as_u64().expect("tokens")
+                })
+                .collect()
+        };
+        assert_eq!(
+            tokens("usage.jsonl.1"),
+            (0..10).collect::<Vec<_>>(),
+            "before the reopen"
+        );
+        assert_eq!(
+            tokens("usage.jsonl"),
+            (10..15).collect::<Vec<_>>(),
+            "after it"
+        );
+    }
+
+    #[test]
+    fn open_names_what_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "").expect("write");
+        let error = Ledger::open(&blocker.join("usage.jsonl"), Arc::new(Metrics::new()))
+            .err()
+            .expect("a file is no directory");
+        assert!(
+            matches!(error, LedgerError::CreateDir { .. }),
+            "typed: {error:?}"
+        );
+        assert!(
+            error.to_string().contains("cannot create the directory"),
+            "{error}"
+        );
     }
 
     #[test]

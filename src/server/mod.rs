@@ -196,7 +196,10 @@ impl Server {
 
         drain_connections(&phase, &mut workers, self.config.server.shutdown_timeout).await;
         admin_task.abort();
-        if let Some(task) = &background.reload {
+        for task in [&background.reload, &background.reopen]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
         // Every request has settled (or was cut at the deadline, and settled as it dropped):
@@ -245,6 +248,11 @@ impl Server {
                 .reloader
                 .clone()
                 .map(|reloader| tokio::spawn(reloader.watch())),
+            reopen: self
+                .accounting
+                .ledger
+                .clone()
+                .map(|ledger| tokio::spawn(reopen_on_hangup(ledger))),
         }
     }
 
@@ -269,6 +277,8 @@ struct Background {
     flusher: Option<tokio::task::JoinHandle<()>>,
     renewer: Option<tokio::task::JoinHandle<()>>,
     reload: Option<tokio::task::JoinHandle<()>>,
+    /// Reopens the ledger file on SIGHUP.
+    reopen: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// One worker thread per stack, all accepting on clones of one listener.
@@ -316,6 +326,22 @@ async fn drain_connections(
             phase.send_replace(Phase::Cut);
             closed.await;
         }
+    }
+}
+
+/// Reopens the ledger file on every SIGHUP, so that log rotation (logrotate's `postrotate`
+/// sends the signal) gets a new file. Runs beside the config reload, which SIGHUP also asks for.
+async fn reopen_on_hangup(ledger: Arc<Ledger>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP; the ledger is never reopened");
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        ledger.reopen();
     }
 }
 

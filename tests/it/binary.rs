@@ -577,3 +577,129 @@ fn check_and_serve_refuse_two_listeners_on_one_address() {
         "the config error, not a failed bind: {err}"
     );
 }
+
+/// logrotate's way: move the ledger away, SIGHUP, and the next lines go to a new file at the
+/// configured path, while the moved file keeps what was written before.
+#[tokio::test]
+async fn sighup_reopens_the_ledger_after_it_was_moved_away() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = dir.path().join("usage.jsonl");
+    let rotated = dir.path().join("usage.jsonl.1");
+    let port = common::closed_port();
+    let admin_port = common::closed_port();
+    let config = write_config(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n[upstream]\nurl = \"{}\"\n[state]\npath = \"{}\"\n[ledger]\npath = \"{}\"\n{}",
+        upstream.url(),
+        common::state_path().display(),
+        ledger.display(),
+        common::key_entry("test", common::TEST_KEY, "")
+    ));
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start gateway");
+    // The log, line by line, as it comes.
+    let (log_tx, log_rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().expect("stdout piped");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if log_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let log_rx = std::sync::Arc::new(std::sync::Mutex::new(log_rx));
+    let wait_for_log = move |needle: &'static str| {
+        let log_rx = log_rx.lock().expect("log lock");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match log_rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    };
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let client = common::client();
+    let send = |id: &'static str| {
+        let request = client
+            .post(&url)
+            .header("x-request-id", id)
+            .header("content-type", "application/json")
+            .body(chat_body(false, false))
+            .send();
+        async move {
+            let response = request.await.expect("request sent");
+            let status = response.status().as_u16();
+            let _ = response.bytes().await;
+            status
+        }
+    };
+    let wait = tokio::task::spawn_blocking({
+        let wait_for_log = wait_for_log.clone();
+        move || wait_for_log("tollgate serving")
+    });
+    assert!(wait.await.expect("join"), "gateway came up");
+    assert_eq!(send("before-rotation").await, 200);
+    // logrotate moves a file that holds lines: wait until the first one is on disk.
+    let read_ids = |path: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                v["request_id"].as_str().expect("request_id").to_owned()
+            })
+            .collect()
+    };
+    let mut written = false;
+    for _ in 0..200 {
+        if !read_ids(&ledger).is_empty() {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(written, "the first line reached the ledger");
+    std::fs::rename(&ledger, &rotated).expect("rotate the ledger");
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("send SIGHUP");
+    assert!(hup.success());
+    // The reopen is logged; without it, the line below goes to the moved file (the assertion on
+    // the files then fails, which is the bug this test is for).
+    let _reopened = tokio::task::spawn_blocking(move || wait_for_log("ledger reopened"))
+        .await
+        .expect("join");
+    assert_eq!(send("after-rotation").await, 200);
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("gateway exits");
+    assert!(exit.success(), "clean exit: {exit:?}");
+    assert_eq!(
+        read_ids(&rotated),
+        ["before-rotation"],
+        "the moved file keeps only what came before the rotation"
+    );
+    assert_eq!(
+        read_ids(&ledger),
+        ["after-rotation"],
+        "after SIGHUP the ledger path is a new file with the next line"
+    );
+}

@@ -3,7 +3,8 @@
 //! context by the quota layer before the request goes upstream, and run once by the request's
 //! end hook ([`AtEnd`]) — at the end of the answer, on a body error, or when the client left,
 //! before or after the response headers. The request's id, start, key, model and endpoint are
-//! read from the context: the settlement holds only what is its own.
+//! read from the context: the settlement holds only what is its own. The ledger line also goes to
+//! the console's ring of recent requests, ledger file or not.
 //!
 //! Edge cases: counts an upstream reports beyond [`MAX_TOKENS_PER_REQUEST`] are capped, so the
 //! quota arithmetic cannot overflow; a count the usage object lacks, or holds in a form that is
@@ -76,8 +77,13 @@ impl AtEnd for Settlement {
             .first_data
             .map(|first| (first - context.start()).as_secs_f64());
         self.count(context, &charge, ttft);
-        if let Some(ledger) = &self.ledger {
-            ledger.record(ledger_entry(context, ending, &charge, ttft));
+        let entry = ledger_entry(context, ending, &charge, ttft);
+        match &self.ledger {
+            Some(ledger) => {
+                self.metrics.recent.push(entry.clone());
+                ledger.record(entry);
+            }
+            None => self.metrics.recent.push(entry),
         }
     }
 }
@@ -184,6 +190,9 @@ impl Settlement {
                     .inc_by(tokens);
             }
         }
+        self.metrics
+            .timeline
+            .record_tokens(charge.prompt.saturating_add(charge.completion));
         if let Some(ttft) = ttft {
             self.metrics
                 .time_to_first_token_seconds

@@ -230,6 +230,7 @@ fn refusal(denied: QuotaDenied) -> Response<GatewayBody> {
         per: denied.per,
         limit: denied.limit,
         used: denied.used,
+        reserved: None,
         remaining: denied.limit.saturating_sub(denied.used),
         reset_after: denied.retry_after,
     };

@@ -1,6 +1,7 @@
 //! What every request leaves behind when it ends, once: the access-log line
-//! (`target=tollgate::access`) and the request metrics (`tollgate_requests_total`, and for routed
-//! requests `tollgate_request_duration_seconds`), read from the request context.
+//! (`target=tollgate::access`), the request metrics (`tollgate_requests_total`, and for routed
+//! requests `tollgate_request_duration_seconds`) and its count in the console's timeline (with
+//! its latency when it reached the upstream), read from the request context.
 //!
 //! Edge cases: a request that never reached a route has no duration sample (its `endpoint` label
 //! would be `none`); the client's request id and path are printed with Debug's quoting and
@@ -8,6 +9,7 @@
 
 use crate::http::context::{Ending, RequestContext};
 use crate::observability::metrics::Metrics;
+use crate::observability::timeline::Sample;
 
 /// Counts and logs the request `context`, which ended as `ending`.
 pub(crate) fn record(metrics: &Metrics, context: &RequestContext, ending: &Ending) {
@@ -26,6 +28,10 @@ pub(crate) fn record(metrics: &Metrics, context: &RequestContext, ending: &Endin
             .with_label_values(&[key, model, endpoint])
             .observe(elapsed.as_secs_f64());
     }
+    metrics.timeline.record(Sample {
+        status: ending.status.as_u16(),
+        latency: ending.upstream_reached.then_some(elapsed),
+    });
 
     // Whole microseconds: a short number to print ("0.412", not "0.41200000000000003").
     // Display (`%`) for names from known, safe sets.

@@ -4,6 +4,9 @@
 //! Label values are bounded: `key` is a configured key name or `unauthenticated`, `model` a model
 //! the key may use or `other`, `endpoint` and `status` come from fixed sets. A client can never
 //! grow the metric set.
+//!
+//! Beside the registry it holds what the console reads and Prometheus does not: the per-second
+//! [`Timeline`] and the [`RecentRequests`].
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -13,6 +16,8 @@ use prometheus::{
 use strum::IntoEnumIterator;
 
 use super::labels::{LedgerErrorReason, Rejection, StateOp, TokenKind, UpstreamErrorKind};
+use super::recent::RecentRequests;
+use super::timeline::Timeline;
 
 /// The `key` label before (or without) authentication.
 pub(crate) const UNAUTHENTICATED: &str = "unauthenticated";
@@ -45,6 +50,10 @@ pub struct Metrics {
     pub(crate) usage_unreadable_counts_total: IntCounterVec,
     pub(crate) ledger_errors_total: IntCounterVec,
     pub(crate) state_errors_total: IntCounterVec,
+    /// The last 15 minutes, second by second, for the console (not exported to Prometheus).
+    pub(crate) timeline: Timeline,
+    /// The last finished requests' ledger lines, for the console.
+    pub(crate) recent: RecentRequests,
 }
 
 impl Metrics {
@@ -121,6 +130,8 @@ impl Metrics {
                 "Calls to the shared state backend (Redis) that failed, by operation.",
                 &["op"],
             ),
+            timeline: Timeline::new(),
+            recent: RecentRequests::new(),
             // Last: every field above is made through `r`.
             registry: r.0,
         };

@@ -1,12 +1,23 @@
 //! The admin listener, on its own port and never on the client port: `/metrics` (Prometheus
 //! text), `/healthz` (the process is up), `/readyz` (config loaded, upstream reachable, state
-//! backend usable), and the admin API — `GET /admin/keys` and `GET /admin/keys/{name}`: each key's
-//! limits, requests in flight and token windows, never a secret — guarded by its own bearer token
-//! (`server.admin_token_env`; without one configured the API is off).
+//! backend usable), the operator's console (`/ui/`, [`console`]), and the admin API, guarded by
+//! its own bearer token (`server.admin_token_env`; without one configured the API and the console
+//! are off):
+//!
+//! - `GET /admin/keys`, `GET /admin/keys/{name}`: each key's limits, requests in flight and token
+//!   windows, never a secret;
+//! - `GET /admin/sections`: which of the console's pages have data on this gateway, each with the
+//!   endpoint it reads — a page for a feature this gateway has not got is not listed;
+//! - `GET /admin/stats?seconds=N`: the last N (at most 900) seconds of requests, errors,
+//!   refusals, tokens and latency, second by second ([`Timeline`]);
+//! - `GET /admin/requests`: the last 200 finished requests' ledger lines, newest first.
 //!
 //! Edge cases: `/readyz` opens a TCP connection to the upstream with a short timeout on every call
 //! (no cached answer that could lie for a while); the admin token is compared by its SHA-256 digest,
-//! so comparison timing reveals nothing usable about it; anything else is a 404 in the error shape.
+//! so comparison timing reveals nothing usable about it; admin and console answers are never
+//! stored by a cache (`no-store`); anything else is a 404 in the error shape.
+//!
+//! [`Timeline`]: crate::observability::timeline::Timeline
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,6 +33,8 @@ use crate::http::error::GatewayError;
 use crate::http::headers::bearer_token;
 use crate::keys::{hash_token, KeyEntry, SharedKeys};
 use crate::observability::metrics::Metrics;
+use crate::observability::timeline;
+use crate::server::console;
 use crate::state::Backend;
 
 /// How long `/readyz` waits for the upstream to accept a connection.
@@ -56,14 +69,21 @@ impl Admin {
             }
             "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"})),
             "/readyz" => self.readiness().await,
-            path if path == "/admin/keys" || path.starts_with("/admin/keys/") => {
-                if let Err(response) = self.authorize(request.headers()) {
-                    return Ok(*response);
-                }
-                match path.strip_prefix("/admin/keys/") {
-                    None => self.all_keys().await,
-                    Some(name) => self.one_key(name).await,
-                }
+            path if path == "/ui" || path.starts_with("/ui/") => {
+                let mut response = match self.token_digest {
+                    Some(_) => console::asset(path),
+                    None => admin_off(),
+                };
+                console::protect(&mut response);
+                response
+            }
+            path if path.starts_with("/admin/") => {
+                let mut response = match self.authorize(request.headers()) {
+                    Ok(()) => self.api(path, request.uri().query()).await,
+                    Err(response) => *response,
+                };
+                console::protect(&mut response);
+                response
             }
             path => GatewayError::NotFound {
                 path: path.to_owned(),
@@ -110,13 +130,34 @@ impl Admin {
 }
 
 impl Admin {
+    /// An admin API call, once authorized.
+    async fn api(&self, path: &str, query: Option<&str>) -> Response<GatewayBody> {
+        match path {
+            "/admin/keys" => self.all_keys().await,
+            "/admin/sections" => json_response(StatusCode::OK, sections()),
+            "/admin/stats" => {
+                let seconds = query_value(query, "seconds")
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .unwrap_or(timeline::SECONDS);
+                json_response(StatusCode::OK, json!(self.metrics.timeline.series(seconds)))
+            }
+            "/admin/requests" => json_response(
+                StatusCode::OK,
+                json!({ "requests": self.metrics.recent.newest_first() }),
+            ),
+            path => match path.strip_prefix("/admin/keys/") {
+                Some(name) => self.one_key(name).await,
+                None => GatewayError::NotFound {
+                    path: path.to_owned(),
+                }
+                .into_response(),
+            },
+        }
+    }
+
     fn authorize(&self, headers: &http::HeaderMap) -> Result<(), Box<Response<GatewayBody>>> {
         let Some(expected) = &self.token_digest else {
-            return Err(Box::new(json_response(
-                StatusCode::NOT_FOUND,
-                json!({"status": 404, "title": "Not Found", "detail": "the admin API is off: set server.admin_token_env",
-                       "error": {"message": "the admin API is off: set server.admin_token_env", "type": "not_found_error", "code": "admin_disabled"}}),
-            )));
+            return Err(Box::new(admin_off()));
         };
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
             return Err(Box::new(GatewayError::MissingApiKey.into_response()));
@@ -169,6 +210,7 @@ impl Admin {
                     "window": quota.label(),
                     "limit": w.limit,
                     "used": w.used,
+                    "reserved": w.reserved,
                     "remaining": w.remaining,
                     "reset_seconds": w.reset_after.as_secs(),
                 }))
@@ -193,6 +235,38 @@ impl Admin {
             "windows": windows,
         })
     }
+}
+
+/// The console's pages that have data on this gateway, in the order the console shows them,
+/// each with the endpoint it reads. A page is listed only when its feature exists, so a console
+/// never shows an empty page: groups (`/admin/groups`) when `[groups]` are configured,
+/// upstreams (`/admin/upstreams`) when pools are, and the keys page's `actions` (`create`,
+/// `rotate`, `revoke`) when keys can be managed at run time.
+fn sections() -> serde_json::Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "sections": [
+            {"id": "overview", "title": "Overview", "api": "/admin/stats"},
+            {"id": "keys", "title": "Keys", "api": "/admin/keys", "actions": []},
+            {"id": "requests", "title": "Recent requests", "api": "/admin/requests"},
+        ],
+    })
+}
+
+/// The value of `name` in a query string (`a=1&b=2`), as written.
+fn query_value<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// The answer of the admin API and the console when no admin token is configured.
+fn admin_off() -> Response<GatewayBody> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        json!({"status": 404, "title": "Not Found", "detail": "the admin API is off: set server.admin_token_env",
+               "error": {"message": "the admin API is off: set server.admin_token_env", "type": "not_found_error", "code": "admin_disabled"}}),
+    )
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<GatewayBody> {

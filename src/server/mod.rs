@@ -7,6 +7,7 @@
 //! never crosses the network in the clear.
 
 pub(crate) mod admin;
+pub(crate) mod console;
 pub(crate) mod first_bytes;
 pub(crate) mod idle;
 pub mod reload;

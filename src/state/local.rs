@@ -349,6 +349,7 @@ fn status_of(quota: &Quota, counter: &Counter, now: u64) -> WindowStatus {
         per: quota.per,
         limit: quota.tokens,
         used: taken,
+        reserved: Some(counter.reserved),
         remaining: quota.tokens.saturating_sub(taken),
         reset_after: Duration::from_secs(counter.start + quota.per_secs() - now),
     }

@@ -53,6 +53,9 @@ pub struct WindowStatus {
     pub(crate) limit: u64,
     /// Settled plus reserved.
     pub(crate) used: u64,
+    /// Of `used`, what requests in flight hold for their worst case; `None` where it was not
+    /// read (a refusal's or a Redis reservation's figures, which only the headers use).
+    pub(crate) reserved: Option<u64>,
     pub(crate) remaining: u64,
     pub(crate) reset_after: Duration,
 }

@@ -188,19 +188,21 @@ return out
 ";
 
 /// The current window of each KEYS[i] (leases KEYS[n+i], length ARGV[i] s):
-/// `{used + reserved, reset, …}`.
+/// `{used + reserved, reserved, reset, …}`.
 const STATUS: &str = r"
 local out = {}
 for i = 1, n do
   local per = tonumber(ARGV[i])
   local start = now - (now % per)
-  local used = 0
+  local used, reserved = 0, 0
   if tonumber(redis.call('HGET', KEYS[i], 'start') or '-1') == start then
     expire(KEYS[i], KEYS[n + i], now_ms)
     local h = redis.call('HMGET', KEYS[i], 'used', 'reserved')
-    used = tonumber(h[1] or '0') + tonumber(h[2] or '0')
+    reserved = tonumber(h[2] or '0')
+    used = tonumber(h[1] or '0') + reserved
   end
   table.insert(out, used)
+  table.insert(out, reserved)
   table.insert(out, start + per - now)
 end
 return out
@@ -544,9 +546,10 @@ impl RedisState {
             .map(|(i, quota)| WindowStatus {
                 per: quota.per,
                 limit: quota.tokens,
-                used: at(2 * i),
-                remaining: quota.tokens.saturating_sub(at(2 * i)),
-                reset_after: Duration::from_secs(at(2 * i + 1)),
+                used: at(3 * i),
+                reserved: Some(at(3 * i + 1)),
+                remaining: quota.tokens.saturating_sub(at(3 * i)),
+                reset_after: Duration::from_secs(at(3 * i + 2)),
             })
             .collect())
     }
@@ -750,6 +753,7 @@ fn reserve_reply(
             per: quota.per,
             limit: quota.tokens,
             used,
+            reserved: None,
             remaining: quota.tokens.saturating_sub(used),
             reset_after: Duration::from_secs(reset),
         });

@@ -1,0 +1,84 @@
+//! The last [`RECENT`] finished requests, as their ledger lines: what the console's "Recent
+//! requests" page shows (`GET /admin/requests`), kept in memory whether or not a ledger file is
+//! configured.
+//!
+//! A ledger line holds no prompt, no answer and no token, so neither does this. Pushing is one
+//! short lock and a move into a bounded ring; the oldest line falls out.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+
+use crate::accounting::ledger::LedgerEntry;
+
+/// How many finished requests are kept.
+pub const RECENT: usize = 200;
+
+pub struct RecentRequests {
+    ring: Mutex<VecDeque<LedgerEntry>>,
+}
+
+impl RecentRequests {
+    pub fn new() -> RecentRequests {
+        RecentRequests {
+            ring: Mutex::new(VecDeque::with_capacity(RECENT)),
+        }
+    }
+
+    pub fn push(&self, entry: LedgerEntry) {
+        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        if ring.len() == RECENT {
+            ring.pop_front();
+        }
+        ring.push_back(entry);
+    }
+
+    /// The kept lines, newest first.
+    pub fn newest_first(&self) -> Vec<LedgerEntry> {
+        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        ring.iter().rev().cloned().collect()
+    }
+}
+
+impl Default for RecentRequests {
+    fn default() -> Self {
+        RecentRequests::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: usize) -> LedgerEntry {
+        LedgerEntry {
+            time: String::new(),
+            request_id: format!("r{n}"),
+            key: "k".into(),
+            model: "m".into(),
+            endpoint: "chat_completions",
+            status: 200,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            source: "reported",
+            duration_ms: 1.0,
+            ttft_ms: None,
+            outcome: "complete",
+        }
+    }
+
+    #[test]
+    fn keeps_the_last_two_hundred_newest_first() {
+        let recent = RecentRequests::new();
+        for n in 0..RECENT + 50 {
+            recent.push(entry(n));
+        }
+        let kept = recent.newest_first();
+        assert_eq!(kept.len(), RECENT, "bounded");
+        assert_eq!(
+            kept[0].request_id,
+            format!("r{}", RECENT + 49),
+            "newest first"
+        );
+        assert_eq!(kept[RECENT - 1].request_id, "r50", "the oldest fell out");
+    }
+}

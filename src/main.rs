@@ -1,6 +1,7 @@
 //! The `tollgate` command: parse the arguments, set up logging, and hand over to the subcommand
 //! (`tollgate::cli`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 /// touched arena costs 2 MB of RSS (peak RSS at 64 streams 33–39 MB instead of 24).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use tollgate::cli::demo::{self, DemoOptions};
 use tollgate::cli::report::{self, GroupBy};
 use tollgate::cli::{check, keygen, serve};
 use tollgate::observability::{init_tracing, LogFormat};
@@ -33,6 +35,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Try the gateway: a demo config with two keys, in front of a built-in model server, until
+    /// Ctrl-C. Prints the keys, lines to try, and the console's URL and token.
+    Demo {
+        /// The client port.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The admin port: /metrics and the console (/ui/).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+        /// A real model server (its base URL, as `upstream.url`) instead of the built-in one.
+        #[arg(long, value_name = "URL")]
+        upstream: Option<String>,
+        /// The model the printed lines ask for.
+        #[arg(long, default_value = "mock-model")]
+        model: String,
+    },
     /// Run the gateway.
     Serve {
         /// Config file; without it, the embedded default config (config/tollgate.toml).
@@ -77,6 +95,17 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Demo {
+            listen,
+            admin_listen,
+            upstream,
+            model,
+        } => demo::run(DemoOptions {
+            listen,
+            admin_listen,
+            upstream,
+            model,
+        }),
         Command::Serve { config } => serve::run(config),
         Command::Check { config } => check::run(&config),
         Command::Keygen { name } => keygen::run(&name),

@@ -1,16 +1,19 @@
 //! The `tollgate` subcommands, each behind one `run` function that `main` dispatches to after
-//! parsing the arguments: [`serve`] (the gateway), [`check`] (validate a config and print what it
-//! would enforce), [`keygen`] (a new key and its `[[keys]]` entry), [`report`] (`tollgate usage`,
-//! the usage report over the ledger).
+//! parsing the arguments: [`demo`] (the gateway on a demo config, in front of a built-in model
+//! server), [`serve`] (the gateway), [`check`] (validate a config and print what it would
+//! enforce), [`keygen`] (a new key and its `[[keys]]` entry), [`report`] (`tollgate usage`, the
+//! usage report over the ledger).
 //!
 //! Each prints its own errors (`tollgate: …` on stderr) and returns the process's exit code.
 
 pub mod check;
+pub mod demo;
 pub mod keygen;
 pub mod report;
 pub mod serve;
 
 use std::path::Path;
+use std::process::ExitCode;
 
 use crate::config::{Config, DEFAULT_CONFIG};
 
@@ -21,4 +24,17 @@ fn load(path: Option<&Path>) -> Result<Config, String> {
         None => Config::parse(DEFAULT_CONFIG, "<embedded config/tollgate.toml>")
             .map_err(|e| e.to_string()),
     }
+}
+
+/// The control plane's runtime: signals, reloads, the admin port, state flushes. Client
+/// connections are served by `server.workers` threads with runtimes of their own
+/// (`server::worker`).
+fn control_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("tollgate: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        })
 }

@@ -17,17 +17,9 @@ pub fn run(path: Option<PathBuf>) -> ExitCode {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    // The control plane only: signals, reloads, the admin port, state flushes. Client
-    // connections are served by `server.workers` threads with runtimes of their own (`server::worker`).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::control_runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("tollgate: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let options = ServerOptions {
         config_path: path,
@@ -48,7 +40,7 @@ pub fn run(path: Option<PathBuf>) -> ExitCode {
 }
 
 /// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let terminate = async {
         match signal(SignalKind::terminate()) {

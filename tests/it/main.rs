@@ -7,6 +7,7 @@ mod accounting;
 mod binary;
 mod connections;
 mod dashboard;
+mod demo;
 mod hardening;
 mod keys;
 mod openai_client;

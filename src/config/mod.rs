@@ -251,7 +251,6 @@ impl UpstreamConfig {
 pub(crate) struct Secret(String);
 
 impl Secret {
-    #[cfg(test)]
     pub(crate) fn new(value: String) -> Self {
         Secret(value)
     }

@@ -24,7 +24,7 @@ impl RecentRequests {
         }
     }
 
-    pub fn push(&self, entry: LedgerEntry) {
+    pub(crate) fn push(&self, entry: LedgerEntry) {
         let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
         if ring.len() == RECENT {
             ring.pop_front();
@@ -33,7 +33,7 @@ impl RecentRequests {
     }
 
     /// The kept lines, newest first.
-    pub fn newest_first(&self) -> Vec<LedgerEntry> {
+    pub(crate) fn newest_first(&self) -> Vec<LedgerEntry> {
         let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
         ring.iter().rev().cloned().collect()
     }

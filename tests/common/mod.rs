@@ -195,7 +195,8 @@ pub fn client() -> reqwest::Client {
 }
 
 /// A client that sends `key` as its bearer token unless a request sets its own
-/// `Authorization`, never follows redirects, and gives up after 20 s.
+/// `Authorization`, never follows redirects, and gives up after 60 s: long enough for the
+/// 200-request races on a loaded 2-core machine, short enough to catch a hang.
 pub fn client_with_key(key: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
@@ -206,7 +207,7 @@ pub fn client_with_key(key: &str) -> reqwest::Client {
     reqwest::Client::builder()
         .default_headers(headers)
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
+        .timeout(Duration::from_secs(60))
         .build()
         .expect("client builds")
 }

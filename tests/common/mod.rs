@@ -3,6 +3,7 @@
 //! client helpers.
 
 pub mod redis_server;
+pub mod webdriver;
 
 use std::net::SocketAddr;
 use std::time::Duration;

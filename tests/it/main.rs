@@ -6,6 +6,7 @@ mod common;
 mod accounting;
 mod binary;
 mod connections;
+mod console;
 mod dashboard;
 mod demo;
 mod hardening;

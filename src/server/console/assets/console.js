@@ -35,7 +35,7 @@ function el(tag, attrs, ...children) {
   for (const [name, value] of Object.entries(attrs || {})) {
     if (value !== null && value !== undefined && value !== false) node.setAttribute(name, value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(typeof child === "string" || typeof child === "number" ? String(child) : child);
   }
@@ -221,14 +221,13 @@ function chart(title, seconds, series, format, floor) {
     "aria-label": title + ": " + series.map((s) => s.name + " now " + format(last(s.values))).join(", ") });
   for (const s of series) {
     let d = "";
-    let pen = "M";
+    const gap = (v) => v === null || v === undefined;
     s.values.forEach((v, i) => {
-      if (v === null || v === undefined) {
-        pen = "M";
-        return;
-      }
-      d += pen + i + " " + (100 - (v / top) * 98).toFixed(2) + " ";
-      pen = "L";
+      if (gap(v)) return;
+      const y = (100 - (v / top) * 98).toFixed(2);
+      const alone = gap(s.values[i - 1]) && gap(s.values[i + 1]);
+      // A point with no neighbour is drawn as a dot (a zero-length line with round caps).
+      d += (gap(s.values[i - 1]) ? "M" : "L") + i + " " + y + (alone ? " l0.001 0 " : " ");
     });
     plot.append(svg("path", { d: d || "M0 100", class: s.dashed ? "dashed" : "solid" }));
   }

@@ -103,23 +103,17 @@ impl Browser {
 
     /// One WebDriver command; its `value`. A WebDriver error fails the test, naming the command.
     async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let mut request = self.http.request(method, format!("{}{path}", self.session));
-        if !body.is_null() {
-            request = request.json(&body);
+        let what = format!("webdriver {path} {body}");
+        send(self.request(method, path, body), &what).await
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str, body: Value) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.session));
+        if body.is_null() {
+            request
+        } else {
+            request.json(&body)
         }
-        let answer: Value = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("webdriver {path}: {e}"))
-            .json()
-            .await
-            .unwrap_or_else(|e| panic!("webdriver {path}: {e}"));
-        let value = answer["value"].clone();
-        assert!(
-            value.get("error").is_none(),
-            "webdriver {path} {body}: {value}"
-        );
-        value
     }
 
     pub async fn goto(&self, url: &str) {
@@ -219,24 +213,14 @@ impl Browser {
              observer.observe(document, {{subtree: true, childList: true, attributes: true, characterData: true}});
              attempt();"
         );
-        let mut request = self
-            .http
-            .post(format!("{}/execute/async", self.session))
-            .json(&json!({"script": script, "args": []}));
-        request = request.timeout(SCRIPT_TIMEOUT + Duration::from_secs(10));
-        let answer: Value = request
-            .send()
-            .await
-            .expect("webdriver wait")
-            .json()
-            .await
-            .expect("webdriver wait");
-        let value = answer["value"].clone();
-        assert!(
-            value.get("error").is_none(),
-            "the page never showed `{condition}`: {value}"
-        );
-        value
+        let request = self
+            .request(
+                reqwest::Method::POST,
+                "/execute/async",
+                json!({"script": script, "args": []}),
+            )
+            .timeout(SCRIPT_TIMEOUT + Duration::from_secs(10));
+        send(request, &format!("the page never showed `{condition}`")).await
     }
 
     /// Saves a PNG of the window at `path`.
@@ -256,6 +240,20 @@ impl Browser {
     pub async fn close(self) {
         self.call(reqwest::Method::DELETE, "", Value::Null).await;
     }
+}
+
+/// Sends a WebDriver command; its `value`. An error fails the test with `what`.
+async fn send(request: reqwest::RequestBuilder, what: &str) -> Value {
+    let answer: Value = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let value = answer["value"].clone();
+    assert!(value.get("error").is_none(), "{what}: {value}");
+    value
 }
 
 /// The port from chromedriver's "ChromeDriver was started successfully on port N." line.

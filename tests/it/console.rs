@@ -197,17 +197,11 @@ async fn stats_and_recent_requests_show_what_the_gateway_answered() {
         .sum();
     assert_eq!(per_second, 5, "the series adds up to the totals");
 
-    let response = reqwest::Client::new()
-        .get(format!("{}/admin/requests", gateway.admin_url()))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("request");
-    let text = response.text().await.expect("text");
+    let recent = admin_json(&gateway, "/admin/requests").await;
+    let text = recent.to_string();
     for secret in [common::TEST_KEY, TOKEN, "tg-nobody", "Say hello"] {
         assert!(!text.contains(secret), "no token or prompt: found {secret}");
     }
-    let recent: Value = serde_json::from_str(&text).expect("JSON");
     let statuses: Vec<u64> = recent["requests"]
         .as_array()
         .expect("requests")

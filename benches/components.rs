@@ -19,6 +19,7 @@ use bench_support::stats::{median, percentile};
 use bytes::Bytes;
 use clap::Parser as _;
 use http_body_util::{BodyExt, StreamBody};
+use tollgate::accounting::recent::RecentRequests;
 use tollgate::accounting::{Settlement, UsageWatch, WatchedBody};
 use tollgate::config::{KeyConfig, Limits, Quota};
 use tollgate::http::body::{BoxError, GatewayBody};
@@ -161,12 +162,14 @@ async fn bench_accounting() {
     let entry = store.get("bench").expect("key").clone();
     let frames = sse_frames();
     let streams = 2_000;
+    let recent = Arc::new(RecentRequests::new());
 
     // One request's context with its settlement registered, and its answer watched under the
     // end hook, as the stack does.
     let accounted = |strip: bool| {
         let backend = backend.clone();
         let metrics = metrics.clone();
+        let recent = recent.clone();
         let entry = entry.clone();
         let quotas = quotas.clone();
         let frames = &frames;
@@ -187,6 +190,7 @@ async fn bench_accounting() {
             context.at_end(Settlement {
                 backend,
                 ledger: None,
+                recent: recent.clone(),
                 metrics,
                 held: Some(held),
                 prompt_estimate: 20,

@@ -42,7 +42,7 @@ use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::accounting::ledger::Ledger;
+use crate::accounting::Accounting;
 use crate::config::Config;
 use crate::http::body::{BoxError, GatewayBody};
 use crate::http::error::GatewayError;
@@ -58,7 +58,6 @@ use crate::layers::route::RouteLayer;
 use crate::layers::validate::{validate_layer, Schemas};
 use crate::observability::metrics::Metrics;
 use crate::proxy::{Connector, Proxy};
-use crate::state::Backend;
 
 /// Builds the gateway's request stack for `config`, with the live key table `keys` (whose clock
 /// the limiters read), recording into `metrics`. Each stack keeps its own upstream pool, made
@@ -108,19 +107,11 @@ pub fn build_stack(
         .layer(policy_layer(metrics.clone()))
         // Last before the upstream: only requests that will really be sent reserve tokens.
         .layer(QuotaLayer::new(
-            accounting.backend,
-            accounting.ledger,
+            accounting,
             metrics,
             config.upstream.inject_usage,
         ))
         .service(proxy))
-}
-
-/// Where usage is charged and written.
-#[derive(Clone)]
-pub struct Accounting {
-    pub(crate) backend: Arc<Backend>,
-    pub(crate) ledger: Option<Arc<Ledger>>,
 }
 
 fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response<GatewayBody> {

@@ -90,7 +90,10 @@ fn run(opts: Options) -> anyhow::Result<()> {
         .build()?;
 
     let mut report = Report::default();
-    let rows = runtime.block_on(rows::start_all(&opts, &mock, dir.path(), &mut report))?;
+    let (rows, skipped) = runtime.block_on(rows::start_all(&opts, &mock, dir.path()))?;
+    for note in skipped {
+        report.note(note);
+    }
     let bench = Bench {
         rows,
         opts,

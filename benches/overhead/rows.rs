@@ -19,7 +19,6 @@ use http::StatusCode;
 use crate::client::{connect, exchange, Endpoint};
 use crate::mock::Mock;
 use crate::options::Options;
-use crate::report::Report;
 use crate::targets::{Kind, Target, Variant, TARGETS, UPSTREAM_KEY, UPSTREAM_KEY_ENV};
 
 const NGINX_TEMPLATE: &str = include_str!("../../bench/nginx.conf");
@@ -48,14 +47,15 @@ fn wanted(target: &Target, opts: &Options) -> bool {
     }
 }
 
-/// Starts every row these options want, in table order; notes what was skipped in `report`.
+/// Starts every row these options want, in table order. Returns the rows and a note for each
+/// row that was skipped (for the report's header).
 pub async fn start_all(
     opts: &Options,
     mock: &Mock,
     dir: &Path,
-    report: &mut Report,
-) -> anyhow::Result<Vec<Row>> {
+) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
     let mut rows = Vec::new();
+    let mut skipped = Vec::new();
     for target in TARGETS.iter().filter(|t| wanted(t, opts)) {
         let headers = target
             .headers
@@ -89,7 +89,7 @@ pub async fn start_all(
             }
             Kind::Nginx => {
                 rows.extend(
-                    start_nginx_or_skip(target.name, headers, opts, mock, dir, report).await,
+                    start_nginx_or_skip(target.name, headers, opts, mock, dir, &mut skipped).await,
                 );
                 continue;
             }
@@ -107,7 +107,7 @@ pub async fn start_all(
             .with_context(|| format!("row {}", target.name))?;
         rows.push(row);
     }
-    Ok(rows)
+    Ok((rows, skipped))
 }
 
 fn safe_name(name: &str) -> String {
@@ -221,17 +221,17 @@ fn find_nginx() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// The nginx row, or `None` with a note in `report` when nginx is not installed or does not start.
+/// The nginx row, or `None` with a note in `skipped` when nginx is not installed or does not start.
 async fn start_nginx_or_skip(
     name: &'static str,
     headers: Vec<(HeaderName, HeaderValue)>,
     opts: &Options,
     mock: &Mock,
     dir: &Path,
-    report: &mut Report,
+    skipped: &mut Vec<String>,
 ) -> Option<Row> {
     let Some(bin) = find_nginx() else {
-        report.note(format!(
+        skipped.push(format!(
             "row {name}: nginx is not installed (e.g. `apt-get install -y nginx`): skipped"
         ));
         return None;
@@ -239,7 +239,7 @@ async fn start_nginx_or_skip(
     match start_nginx(name, &bin, headers, opts, mock, dir).await {
         Ok(row) => Some(row),
         Err(error) => {
-            report.note(format!(
+            skipped.push(format!(
                 "row {name}: nginx did not start: {error:#}: skipped"
             ));
             None

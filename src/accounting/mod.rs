@@ -1,7 +1,8 @@
 //! The response body on its way out, watched for token usage ([`body`]), and the one settlement
 //! of each request ([`settlement`]): quota windows charged, metrics counted, ledger line written
 //! — exactly once, by the request's end hook: at the end of the body, on a body error, or when
-//! the client left (before or after the response headers).
+//! the client left (before or after the response headers). The settlement's ledger line also
+//! goes to the ring of [`recent`] requests that the console shows.
 //!
 //! Frames pass through untouched (the same `Bytes`), except when the gateway asked the upstream
 //! for stream usage on the client's behalf: then [`UsageStripper`] takes out of the client's
@@ -17,8 +18,25 @@
 
 pub(crate) mod body;
 pub(crate) mod ledger;
+pub mod recent;
 pub(crate) mod settlement;
 pub mod usage;
 
+use std::sync::Arc;
+
+use self::ledger::Ledger;
+use self::recent::RecentRequests;
+use crate::state::Backend;
+
 pub use self::body::{UsageWatch, WatchedBody};
 pub use self::settlement::Settlement;
+
+/// Where usage is charged (the state backend) and written (the ledger, the ring of recent
+/// requests): what the quota layer hands each request's settlement.
+#[derive(Clone)]
+pub struct Accounting {
+    pub(crate) backend: Arc<Backend>,
+    pub(crate) ledger: Option<Arc<Ledger>>,
+    /// The last ledger lines, for the console.
+    pub(crate) recent: Arc<RecentRequests>,
+}

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use crate::accounting::body::{Observed, UsageWatch};
 use crate::accounting::ledger::{now_rfc3339, Ledger, LedgerEntry};
+use crate::accounting::recent::RecentRequests;
 use crate::accounting::usage::{estimate_tokens_from_chars, TokenCount, Usage};
 use crate::http::context::{AtEnd, Ending, RequestContext};
 use crate::http::CLIENT_CLOSED_REQUEST;
@@ -28,6 +29,8 @@ use crate::state::{Backend, Held};
 pub struct Settlement {
     pub backend: Arc<Backend>,
     pub ledger: Option<Arc<Ledger>>,
+    /// The console's ring of the last ledger lines, kept with or without a ledger file.
+    pub recent: Arc<RecentRequests>,
     pub metrics: Arc<Metrics>,
     pub held: Option<Held>,
     pub prompt_estimate: u64,
@@ -80,10 +83,10 @@ impl AtEnd for Settlement {
         let entry = ledger_entry(context, ending, &charge, ttft);
         match &self.ledger {
             Some(ledger) => {
-                self.metrics.recent.push(entry.clone());
+                self.recent.push(entry.clone());
                 ledger.record(entry);
             }
-            None => self.metrics.recent.push(entry),
+            None => self.recent.push(entry),
         }
     }
 }

@@ -36,7 +36,9 @@ use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use crate::accounting::ledger::Ledger;
+use crate::accounting::recent::RecentRequests;
 use crate::accounting::usage::{prompt_tokens, PromptTokens};
+use crate::accounting::Accounting;
 use crate::accounting::{Settlement, UsageWatch, WatchedBody};
 use crate::config::window_label;
 use crate::http::body::GatewayBody;
@@ -59,21 +61,23 @@ pub(crate) struct QuotaLayer {
 struct Shared {
     backend: Arc<Backend>,
     ledger: Option<Arc<Ledger>>,
+    recent: Arc<RecentRequests>,
     metrics: Arc<Metrics>,
     inject_usage: bool,
 }
 
 impl QuotaLayer {
-    pub(crate) fn new(
-        backend: Arc<Backend>,
-        ledger: Option<Arc<Ledger>>,
-        metrics: Arc<Metrics>,
-        inject_usage: bool,
-    ) -> Self {
+    pub(crate) fn new(accounting: Accounting, metrics: Arc<Metrics>, inject_usage: bool) -> Self {
+        let Accounting {
+            backend,
+            ledger,
+            recent,
+        } = accounting;
         QuotaLayer {
             shared: Arc::new(Shared {
                 backend,
                 ledger,
+                recent,
                 metrics,
                 inject_usage,
             }),
@@ -165,6 +169,7 @@ impl Shared {
         context.at_end(Settlement {
             backend: self.backend.clone(),
             ledger: self.ledger.clone(),
+            recent: self.recent.clone(),
             metrics: self.metrics.clone(),
             held,
             prompt_estimate: prompt.estimate,

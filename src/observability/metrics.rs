@@ -16,7 +16,6 @@ use prometheus::{
 use strum::IntoEnumIterator;
 
 use super::labels::{LedgerErrorReason, Rejection, StateOp, TokenKind, UpstreamErrorKind};
-use super::recent::RecentRequests;
 use super::timeline::Timeline;
 
 /// The `key` label before (or without) authentication.
@@ -52,8 +51,6 @@ pub struct Metrics {
     pub(crate) state_errors_total: IntCounterVec,
     /// The last 15 minutes, second by second, for the console (not exported to Prometheus).
     pub(crate) timeline: Timeline,
-    /// The last finished requests' ledger lines, for the console.
-    pub(crate) recent: RecentRequests,
 }
 
 impl Metrics {
@@ -131,7 +128,6 @@ impl Metrics {
                 &["op"],
             ),
             timeline: Timeline::new(),
-            recent: RecentRequests::new(),
             // Last: every field above is made through `r`.
             registry: r.0,
         };

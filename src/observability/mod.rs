@@ -8,7 +8,6 @@ pub(crate) mod labels;
 pub(crate) mod log_format;
 pub(crate) mod log_writer;
 pub mod metrics;
-pub mod recent;
 pub mod timeline;
 
 use self::log_format::PlainText;

@@ -27,6 +27,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
+use crate::accounting::recent::RecentRequests;
 use crate::config::UpstreamConfig;
 use crate::http::body::GatewayBody;
 use crate::http::error::GatewayError;
@@ -45,6 +46,8 @@ pub(crate) struct Admin {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) upstream: UpstreamConfig,
     pub(crate) backend: Arc<Backend>,
+    /// The last ledger lines, for `/admin/requests`.
+    pub(crate) recent: Arc<RecentRequests>,
     pub(crate) keys: SharedKeys,
     /// SHA-256 of the admin token; `None`: the admin API is off.
     pub(crate) token_digest: Option<[u8; 32]>,
@@ -143,7 +146,7 @@ impl Admin {
             }
             "/admin/requests" => json_response(
                 StatusCode::OK,
-                json!({ "requests": self.metrics.recent.newest_first() }),
+                json!({ "requests": self.recent.newest_first() }),
             ),
             path => match path.strip_prefix("/admin/keys/") {
                 Some(name) => self.one_key(name).await,

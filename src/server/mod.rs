@@ -30,6 +30,8 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::accounting::ledger::Ledger;
+use crate::accounting::recent::RecentRequests;
+use crate::accounting::Accounting;
 use crate::config::Config;
 use crate::http::body::BoxError;
 use crate::keys::{KeyStore, SharedKeys};
@@ -42,7 +44,6 @@ use crate::server::worker::{
     ConnectionLimit, ConnectionSettings, Phase, ResponseBody, Stack, Worker,
 };
 use crate::stack::build_stack;
-use crate::stack::Accounting;
 use crate::state::clock::Clock;
 use crate::state::local::LocalState;
 use crate::state::redis::RedisState;
@@ -124,7 +125,11 @@ impl Server {
                 config.clone(),
             ))
         });
-        let accounting = Accounting { backend, ledger };
+        let accounting = Accounting {
+            backend,
+            ledger,
+            recent: Arc::new(RecentRequests::new()),
+        };
         Ok(Server {
             config,
             metrics,
@@ -262,6 +267,7 @@ impl Server {
             metrics: self.metrics.clone(),
             upstream: self.config.upstream.clone(),
             backend: self.accounting.backend.clone(),
+            recent: self.accounting.recent.clone(),
             keys: self.keys.clone(),
             token_digest: self
                 .config

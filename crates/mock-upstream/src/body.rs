@@ -18,8 +18,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
+use crate::conn::ConnCtl;
 use crate::fault::{Fault, Knobs};
-use crate::server::ConnCtl;
 use crate::Shared;
 
 /// Pause between the last frame and the failure of an `abort-after` body.

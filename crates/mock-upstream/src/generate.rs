@@ -4,7 +4,14 @@
 use serde_json::Value;
 
 use crate::fault::Knobs;
-use crate::respond::Route;
+
+/// The endpoint a request is for: what its answer is generated as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    Chat,
+    Completions,
+    Models,
+}
 
 /// `created` of every generated object.
 const CREATED: u64 = 1_700_000_000;

@@ -74,6 +74,7 @@
 pub mod canned;
 
 mod body;
+mod conn;
 mod fault;
 mod generate;
 mod respond;

@@ -14,9 +14,9 @@ use serde_json::Value;
 
 use crate::body::{Frames, MockAbort, MockBody, Track};
 use crate::canned;
+use crate::conn::ConnCtl;
 use crate::fault::{Fault, Knobs};
-use crate::generate::{json_string, Generation};
-use crate::server::ConnCtl;
+use crate::generate::{json_string, Generation, Route};
 use crate::{RecordedRequest, Shared};
 
 const NOT_FOUND_BODY: &str =
@@ -71,13 +71,6 @@ pub(crate) async fn handle(
         tokio::time::sleep(delay).await;
     }
     Ok(respond(&shared, &ctl, &parts, &body, &knobs))
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Route {
-    Chat,
-    Completions,
-    Models,
 }
 
 fn respond(

@@ -1,10 +1,10 @@
-//! The accept loop and one task per connection (HTTP/1.1 and h2c on the same port), with a
-//! control channel through which an answer can close its connection after the response
+//! The accept loop and one task per connection (HTTP/1.1 and h2c on the same port), obeying its
+//! [`ConnCtl`](crate::conn::ConnCtl): an answer can close its connection after the response
 //! (close-after-stream) or drop it at once, with an RST (reset-before-headers).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,21 +14,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+use crate::conn::ConnCtl;
 use crate::respond::handle;
 use crate::Shared;
-
-#[derive(Default)]
-pub(crate) struct ConnCtl {
-    /// Graceful close after the current response (close-after-stream).
-    pub(crate) close: Notify,
-    /// Drop the connection right now.
-    pub(crate) kill: Notify,
-    /// Close with RST (SO_LINGER 0) instead of FIN when the socket is dropped.
-    pub(crate) reset: AtomicBool,
-}
 
 pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));

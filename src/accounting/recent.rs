@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
-use crate::accounting::ledger::LedgerEntry;
+use super::ledger::LedgerEntry;
 
 /// How many finished requests are kept.
 pub const RECENT: usize = 200;

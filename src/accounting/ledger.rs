@@ -288,26 +288,28 @@ pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
+/// A ledger line for tests: request `r{n}` with `n` prompt tokens.
+#[cfg(test)]
+pub(crate) fn sample_entry(n: u64) -> LedgerEntry {
+    LedgerEntry {
+        time: now_rfc3339(),
+        request_id: format!("r{n}"),
+        key: "k".into(),
+        model: "m".into(),
+        endpoint: "chat_completions",
+        status: 200,
+        prompt_tokens: n,
+        completion_tokens: 1,
+        source: "reported",
+        duration_ms: 1.0,
+        ttft_ms: None,
+        outcome: "complete",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(n: u64) -> LedgerEntry {
-        LedgerEntry {
-            time: now_rfc3339(),
-            request_id: format!("r{n}"),
-            key: "k".into(),
-            model: "m".into(),
-            endpoint: "chat_completions",
-            status: 200,
-            prompt_tokens: n,
-            completion_tokens: 1,
-            source: "reported",
-            duration_ms: 1.0,
-            ttft_ms: None,
-            outcome: "complete",
-        }
-    }
 
     #[test]
     fn every_line_is_on_disk_after_close() {
@@ -315,7 +317,7 @@ mod tests {
         let path = dir.path().join("ledger").join("usage.jsonl");
         let ledger = Ledger::open(&path, Arc::new(Metrics::new())).expect("open");
         for n in 0..1000 {
-            ledger.record(entry(n));
+            ledger.record(sample_entry(n));
         }
         ledger.close(Duration::from_secs(5));
         let text = std::fs::read_to_string(&path).expect("read");
@@ -333,12 +335,12 @@ mod tests {
         let path = dir.path().join("usage.jsonl");
         let ledger = Ledger::open(&path, Arc::new(Metrics::new())).expect("open");
         for n in 0..10 {
-            ledger.record(entry(n));
+            ledger.record(sample_entry(n));
         }
         std::fs::rename(&path, dir.path().join("usage.jsonl.1")).expect("rotate");
         ledger.reopen();
         for n in 10..15 {
-            ledger.record(entry(n));
+            ledger.record(sample_entry(n));
         }
         ledger.close(Duration::from_secs(5));
         let tokens = |name: &str| -> Vec<u64> {
@@ -390,7 +392,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let ledger = Ledger::open(Path::new("/dev/full"), metrics.clone()).expect("open");
         for n in 0..10 {
-            ledger.record(entry(n));
+            ledger.record(sample_entry(n));
         }
         ledger.close(Duration::from_secs(5));
         let text = String::from_utf8(metrics.render()).expect("utf-8");

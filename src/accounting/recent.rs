@@ -48,29 +48,13 @@ impl Default for RecentRequests {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(n: usize) -> LedgerEntry {
-        LedgerEntry {
-            time: String::new(),
-            request_id: format!("r{n}"),
-            key: "k".into(),
-            model: "m".into(),
-            endpoint: "chat_completions",
-            status: 200,
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            source: "reported",
-            duration_ms: 1.0,
-            ttft_ms: None,
-            outcome: "complete",
-        }
-    }
+    use crate::accounting::ledger::sample_entry;
 
     #[test]
     fn keeps_the_last_two_hundred_newest_first() {
         let recent = RecentRequests::new();
         for n in 0..RECENT + 50 {
-            recent.push(entry(n));
+            recent.push(sample_entry(n as u64));
         }
         let kept = recent.newest_first();
         assert_eq!(kept.len(), RECENT, "bounded");

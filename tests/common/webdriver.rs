@@ -22,7 +22,9 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Browser {
-    _driver: Child,
+    /// chromedriver, leader of its own process group: Chromium and its helpers join that group,
+    /// so that a test that fails before [`Browser::close`] still leaves no browser behind.
+    driver: Child,
     http: reqwest::Client,
     /// `http://127.0.0.1:PORT/session/ID`.
     session: String,
@@ -52,6 +54,7 @@ impl Browser {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot start chromedriver: {e}"))?;
         let stdout = driver.stdout.take().ok_or("chromedriver has no stdout")?;
@@ -86,7 +89,7 @@ impl Browser {
             .as_str()
             .ok_or_else(|| format!("chromium did not start: {answer}"))?;
         let browser = Browser {
-            _driver: driver,
+            driver,
             http,
             session: format!("http://127.0.0.1:{port}/session/{id}"),
             _profile: profile,
@@ -239,6 +242,18 @@ impl Browser {
 
     pub async fn close(self) {
         self.call(reqwest::Method::DELETE, "", Value::Null).await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Killing chromedriver alone would orphan Chromium: end the whole process group.
+        if let Some(group) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{group}")])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

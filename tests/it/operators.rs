@@ -429,12 +429,12 @@ async fn a_fresh_gateway_exports_every_fixed_counter_at_zero_and_a_reload_adds_n
 
     let metrics = gateway.metrics().await;
     let mut expected: Vec<String> = [
-        "tollgate_upstream_errors_total{kind=\"connect\"} 0",
-        "tollgate_upstream_errors_total{kind=\"timeout\"} 0",
-        "tollgate_upstream_errors_total{kind=\"broken\"} 0",
-        "tollgate_upstream_errors_total{kind=\"body_idle_timeout\"} 0",
-        "tollgate_upstream_errors_total{kind=\"body_error\"} 0",
-        "tollgate_upstream_errors_total{kind=\"retried\"} 0",
+        "tollgate_upstream_errors_total{kind=\"connect\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"timeout\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"broken\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"body_idle_timeout\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"body_error\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"retried\",upstream=\"default\"} 0",
         "tollgate_ledger_errors_total{reason=\"write\"} 0",
         "tollgate_ledger_errors_total{reason=\"queue_full\"} 0",
         "tollgate_ledger_errors_total{reason=\"closed\"} 0",

@@ -32,14 +32,7 @@ async fn gateway(upstream: &MockUpstream, keys: &str) -> TestGateway {
 }
 
 async fn admin_json(gateway: &TestGateway, path: &str) -> Value {
-    let response = reqwest::Client::new()
-        .get(format!("{}{path}", gateway.admin_url()))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("admin request");
-    assert_eq!(response.status(), 200, "{path}");
-    response.json().await.expect("JSON")
+    gateway.admin_json(TOKEN, path).await
 }
 
 #[tokio::test]

@@ -1,9 +1,9 @@
-//! The leaf service: sends the request to the configured upstream and streams its answer back.
+//! The leaf service: sends the request to an endpoint of its pool and streams its answer back.
 //!
 //! What it changes, and only this:
-//! - the URI: `<upstream.url>` + the endpoint's `/v1/…` path + the client's query string; the
-//!   client's `Host` and absolute-form URI play no part, so the upstream is never anything but
-//!   the configured one;
+//! - the URI: the endpoint's base URL + the operation's `/v1/…` path + the client's query
+//!   string; the client's `Host` and absolute-form URI play no part, so the upstream is never
+//!   anything but a configured one (`Host` is the endpoint's);
 //! - credentials: the client's `Authorization`, `api-key` and `x-api-key` are removed and the
 //!   gateway's own `Authorization: Bearer …` is set (when configured);
 //! - hop-by-hop headers (RFC 9110 §7.6.1, and any named in `Connection`) are dropped both ways;

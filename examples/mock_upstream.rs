@@ -29,6 +29,9 @@ struct Args {
     /// Require `Authorization: Bearer KEY`.
     #[arg(long, value_name = "KEY")]
     require_key: Option<String>,
+    /// Wait this many milliseconds before every answer (a slow replica).
+    #[arg(long, value_name = "MS")]
+    delay_ms: Option<u64>,
     /// Tokens generated when a request names no max_tokens (default 8).
     #[arg(long, value_name = "N")]
     default_tokens: Option<usize>,
@@ -42,6 +45,8 @@ async fn main() -> ExitCode {
         close_after_stream: args.close_after_stream,
         require_key: args.require_key,
         default_tokens: args.default_tokens,
+        delay: args.delay_ms.map(std::time::Duration::from_millis),
+        models: Vec::new(),
     };
     let mock = match MockUpstream::start_on(args.listen, opts).await {
         Ok(mock) => mock,

@@ -10,11 +10,10 @@ pub mod http; // the response body type, the error answer, the request context b
 pub mod keys; // the live key table: token hash → key, limiter, in-flight count
 pub mod layers; // one tower layer per step of the request, in stack order
 pub mod observability; // Prometheus metrics, the log line format and the batched log writer
-pub mod proxy; // the leaf service: the upstream request and its streamed answer
+pub mod proxy; // upstream pools, endpoint choice, health checks, the client, the streamed answer
 pub mod server; // listeners, worker threads, TLS, the admin port, config reloads
 pub mod stack; // the one ServiceBuilder that puts the layers together
 pub mod state; // where limits and token windows live: local or Redis; the clock
 
 pub use config::Config;
 pub use server::{Server, ServerOptions};
-pub use stack::build_stack;

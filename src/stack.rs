@@ -19,12 +19,15 @@
 //!    otherwise
 //! 9. `EnforcePolicy`    ? key, ? [`ParsedRequest`]; + model label; models and max_tokens cap,
 //!    400 otherwise
-//! 10. `Quota`           ? key, ? [`ParsedRequest`]; reserves the worst case in every token
+//! 10. `PickPool`        ? [`ParsedRequest`]; + upstream (the pool whose models match), 400
+//!     `model-not-found` otherwise
+//! 11. `Quota`           ? key, ? [`ParsedRequest`], ? upstream; reserves the worst case in every token
 //!     window (429 otherwise); sets `include_usage` upstream when the client did not, and the
 //!     key's cap as `max_tokens` when the request names none; + the settlement as an end action,
 //!     and watches the answer for usage ([`WatchedBody`])
-//! 11. `Proxy`           ? endpoint, ? start; forwards and streams the answer back, marked
-//!     [`UpstreamReached`]
+//! 12. `Proxy`           ? endpoint, ? start, ? upstream; picks the pool's endpoint, forwards
+//!     (failing over to another endpoint while nothing was delivered) and streams the answer
+//!     back, marked [`UpstreamReached`]
 //!
 //! [`RequestContext`]: crate::http::context::RequestContext
 //! [`ParsedRequest`]: crate::http::context::ParsedRequest
@@ -49,6 +52,7 @@ use crate::http::error::GatewayError;
 use crate::keys::SharedKeys;
 use crate::layers::auth::auth_layer;
 use crate::layers::observe::ObserveLayer;
+use crate::layers::pick_pool::pick_pool_layer;
 use crate::layers::policy::policy_layer;
 use crate::layers::quota::QuotaLayer;
 use crate::layers::rate_limit::RateLimitLayer;
@@ -57,14 +61,16 @@ use crate::layers::request_head::RequestHeadLayer;
 use crate::layers::route::RouteLayer;
 use crate::layers::validate::{validate_layer, Schemas};
 use crate::observability::metrics::Metrics;
-use crate::proxy::{Connector, Proxy};
+use crate::proxy::pool::SharedPools;
+use crate::proxy::Proxy;
 
-/// Builds the gateway's request stack for `config`, with the live key table `keys` (whose clock
-/// the limiters read), recording into `metrics`. Each stack keeps its own upstream pool, made
-/// through the shared `connector`.
-pub fn build_stack(
+/// Builds worker `worker`'s request stack for `config`, with the live key table `keys` (whose
+/// clock the limiters read) and the upstream pools in force, recording into `metrics`. Each
+/// worker's stack uses its own slot of every endpoint's idle connections.
+pub(crate) fn build_stack(
     config: &Config,
-    connector: &Connector,
+    pools: SharedPools,
+    worker: usize,
     keys: SharedKeys,
     schemas: Arc<Schemas>,
     accounting: Accounting,
@@ -80,7 +86,7 @@ pub fn build_stack(
         + 'static,
     BoxError,
 > {
-    let proxy = Proxy::new(&config.upstream, connector.clone(), metrics.clone())?;
+    let proxy = Proxy::new(pools.clone(), worker, metrics.clone());
     Ok(ServiceBuilder::new()
         // Outside everything that can answer, so that every answer carries the request's id and
         // is settled, logged and counted once.
@@ -105,12 +111,11 @@ pub fn build_stack(
         .layer(validate_layer(schemas))
         // After validation: the policy reads the parsed body.
         .layer(policy_layer(metrics.clone()))
+        // After the key's own allow-list, which speaks first; before the quota, so that a model
+        // no pool serves reserves nothing.
+        .layer(pick_pool_layer(pools, metrics.clone()))
         // Last before the upstream: only requests that will really be sent reserve tokens.
-        .layer(QuotaLayer::new(
-            accounting,
-            metrics,
-            config.upstream.inject_usage,
-        ))
+        .layer(QuotaLayer::new(accounting, metrics))
         .service(proxy))
 }
 

@@ -1,4 +1,5 @@
-//! The mock upstream, in this process, on a thread of its own.
+//! The mock upstream, in this process, on a thread of its own: one replica for the one-endpoint
+//! rows, and two more beside it (same thread) for the rows with a pool of three.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -6,10 +7,15 @@ use anyhow::Context as _;
 use bench_support::procfs::ThreadCpu;
 use mock_upstream::{MockOptions, MockUpstream};
 
+/// Replicas of the mock: the pool of the three-endpoint rows.
+pub const REPLICAS: usize = 3;
+
 /// The running mock.
 pub struct Mock {
     pub addr: SocketAddr,
     pub url: String,
+    /// Every replica, `addr` first: the endpoints of the three-endpoint rows.
+    pub replicas: Vec<SocketAddr>,
     /// The mock's thread, for its CPU time.
     pub cpu: ThreadCpu,
 }
@@ -41,20 +47,32 @@ pub fn start() -> anyhow::Result<Mock> {
             runtime.block_on(async move {
                 let cpu = ThreadCpu::current();
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-                match MockUpstream::start_on(addr, MockOptions::default()).await {
-                    Ok(mock) => {
-                        // Benchmarks must not keep every request in memory.
-                        mock.set_recording(false);
-                        let _ = tx.send(Ok((mock.addr(), mock.url(), cpu)));
-                        // Serve until the process ends.
-                        std::future::pending::<()>().await;
-                    }
-                    Err(error) => {
-                        let _ = tx.send(Err(anyhow::Error::from(error).context("mock upstream")));
+                let mut mocks = Vec::with_capacity(REPLICAS);
+                for _ in 0..REPLICAS {
+                    match MockUpstream::start_on(addr, MockOptions::default()).await {
+                        Ok(mock) => {
+                            // Benchmarks must not keep every request in memory.
+                            mock.set_recording(false);
+                            mocks.push(mock);
+                        }
+                        Err(error) => {
+                            let _ =
+                                tx.send(Err(anyhow::Error::from(error).context("mock upstream")));
+                            return;
+                        }
                     }
                 }
+                let replicas = mocks.iter().map(MockUpstream::addr).collect();
+                let _ = tx.send(Ok((mocks[0].addr(), mocks[0].url(), replicas, cpu)));
+                // Serve until the process ends.
+                std::future::pending::<()>().await;
             });
         })?;
-    let (addr, url, cpu) = rx.recv().context("mock upstream thread died")??;
-    Ok(Mock { addr, url, cpu })
+    let (addr, url, replicas, cpu) = rx.recv().context("mock upstream thread died")??;
+    Ok(Mock {
+        addr,
+        url,
+        replicas,
+        cpu,
+    })
 }

@@ -87,9 +87,15 @@ pub async fn start_all(
                 });
                 continue;
             }
-            Kind::Nginx => {
+            Kind::Nginx { endpoints } => {
+                let nginx = Nginx {
+                    name: target.name,
+                    endpoints: *endpoints,
+                };
                 rows.extend(
-                    start_nginx_or_skip(target.name, headers, opts, mock, dir, &mut skipped).await,
+                    nginx
+                        .start_or_skip(headers, opts, mock, dir, &mut skipped)
+                        .await,
                 );
                 continue;
             }
@@ -149,14 +155,26 @@ impl Tollgate<'_> {
         fs::create_dir_all(&home)?;
         let listen = free_addr()?;
         let admin = free_addr()?;
+        let upstream = match variant.endpoints {
+            1 => format!("[upstream]\nurl = \"{}\"\n", mock.url),
+            n => {
+                let endpoints: Vec<String> = mock.replicas[..n]
+                    .iter()
+                    .map(|addr| format!("\"http://{addr}\""))
+                    .collect();
+                format!(
+                    "[[upstreams]]\nname = \"bench\"\nmodels = [\"*\"]\nendpoints = [{}]\n",
+                    endpoints.join(", ")
+                )
+            }
+        };
         let config = format!(
             "# Written by benches/overhead/ for row {name:?}.\n\
              [server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n{server}\n\
-             [upstream]\nurl = \"{url}\"\napi_key_env = \"{UPSTREAM_KEY_ENV}\"\n{upstream}\n\
+             {upstream}api_key_env = \"{UPSTREAM_KEY_ENV}\"\n{lines}\n\
              {tables}",
             server = variant.server,
-            url = mock.url,
-            upstream = variant.upstream,
+            lines = variant.upstream,
             tables = (variant.tables)(),
         );
         let config_path = home.join("tollgate.toml");
@@ -221,92 +239,115 @@ fn find_nginx() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// The nginx row, or `None` with a note in `skipped` when nginx is not installed or does not start.
-async fn start_nginx_or_skip(
+/// An nginx row to start: in front of the mock, or of its first `endpoints` replicas.
+struct Nginx {
     name: &'static str,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    opts: &Options,
-    mock: &Mock,
-    dir: &Path,
-    skipped: &mut Vec<String>,
-) -> Option<Row> {
-    let Some(bin) = find_nginx() else {
-        skipped.push(format!(
-            "row {name}: nginx is not installed (e.g. `apt-get install -y nginx`): skipped"
-        ));
-        return None;
-    };
-    match start_nginx(name, &bin, headers, opts, mock, dir).await {
-        Ok(row) => Some(row),
-        Err(error) => {
-            skipped.push(format!(
-                "row {name}: nginx did not start: {error:#}: skipped"
-            ));
-            None
-        }
-    }
+    endpoints: usize,
 }
 
-async fn start_nginx(
-    name: &'static str,
-    bin: &Path,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    opts: &Options,
-    mock: &Mock,
-    dir: &Path,
-) -> anyhow::Result<Row> {
-    let home = dir.join(safe_name(name));
-    fs::create_dir_all(&home)?;
-    let listen = free_addr()?;
-    let log = home.join("access.log");
-    let access_log = if opts.access_log() {
-        format!("{} combined", log.display())
-    } else {
-        "off".to_owned()
-    };
-    let config = NGINX_TEMPLATE
-        .replace("@WORKERS@", &opts.nginx_workers)
-        .replace("@DIR@", &home.display().to_string())
-        .replace("@ACCESS_LOG@", &access_log)
-        .replace("@UPSTREAM@", &mock.addr.to_string())
-        .replace("@LISTEN@", &listen.to_string())
-        .replace("@UPSTREAM_KEY@", UPSTREAM_KEY);
-    let config_path = home.join("nginx.conf");
-    fs::write(&config_path, config)?;
-    let stderr_path = home.join("stderr.log");
-    let mut child = ChildGuard::spawn(
-        Command::new(bin)
-            .arg("-p")
-            .arg(&home)
-            .arg("-e")
-            .arg(home.join("error.log"))
-            .arg("-c")
-            .arg(&config_path)
-            .args(["-g", "daemon off;"])
-            .current_dir(&home)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr_path)?),
-    )
-    .with_context(|| format!("cannot run {}", bin.display()))?;
-    if let Err(error) = wait_ready(&Endpoint::new(listen, Vec::new()), &mut child).await {
-        let errors = format!(
-            "{}{}",
-            file_tail(&stderr_path, 10),
-            file_tail(&home.join("error.log"), 10)
-        );
-        bail!("{error:#}\n{errors}");
+impl Nginx {
+    /// The row, or `None` with a note in `skipped` when nginx is not installed or does not start.
+    async fn start_or_skip(
+        self,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        opts: &Options,
+        mock: &Mock,
+        dir: &Path,
+        skipped: &mut Vec<String>,
+    ) -> Option<Row> {
+        let name = self.name;
+        let Some(bin) = find_nginx() else {
+            skipped.push(format!(
+                "row {name}: nginx is not installed (e.g. `apt-get install -y nginx`): skipped"
+            ));
+            return None;
+        };
+        match self.start(&bin, headers, opts, mock, dir).await {
+            Ok(row) => Some(row),
+            Err(error) => {
+                skipped.push(format!(
+                    "row {name}: nginx did not start: {error:#}: skipped"
+                ));
+                None
+            }
+        }
     }
-    let master = child.pid();
-    let workers = children_of(master);
-    let version = Command::new(bin)
-        .arg("-v")
-        .output()
-        .ok()
-        .map(|out| String::from_utf8_lossy(&out.stderr).trim().to_owned())
-        .and_then(|v| v.rsplit(' ').next().map(str::to_owned))
-        .unwrap_or_else(|| "nginx".to_owned());
-    let describe = format!(
+
+    /// The `upstream` block's `server` lines, and its balance (`least_conn` for a pool).
+    fn servers(&self, mock: &Mock) -> String {
+        let servers: Vec<String> = mock.replicas[..self.endpoints]
+            .iter()
+            .map(|addr| format!("server {addr};"))
+            .collect();
+        let balance = if self.endpoints > 1 {
+            "least_conn;\n        "
+        } else {
+            ""
+        };
+        format!("{balance}{}", servers.join("\n        "))
+    }
+
+    async fn start(
+        self,
+        bin: &Path,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        opts: &Options,
+        mock: &Mock,
+        dir: &Path,
+    ) -> anyhow::Result<Row> {
+        let name = self.name;
+        let home = dir.join(safe_name(name));
+        fs::create_dir_all(&home)?;
+        let listen = free_addr()?;
+        let log = home.join("access.log");
+        let access_log = if opts.access_log() {
+            format!("{} combined", log.display())
+        } else {
+            "off".to_owned()
+        };
+        let config = NGINX_TEMPLATE
+            .replace("@WORKERS@", &opts.nginx_workers)
+            .replace("@DIR@", &home.display().to_string())
+            .replace("@ACCESS_LOG@", &access_log)
+            .replace("@SERVERS@", &self.servers(mock))
+            .replace("@LISTEN@", &listen.to_string())
+            .replace("@UPSTREAM_KEY@", UPSTREAM_KEY);
+        let config_path = home.join("nginx.conf");
+        fs::write(&config_path, config)?;
+        let stderr_path = home.join("stderr.log");
+        let mut child = ChildGuard::spawn(
+            Command::new(bin)
+                .arg("-p")
+                .arg(&home)
+                .arg("-e")
+                .arg(home.join("error.log"))
+                .arg("-c")
+                .arg(&config_path)
+                .args(["-g", "daemon off;"])
+                .current_dir(&home)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(&stderr_path)?),
+        )
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+        if let Err(error) = wait_ready(&Endpoint::new(listen, Vec::new()), &mut child).await {
+            let errors = format!(
+                "{}{}",
+                file_tail(&stderr_path, 10),
+                file_tail(&home.join("error.log"), 10)
+            );
+            bail!("{error:#}\n{errors}");
+        }
+        let master = child.pid();
+        let workers = children_of(master);
+        let version = Command::new(bin)
+            .arg("-v")
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stderr).trim().to_owned())
+            .and_then(|v| v.rsplit(' ').next().map(str::to_owned))
+            .unwrap_or_else(|| "nginx".to_owned());
+        let describe = format!(
         "{listen}  {version}, master pid {master} + {} worker(s) {:?} (worker_processes {}), {}",
         workers.len(),
         workers,
@@ -317,17 +358,18 @@ async fn start_nginx(
             "access_log off"
         }
     );
-    let mut pids = vec![master];
-    pids.extend(workers);
-    Ok(Row {
-        name,
-        gateway: false,
-        ep: Arc::new(Endpoint::new(listen, headers)),
-        procs: Some(Procs { pids }),
-        describe,
-        log: opts.access_log().then_some(log),
-        _child: Some(child),
-    })
+        let mut pids = vec![master];
+        pids.extend(workers);
+        Ok(Row {
+            name,
+            gateway: false,
+            ep: Arc::new(Endpoint::new(listen, headers)),
+            procs: Some(Procs { pids }),
+            describe,
+            log: opts.access_log().then_some(log),
+            _child: Some(child),
+        })
+    }
 }
 
 /// Until `GET /v1/models` through the row answers 200, the child exits, or 15 s pass.

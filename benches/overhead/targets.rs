@@ -22,8 +22,9 @@ pub enum Kind {
     /// The tollgate binary of `--old-bin` (an older build), with the `tollgate` row's variant:
     /// runs whenever that option is given, and only then.
     OldBinary(Variant),
-    /// nginx as a plain reverse proxy (`bench/nginx.conf`), when installed.
-    Nginx,
+    /// nginx as a plain reverse proxy (`bench/nginx.conf`), when installed: with one upstream
+    /// server, or the mock's three replicas under `least_conn`.
+    Nginx { endpoints: usize },
 }
 
 /// A gateway config variant. To measure another configuration, add a [`Target`] with
@@ -32,8 +33,11 @@ pub enum Kind {
 pub struct Variant {
     /// Lines added inside `[server]`.
     pub server: &'static str,
-    /// Lines added inside `[upstream]`.
+    /// Lines added inside `[upstream]` (or the pool's `[[upstreams]]`).
     pub upstream: &'static str,
+    /// 1: `[upstream] url`, the mock; more: one `[[upstreams]]` pool of that many of the mock's
+    /// replicas, `least_requests`.
+    pub endpoints: usize,
     /// Tables appended after `[upstream]` (`[[keys]]`, `[policies.x]`, …): a function, so that a
     /// variant can generate many. Relative paths land in the row's own directory (tollgate runs
     /// with it as its working directory).
@@ -87,6 +91,7 @@ pub const TARGETS: &[Target] = &[
         kind: Kind::Tollgate(Variant {
             server: "",
             upstream: "",
+            endpoints: 1,
             tables: one_key,
         }),
         headers: &[CLIENT_KEY_HEADER],
@@ -97,6 +102,7 @@ pub const TARGETS: &[Target] = &[
         kind: Kind::OldBinary(Variant {
             server: "",
             upstream: "",
+            endpoints: 1,
             tables: one_key,
         }),
         headers: &[CLIENT_KEY_HEADER],
@@ -104,7 +110,24 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "nginx",
-        kind: Kind::Nginx,
+        kind: Kind::Nginx { endpoints: 1 },
+        headers: &[CLIENT_KEY_HEADER],
+        by_default: true,
+    },
+    Target {
+        name: "tollgate-3",
+        kind: Kind::Tollgate(Variant {
+            server: "",
+            upstream: "balance = \"least_requests\"",
+            endpoints: 3,
+            tables: one_key,
+        }),
+        headers: &[CLIENT_KEY_HEADER],
+        by_default: true,
+    },
+    Target {
+        name: "nginx-3",
+        kind: Kind::Nginx { endpoints: 3 },
         headers: &[CLIENT_KEY_HEADER],
         by_default: true,
     },
@@ -113,6 +136,7 @@ pub const TARGETS: &[Target] = &[
         kind: Kind::Tollgate(Variant {
             server: "",
             upstream: "",
+            endpoints: 1,
             tables: one_key_with_limits,
         }),
         headers: &[CLIENT_KEY_HEADER],
@@ -123,6 +147,7 @@ pub const TARGETS: &[Target] = &[
         kind: Kind::Tollgate(Variant {
             server: "",
             upstream: "inject_usage = false",
+            endpoints: 1,
             tables: one_key,
         }),
         headers: &[CLIENT_KEY_HEADER],
@@ -133,6 +158,7 @@ pub const TARGETS: &[Target] = &[
         kind: Kind::Tollgate(Variant {
             server: "",
             upstream: "",
+            endpoints: 1,
             tables: ten_thousand_keys,
         }),
         headers: &[CLIENT_KEY_HEADER],

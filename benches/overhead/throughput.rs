@@ -19,6 +19,9 @@ use crate::rows::Row;
 use crate::Bench;
 
 const GOAL_CPU_US: f64 = 25.0;
+/// Issue 15: one endpoint's CPU per request against nginx's, and three endpoints' against one's.
+const GOAL_NGINX_RATIO: f64 = 1.5;
+const GOAL_POOL_US: f64 = 2.0;
 /// Closed-loop connections.
 const THROUGHPUT_CONNS: usize = 64;
 
@@ -198,6 +201,7 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
         table.row(cells);
     }
     table.print();
+    pool_goals(rows, &results, report);
     let per_row = |f: fn(&ThroughputRound) -> f64| per_row(&results, f);
     report.keep(
         format!("2. CPU us/req at {THROUGHPUT_CONNS} conns"),
@@ -210,5 +214,46 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
         per_row(|r| 1e6 / r.rps),
     );
     println!("   goal: proxy CPU <= {GOAL_CPU_US} us per request");
+    println!(
+        "   goals: tollgate <= {GOAL_NGINX_RATIO}x nginx's CPU per request; tollgate-3 within {GOAL_POOL_US} us of tollgate"
+    );
     Ok(())
+}
+
+/// The pools' goals, each on the medians of the same run: one endpoint's CPU per request against
+/// nginx's, three endpoints' against one's.
+fn pool_goals(rows: &[crate::rows::Row], results: &[Vec<ThroughputRound>], report: &mut Report) {
+    let cpu = |name: &str| {
+        rows.iter()
+            .position(|row| row.name == name)
+            .map(|i| median(results[i].iter().map(|r| r.cpu_us)))
+    };
+    if let (Some(one), Some(nginx)) = (cpu("tollgate"), cpu("nginx")) {
+        let ratio = one / nginx;
+        report.check(Check {
+            row: "tollgate",
+            what: format!("CPU per request <= {GOAL_NGINX_RATIO}x nginx's"),
+            value: format!(
+                "{}x ({} / {} us)",
+                num(ratio, 2),
+                num(one, 1),
+                num(nginx, 1)
+            ),
+            met: ratio <= GOAL_NGINX_RATIO,
+        });
+    }
+    if let (Some(one), Some(three)) = (cpu("tollgate"), cpu("tollgate-3")) {
+        let added = three - one;
+        report.check(Check {
+            row: "tollgate-3",
+            what: format!("CPU per request within {GOAL_POOL_US} us of one endpoint's"),
+            value: format!(
+                "{} us ({} - {} us)",
+                num(added, 1),
+                num(three, 1),
+                num(one, 1)
+            ),
+            met: added <= GOAL_POOL_US,
+        });
+    }
 }

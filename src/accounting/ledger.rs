@@ -41,6 +41,8 @@ pub(crate) struct LedgerEntry {
     pub(crate) key: String,
     pub(crate) model: String,
     pub(crate) endpoint: &'static str,
+    /// The upstream pool's name (`none` for a request no pool served).
+    pub(crate) upstream: String,
     pub(crate) status: u16,
     pub(crate) prompt_tokens: u64,
     pub(crate) completion_tokens: u64,
@@ -71,6 +73,10 @@ pub enum LedgerError {
 }
 
 /// What the writer thread is told.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "nearly every message is a line; boxing it would allocate once per request"
+)]
 enum Message {
     Line(LedgerEntry),
     /// Close the file and open the path again (log rotation).
@@ -297,6 +303,7 @@ pub(crate) fn sample_entry(n: u64) -> LedgerEntry {
         key: "k".into(),
         model: "m".into(),
         endpoint: "chat_completions",
+        upstream: "default".into(),
         status: 200,
         prompt_tokens: n,
         completion_tokens: 1,

@@ -223,6 +223,7 @@ fn ledger_entry(
         key: context.key_label().to_owned(),
         model: context.model_label().to_owned(),
         endpoint: context.endpoint_label(),
+        upstream: context.upstream_label().to_owned(),
         status: ending.status.as_u16(),
         prompt_tokens: charge.prompt,
         completion_tokens: charge.completion,

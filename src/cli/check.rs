@@ -13,7 +13,6 @@ pub fn run(path: &Path) -> ExitCode {
         }
     };
     let server = &config.server;
-    let upstream = &config.upstream;
     println!("{}: ok", path.display());
     println!("  listen            {}", server.listen);
     println!(
@@ -26,19 +25,9 @@ pub fn run(path: &Path) -> ExitCode {
         "  connections       at most {}, closed after {:?} idle; heads up to {} bytes",
         server.max_connections, server.idle_timeout, server.max_header_bytes
     );
-    println!("  upstream          {}", upstream.base_url());
-    println!(
-        "  credential        {}",
-        match (&upstream.api_key, &upstream.api_key_source) {
-            (Some(_), Some(source)) => format!("from {source} (set)"),
-            (None, Some(source)) => format!("from {source} (NOT SET)"),
-            _ => "none: requests go upstream without Authorization".into(),
-        }
-    );
-    println!(
-        "  timeouts          connect {:?}, response headers {:?}, idle between frames {:?}",
-        upstream.connect_timeout, upstream.response_header_timeout, upstream.idle_timeout
-    );
+    for pool in &config.upstreams {
+        print_pool(pool);
+    }
     println!("  keys              {}", config.keys.len());
     for key in &config.keys {
         let concurrency = key
@@ -62,4 +51,42 @@ pub fn run(path: &Path) -> ExitCode {
         println!("warning: {warning}");
     }
     ExitCode::SUCCESS
+}
+
+/// One upstream pool: what it serves, where, and how it is spoken to.
+fn print_pool(pool: &crate::config::PoolConfig) {
+    let upstream = &pool.upstream;
+    let endpoints: Vec<String> = pool.endpoints.iter().map(|e| e.base_url()).collect();
+    println!(
+        "  upstream {:<8} models {}; endpoints {}",
+        &*pool.name,
+        pool.models.join(", "),
+        endpoints.join(", ")
+    );
+    let balance: &str = pool.balance.into();
+    println!(
+        "    balance         {balance}, {} retries, out after {} failures for {:?} (doubling){}",
+        pool.retries,
+        pool.eject_after,
+        pool.eject_for,
+        match &pool.health_check {
+            Some(check) => format!(
+                ", health check GET {} every {:?}",
+                check.path, check.interval
+            ),
+            None => String::new(),
+        }
+    );
+    println!(
+        "    credential      {}",
+        match (&upstream.api_key, &upstream.api_key_source) {
+            (Some(_), Some(source)) => format!("from {source} (set)"),
+            (None, Some(source)) => format!("from {source} (NOT SET)"),
+            _ => "none: requests go upstream without Authorization".into(),
+        }
+    );
+    println!(
+        "    timeouts        connect {:?}, response headers {:?}, idle between frames {:?}",
+        upstream.connect_timeout, upstream.response_header_timeout, upstream.idle_timeout
+    );
 }

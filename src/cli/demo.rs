@@ -360,7 +360,10 @@ mod tests {
         let names: Vec<&str> = config.keys.iter().map(|k| &*k.name).collect();
         assert_eq!(names, ["demo-open", "demo-tight"]);
         assert_eq!(config.server.listen, options.listen);
-        assert_eq!(config.upstream.base_url(), "http://127.0.0.1:1");
+        assert_eq!(
+            config.upstreams[0].endpoints[0].base_url(),
+            "http://127.0.0.1:1"
+        );
         assert_eq!(config.ledger, Some(state.join("usage.jsonl")));
         let tight = &config.keys[1].limits;
         assert_eq!(tight.quotas.len(), 2, "two windows to watch");

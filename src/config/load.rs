@@ -19,7 +19,7 @@ use super::read::parse_raw;
 use super::source::Source;
 use super::tls::{self, TlsFiles};
 use super::{
-    Config, ConfigError, RedisConfig, Secret, ServerConfig, StateBackend, StateConfig,
+    Config, ConfigError, EndpointUrl, RedisConfig, Secret, ServerConfig, StateBackend, StateConfig,
     UpstreamConfig,
 };
 
@@ -36,15 +36,15 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in error messages.
     pub fn parse(source: &str, origin: &str) -> Result<Config, ConfigError> {
-        let raw = parse_raw(source, origin)?;
+        let mut raw = parse_raw(source, origin)?;
         let src = Source::new(source, origin);
+        let upstreams = super::upstreams::pools(&mut raw, &src)?;
         let server = server(raw.server, &src)?;
-        let upstream = upstream(raw.upstream, &src)?;
         let keys = resolve_keys(&raw.policies, raw.keys, &src)?;
         let state = state(raw.state, &src)?;
         Ok(Config {
             server,
-            upstream,
+            upstreams,
             keys,
             state,
             ledger: raw.ledger.map(|l| l.path),
@@ -186,19 +186,20 @@ fn within(
     usize::try_from(*value.get_ref()).map_err(|_| src.at(value.span(), key, "too large".into()))
 }
 
-// === [upstream] ===
+// === [upstream] and [[upstreams]]: what every endpoint of a pool shares ===
 
-fn upstream(raw: RawUpstream, src: &Source) -> Result<UpstreamConfig, ConfigError> {
-    let (scheme, authority, base_path) = parse_upstream_url(raw.url.get_ref())
-        .map_err(|msg| src.at(raw.url.span(), "upstream.url", msg))?;
-    let (api_key, api_key_source) = upstream_credential(&raw, src)?;
+/// The client settings of `[upstream]` or a pool (`key` is its path: `upstream`,
+/// `upstreams[1]`).
+pub(super) fn upstream_client(
+    raw: &RawUpstream,
+    key: &str,
+    src: &Source,
+) -> Result<UpstreamConfig, ConfigError> {
+    let (api_key, api_key_source) = upstream_credential(raw, key, src)?;
     Ok(UpstreamConfig {
-        scheme,
-        authority,
-        base_path,
         api_key,
         api_key_source,
-        ca_file: raw.ca_file,
+        ca_file: raw.ca_file.clone(),
         inject_usage: raw.inject_usage,
         connect_timeout: raw.connect_timeout,
         response_header_timeout: raw.response_header_timeout,
@@ -211,12 +212,13 @@ fn upstream(raw: RawUpstream, src: &Source) -> Result<UpstreamConfig, ConfigErro
 /// The gateway's own credential, from `api_key_env` or `api_key_file`, and where it came from.
 fn upstream_credential(
     raw: &RawUpstream,
+    key: &str,
     src: &Source,
 ) -> Result<(Option<Secret>, Option<String>), ConfigError> {
     match (&raw.api_key_env, &raw.api_key_file) {
         (Some(_), Some(file)) => Err(src.at(
             file.span(),
-            "upstream.api_key_file",
+            &format!("{key}.api_key_file"),
             "set either api_key_env or api_key_file, not both".into(),
         )),
         (Some(env), None) => {
@@ -224,7 +226,7 @@ fn upstream_credential(
             if name.is_empty() {
                 return Err(src.at(
                     env.span(),
-                    "upstream.api_key_env",
+                    &format!("{key}.api_key_env"),
                     "must name an environment variable".into(),
                 ));
             }
@@ -238,7 +240,7 @@ fn upstream_credential(
             let value = std::fs::read_to_string(file.get_ref()).map_err(|e| {
                 src.at(
                     file.span(),
-                    "upstream.api_key_file",
+                    &format!("{key}.api_key_file"),
                     format!("cannot read {}: {e}", file.get_ref()),
                 )
             })?;
@@ -246,7 +248,7 @@ fn upstream_credential(
             if value.is_empty() {
                 return Err(src.at(
                     file.span(),
-                    "upstream.api_key_file",
+                    &format!("{key}.api_key_file"),
                     format!("{} is empty", file.get_ref()),
                 ));
             }
@@ -259,9 +261,8 @@ fn upstream_credential(
     }
 }
 
-fn parse_upstream_url(
-    url: &str,
-) -> Result<(http::uri::Scheme, http::uri::Authority, String), String> {
+/// A base URL: http or https, a host, an optional path, no query and no credentials.
+pub(super) fn parse_upstream_url(url: &str) -> Result<EndpointUrl, String> {
     // First, and on the text: whatever stands before an `@` may be a password, in a URL that
     // parses or not; no message below may show it.
     if url.contains('@') {
@@ -288,7 +289,11 @@ fn parse_upstream_url(
         return Err(format!("{url:?}: a base URL takes no query string"));
     }
     let base_path = uri.path().trim_end_matches('/').to_owned();
-    Ok((scheme, authority, base_path))
+    Ok(EndpointUrl {
+        scheme,
+        authority,
+        base_path,
+    })
 }
 
 /// `url` with everything between its scheme and its last `@` shown as `***`: a URL whose

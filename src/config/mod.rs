@@ -17,8 +17,10 @@ mod source;
 #[cfg(test)]
 mod tests;
 pub(crate) mod tls;
+mod upstreams;
 
 pub(crate) use self::keys::{is_valid_key_name, TOKEN_PREFIX};
+pub(crate) use self::upstreams::{Balance, EndpointUrl, PoolConfig};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -49,7 +51,9 @@ impl ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
-    pub upstream: UpstreamConfig,
+    /// The upstream pools in file order (the first whose models match serves a request); one
+    /// pool named `default` for a config with `[upstream]`.
+    pub upstreams: Vec<PoolConfig>,
     pub keys: Vec<KeyConfig>,
     pub state: StateConfig,
     /// Where one JSON line per finished request goes; `None`: no ledger.
@@ -168,13 +172,9 @@ pub struct ServerConfig {
     pub(crate) workers: NonZeroUsize,
 }
 
-#[derive(Debug, Clone)]
+/// How a pool's endpoints are spoken to: the same for every endpoint of the pool.
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
-    /// `http` or `https`.
-    pub(crate) scheme: http::uri::Scheme,
-    pub(crate) authority: http::uri::Authority,
-    /// The base path without a trailing slash: "" or e.g. "/openai".
-    pub(crate) base_path: String,
     /// The gateway's own credential, sent as `Authorization: Bearer …`.
     pub(crate) api_key: Option<Secret>,
     /// Where the credential should have come from, for messages when it is missing.
@@ -239,13 +239,6 @@ fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
-impl UpstreamConfig {
-    /// `scheme://authority/base_path` as configured, for logs and `tollgate check`.
-    pub(crate) fn base_url(&self) -> String {
-        format!("{}://{}{}", self.scheme, self.authority, self.base_path)
-    }
-}
-
 /// A secret value: never printed by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Secret(String);
@@ -303,10 +296,14 @@ impl Config {
                     .to_owned(),
             );
         }
-        if let (None, Some(source)) = (&self.upstream.api_key, &self.upstream.api_key_source) {
-            warnings.push(format!(
-                "upstream credential missing: {source} is not set; requests reach the upstream without Authorization"
-            ));
+        for pool in &self.upstreams {
+            let upstream = &pool.upstream;
+            if let (None, Some(source)) = (&upstream.api_key, &upstream.api_key_source) {
+                warnings.push(format!(
+                    "upstream {:?}: credential missing: {source} is not set; requests reach it without Authorization",
+                    &*pool.name
+                ));
+            }
         }
         warnings
     }

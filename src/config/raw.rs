@@ -12,13 +12,16 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{OnError, StateBackend};
+use super::{Balance, OnError, StateBackend};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub(super) server: RawServer,
-    pub(super) upstream: RawUpstream,
+    /// One upstream, for every model: the pool named `default`.
+    pub(super) upstream: Option<Spanned<RawUpstream>>,
+    /// Pools of endpoints, each serving the models its patterns match; the other form.
+    pub(super) upstreams: Option<Spanned<Vec<RawUpstream>>>,
     /// Named sets of limits that keys refer to with `policy = "name"`.
     #[serde(default)]
     pub(super) policies: BTreeMap<String, RawLimits>,
@@ -169,10 +172,24 @@ pub(super) struct RawTls {
     pub(super) key: PathBuf,
 }
 
+/// `[upstream]` or one `[[upstreams]]` entry: the same keys, except that `[upstream]` has one
+/// `url` and a pool has `name`, `models` and `endpoints` (checked in `load`, with the key's line).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUpstream {
-    pub(super) url: Spanned<String>,
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) name: Option<Spanned<String>>,
+    pub(super) models: Option<Spanned<Vec<String>>>,
+    pub(super) endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub(super) balance: Balance,
+    #[serde(default = "defaults::retries")]
+    pub(super) retries: Spanned<u32>,
+    #[serde(default = "defaults::eject_after")]
+    pub(super) eject_after: Spanned<u32>,
+    #[serde(default = "defaults::eject_for", with = "humantime_serde")]
+    pub(super) eject_for: Duration,
+    pub(super) health_check: Option<Spanned<RawHealthCheck>>,
     pub(super) api_key_env: Option<Spanned<String>>,
     pub(super) api_key_file: Option<Spanned<String>>,
     /// Extra trusted CA certificates (PEM), for an upstream behind a private CA.
@@ -192,6 +209,16 @@ pub(super) struct RawUpstream {
     pub(super) pool_max_idle_per_host: usize,
     #[serde(default = "defaults::inject_usage")]
     pub(super) inject_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    pub(super) path: String,
+    #[serde(default = "defaults::health_interval", with = "humantime_serde")]
+    pub(super) interval: Duration,
+    #[serde(default = "defaults::health_timeout", with = "humantime_serde")]
+    pub(super) timeout: Duration,
 }
 
 pub(super) mod defaults {
@@ -244,6 +271,21 @@ pub(super) mod defaults {
     }
     pub(crate) fn inject_usage() -> bool {
         true
+    }
+    pub(crate) fn retries() -> Spanned<u32> {
+        Spanned::new(0..0, 2)
+    }
+    pub(crate) fn eject_after() -> Spanned<u32> {
+        Spanned::new(0..0, 3)
+    }
+    pub(crate) fn eject_for() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(crate) fn health_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub(crate) fn health_timeout() -> Duration {
+        Duration::from_secs(2)
     }
     pub(crate) fn backend() -> Spanned<super::StateBackend> {
         Spanned::new(0..0, super::StateBackend::Local)

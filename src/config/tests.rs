@@ -22,9 +22,12 @@ fn defaults_fill_missing_keys() {
         config.server.admin_listen,
         *defaults::admin_listen().get_ref()
     );
-    assert_eq!(config.upstream.base_path, "");
-    assert_eq!(config.upstream.response_header_timeout.as_secs(), 300);
-    assert!(config.upstream.api_key.is_none());
+    let pool = &config.upstreams[0];
+    assert_eq!(&*pool.name, "default");
+    assert_eq!(pool.models, ["*"]);
+    assert_eq!(pool.endpoints[0].base_path, "");
+    assert_eq!(pool.upstream.response_header_timeout.as_secs(), 300);
+    assert!(pool.upstream.api_key.is_none());
     assert_eq!(config.server.idle_timeout, Duration::from_secs(300));
     assert_eq!(config.server.max_connections.get(), 10_000);
     assert_eq!(config.server.max_header_bytes, 64 * 1024);
@@ -106,9 +109,10 @@ fn durations_use_human_units() {
     )
     .expect("durations parse");
     assert_eq!(config.server.shutdown_timeout, Duration::from_secs(5));
-    assert_eq!(config.upstream.idle_timeout, Duration::from_secs(120));
-    assert_eq!(config.upstream.base_path, "/openai");
-    assert_eq!(config.upstream.base_url(), "https://h/openai");
+    let pool = &config.upstreams[0];
+    assert_eq!(pool.upstream.idle_timeout, Duration::from_secs(120));
+    assert_eq!(pool.endpoints[0].base_path, "/openai");
+    assert_eq!(pool.endpoints[0].base_url(), "https://h/openai");
 }
 
 const HASH_A: &str = "a665a45920422f9d417e4867efdc4fb8a04a1f3fff1fa07e998e86f7f7a27ae3";
@@ -240,4 +244,106 @@ fn state_backend_is_one_of_its_names_and_says_them() {
 fn secret_never_prints() {
     let secret = Secret::new("sk-very-secret".into());
     assert_eq!(format!("{secret:?} {secret}"), "***** *****");
+}
+
+// === [[upstreams]] ===
+
+const POOLS: &str = r#"[server]
+[[upstreams]]
+name = "chat"
+models = ["smollm2*", "mock-model"]
+endpoints = ["http://127.0.0.1:8001", "http://127.0.0.1:8002/openai"]
+balance = "round_robin"
+retries = 1
+eject_after = 5
+eject_for = "30s"
+health_check = { path = "/health", interval = "1s", timeout = "500ms" }
+[[upstreams]]
+name = "rest"
+models = ["*"]
+endpoints = ["https://api.example.com/openai"]
+"#;
+
+#[test]
+fn pools_parse_with_their_settings_and_defaults() {
+    let config = parse(POOLS).expect("valid pools");
+    let [chat, rest] = &config.upstreams[..] else {
+        panic!("two pools: {:?}", config.upstreams);
+    };
+    assert_eq!(&*chat.name, "chat");
+    assert_eq!(chat.models, ["smollm2*", "mock-model"]);
+    assert_eq!(chat.endpoints[1].label(), "127.0.0.1:8002");
+    assert_eq!(chat.endpoints[1].base_url(), "http://127.0.0.1:8002/openai");
+    assert_eq!(chat.balance, crate::config::Balance::RoundRobin);
+    assert_eq!((chat.retries, chat.eject_after.get()), (1, 5));
+    assert_eq!(chat.eject_for, Duration::from_secs(30));
+    let check = chat.health_check.as_ref().expect("health check");
+    assert_eq!(
+        (check.path.as_str(), check.interval, check.timeout),
+        (
+            "/health",
+            Duration::from_secs(1),
+            Duration::from_millis(500)
+        )
+    );
+    assert_eq!(rest.balance, crate::config::Balance::LeastRequests);
+    assert_eq!((rest.retries, rest.eject_after.get()), (2, 3));
+    assert_eq!(rest.eject_for, Duration::from_secs(10));
+    assert!(rest.health_check.is_none());
+    assert_eq!(rest.endpoints[0].label(), "api.example.com:443");
+}
+
+#[test]
+fn pool_mistakes_name_the_key_and_line() {
+    let cases = [
+        (
+            format!("{POOLS}[upstream]\nurl = \"http://a\"\n"),
+            "not both",
+        ),
+        ("[server]\n".to_owned(), "no upstream"),
+        (
+            "[server]\n[[upstreams]]\nname = \"a b\"\nmodels = [\"*\"]\nendpoints = [\"http://a\"]\n"
+                .to_owned(),
+            "test.toml:3: upstreams[0].name",
+        ),
+        (
+            "[server]\n[[upstreams]]\nname = \"a\"\nmodels = []\nendpoints = [\"http://a\"]\n"
+                .to_owned(),
+            "test.toml:4: upstreams[0].models",
+        ),
+        (
+            "[server]\n[[upstreams]]\nname = \"a\"\nmodels = [\"*\"]\nendpoints = [\"http://a\", \"http://a:80/x\"]\n"
+                .to_owned(),
+            "listed twice",
+        ),
+        (
+            "[server]\n[[upstreams]]\nname = \"a\"\nmodels = [\"*\"]\nurl = \"http://a\"\n"
+                .to_owned(),
+            "test.toml:5: upstreams[0].url",
+        ),
+        (
+            "[server]\n[upstream]\nurl = \"http://a\"\nmodels = [\"x\"]\n".to_owned(),
+            "test.toml:4: upstream.models",
+        ),
+        (
+            "[server]\n[[upstreams]]\nname = \"a\"\nmodels = [\"*\"]\nendpoints = [\"ftp://a\"]\n"
+                .to_owned(),
+            "test.toml:5: upstreams[0].endpoints[0]",
+        ),
+        (
+            "[server]\n[[upstreams]]\nname = \"a\"\nmodels = [\"*\"]\nendpoints = [\"http://a\"]\n\
+             [[upstreams]]\nname = \"a\"\nmodels = [\"*\"]\nendpoints = [\"http://b\"]\n"
+                .to_owned(),
+            "names two pools",
+        ),
+        (
+            "[server]\n[[upstreams]]\nname = \"a\"\nmodels = [\"*\"]\nendpoints = [\"http://a\"]\nbalance = \"random\"\n"
+                .to_owned(),
+            "upstreams[0].balance",
+        ),
+    ];
+    for (text, expected) in cases {
+        let err = parse(&text).expect_err(expected).to_string();
+        assert!(err.contains(expected), "{expected:?} not in {err:?}");
+    }
 }

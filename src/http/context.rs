@@ -12,12 +12,13 @@
 //! | endpoint             | route     | validate, proxy, the end (labels)                     |
 //! | key                  | auth      | rate_limit, policy, quota, the end (labels)           |
 //! | model label          | policy    | quota, the end (labels)                               |
+//! | upstream (pool)      | pick_pool | quota (inject_usage), proxy, the end (ledger, access log) |
 //! | end actions          | rate_limit (slot), quota (settlement) | the end, inner first     |
 //!
 //! Other request extensions: [`ParsedRequest`] (validate → policy, quota); on the response,
 //! [`UpstreamReached`] (proxy → the end).
 //!
-//! Later facts (group, upstream pool and endpoint, trace span) belong here too.
+//! Later facts (group, trace span) belong here too.
 //!
 //! Edge cases: a layer that finds no context answers 500 (the stack is mis-assembled) rather
 //! than let the request through unaccounted; end actions run in reverse order of registration,
@@ -33,6 +34,7 @@ use crate::http::error::ErrorSource;
 use crate::http::generation::Generation;
 use crate::keys::KeyEntry;
 use crate::observability::metrics::{OTHER_MODEL, UNAUTHENTICATED};
+use crate::proxy::pool::Pool;
 
 /// What a request learns on its way, and what must happen when it ends.
 pub struct RequestContext {
@@ -46,6 +48,8 @@ pub struct RequestContext {
     key: OnceLock<Arc<KeyEntry>>,
     /// A model the key names exactly, or unset (`other`): never raw client input.
     model: OnceLock<Arc<str>>,
+    /// The pool that serves the request's model.
+    pool: OnceLock<Arc<Pool>>,
     at_end: Mutex<Vec<Box<dyn AtEnd>>>,
 }
 
@@ -62,6 +66,7 @@ impl RequestContext {
             endpoint: OnceLock::new(),
             key: OnceLock::new(),
             model: OnceLock::new(),
+            pool: OnceLock::new(),
             at_end: Mutex::new(Vec::new()),
         }
     }
@@ -69,6 +74,15 @@ impl RequestContext {
     /// The context the outer layer gave `request`.
     pub(crate) fn of<B>(request: &Request<B>) -> Option<&SharedContext> {
         request.extensions().get::<SharedContext>()
+    }
+
+    /// The context and the parsed body of `request`; `None` for a request without a body to
+    /// judge (`GET /v1/models`).
+    pub(crate) fn with_parsed<B>(
+        request: &Request<B>,
+    ) -> Option<(&SharedContext, &Arc<ParsedRequest>)> {
+        let context = RequestContext::of(request)?;
+        Some((context, request.extensions().get::<Arc<ParsedRequest>>()?))
     }
 
     pub(crate) fn id_header(&self) -> &HeaderValue {
@@ -129,6 +143,21 @@ impl RequestContext {
     /// Set once, by the policy layer.
     pub(crate) fn set_model_label(&self, model: &str) {
         let _ = self.model.set(Arc::from(model));
+    }
+
+    /// The pool chosen for the request's model.
+    pub(crate) fn pool(&self) -> Option<&Arc<Pool>> {
+        self.pool.get()
+    }
+
+    /// The `upstream` of the ledger and the access log: the pool's name, or `none`.
+    pub(crate) fn upstream_label(&self) -> &str {
+        self.pool.get().map_or("none", |pool| &pool.config.name)
+    }
+
+    /// Set once, by the pick_pool layer.
+    pub(crate) fn set_pool(&self, pool: Arc<Pool>) {
+        let _ = self.pool.set(pool);
     }
 
     /// Registers `action` to run once when the answer ends (or the request is dropped).

@@ -43,6 +43,10 @@ pub enum GatewayError {
     },
     #[error("model {model:?} is not available to this key")]
     ModelNotFound { model: String },
+    /// No upstream pool's `models` match: the same code as the key's refusal.
+    #[error("model {model:?} is not served by this gateway")]
+    #[strum(serialize = "model_not_found")]
+    ModelNotServed { model: String },
     #[error("{field} = {requested} exceeds this key's cap of {cap} tokens")]
     MaxTokensExceeded {
         field: &'static str,
@@ -137,7 +141,9 @@ impl GatewayError {
             GatewayError::InvalidApiKey => Some(Rejection::InvalidApiKey),
             GatewayError::RateLimitExceeded { .. } => Some(Rejection::Rate),
             GatewayError::ConcurrencyLimitExceeded { .. } => Some(Rejection::Concurrency),
-            GatewayError::ModelNotFound { .. } => Some(Rejection::ModelNotFound),
+            GatewayError::ModelNotFound { .. } | GatewayError::ModelNotServed { .. } => {
+                Some(Rejection::ModelNotFound)
+            }
             GatewayError::MaxTokensExceeded { .. } => Some(Rejection::MaxTokensExceeded),
             GatewayError::TooManyChoices { .. } => Some(Rejection::TooManyChoices),
             GatewayError::UnboundedField { .. } => Some(Rejection::UnboundedField),
@@ -169,6 +175,7 @@ impl GatewayError {
             GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
             | GatewayError::ModelNotFound { .. }
+            | GatewayError::ModelNotServed { .. }
             | GatewayError::MaxTokensExceeded { .. }
             | GatewayError::TooManyChoices { .. }
             | GatewayError::UnboundedField { .. } => StatusCode::BAD_REQUEST,
@@ -198,6 +205,7 @@ impl GatewayError {
             | GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
             | GatewayError::ModelNotFound { .. }
+            | GatewayError::ModelNotServed { .. }
             | GatewayError::MaxTokensExceeded { .. }
             | GatewayError::TooManyChoices { .. }
             | GatewayError::UnboundedField { .. } => "invalid_request_error",
@@ -233,7 +241,9 @@ impl GatewayError {
     /// The seeds' own `code` values, where one applies.
     fn seed_code(&self) -> Option<&'static str> {
         match self {
-            GatewayError::ModelNotFound { .. } => Some("model-not-found"),
+            GatewayError::ModelNotFound { .. } | GatewayError::ModelNotServed { .. } => {
+                Some("model-not-found")
+            }
             GatewayError::MaxTokensExceeded { .. } => Some("max-tokens-exceeded"),
             _ => None,
         }

@@ -10,10 +10,12 @@
 //! 6. [`request_body`]: the body read whole under a size cap, or 413
 //! 7. [`validate`]: JSON parse and the route's schema, or 400
 //! 8. [`policy`]: model allow-list and `max_tokens` cap, or 400
-//! 9. [`quota`]: the token reservation on the way in, accounting on the way out, or 429
+//! 9. [`pick_pool`]: the upstream pool that serves the model, or 400 `model-not-found`
+//! 10. [`quota`]: the token reservation on the way in, accounting on the way out, or 429
 
 pub(crate) mod auth;
 pub(crate) mod observe;
+pub(crate) mod pick_pool;
 pub(crate) mod policy;
 pub(crate) mod quota;
 pub(crate) mod rate_limit;

@@ -23,6 +23,7 @@ use crate::http::context::{ParsedRequest, RequestContext};
 use crate::http::error::GatewayError;
 use crate::http::generation::{Generation, Named};
 use crate::observability::metrics::Metrics;
+use crate::proxy::routing::matches;
 
 pub(crate) fn policy_layer(metrics: Arc<Metrics>) -> ValidateRequestHeaderLayer<EnforcePolicy> {
     ValidateRequestHeaderLayer::custom(EnforcePolicy { metrics })
@@ -37,10 +38,7 @@ impl ValidateRequest<Bytes> for EnforcePolicy {
     type ResponseBody = GatewayBody;
 
     fn validate(&mut self, request: &mut Request<Bytes>) -> Result<(), Response<GatewayBody>> {
-        let (Some(context), Some(parsed)) = (
-            RequestContext::of(request),
-            request.extensions().get::<Arc<ParsedRequest>>(),
-        ) else {
+        let Some((context, parsed)) = RequestContext::with_parsed(request) else {
             // No body to judge (GET /v1/models).
             return Ok(());
         };
@@ -121,13 +119,6 @@ fn check_choices(limits: &Limits, generation: &Generation) -> Result<(), Gateway
 }
 
 /// `*` matches everything, `prefix*` a prefix, anything else exactly.
-fn matches(pattern: &str, model: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => model.starts_with(prefix),
-        None => pattern == model,
-    }
-}
-
 /// The model as a metric label, when the key's allow-list names it exactly.
 fn model_label<'a>(limits: &Limits, model: &'a str) -> Option<&'a str> {
     limits

@@ -63,11 +63,10 @@ struct Shared {
     ledger: Option<Arc<Ledger>>,
     recent: Arc<RecentRequests>,
     metrics: Arc<Metrics>,
-    inject_usage: bool,
 }
 
 impl QuotaLayer {
-    pub(crate) fn new(accounting: Accounting, metrics: Arc<Metrics>, inject_usage: bool) -> Self {
+    pub(crate) fn new(accounting: Accounting, metrics: Arc<Metrics>) -> Self {
         let Accounting {
             backend,
             ledger,
@@ -79,7 +78,6 @@ impl QuotaLayer {
                 ledger,
                 recent,
                 metrics,
-                inject_usage,
             }),
         }
     }
@@ -154,7 +152,11 @@ impl Shared {
             Ok(reserved) => reserved,
             Err(refusal) => return Ok(refusal),
         };
-        let strip = self.inject_usage && parsed.stream && !parsed.include_usage;
+        // The pool's `inject_usage`; on by default (a request without a pool is not sent).
+        let inject_usage = context
+            .pool()
+            .is_none_or(|pool| pool.config.upstream.inject_usage);
+        let strip = inject_usage && parsed.stream && !parsed.include_usage;
         let edits = Edits {
             include_usage: strip,
             max_tokens: parsed.generation.max_tokens_to_add(cap(&key)),

@@ -45,6 +45,7 @@ pub(crate) fn record(metrics: &Metrics, context: &RequestContext, ending: &Endin
         duration_ms = elapsed.as_micros() as f64 / 1000.0,
         key = %key,
         model = %model,
+        upstream = %context.upstream_label(),
         outcome = %ending.outcome.log_label(),
         error = ending.error.as_ref().map(|e| e.0.as_str()),
     );

@@ -7,7 +7,8 @@
 
 use strum::{Display, EnumIter, IntoStaticStr};
 
-/// `tollgate_upstream_errors_total{kind}`.
+/// `tollgate_upstream_errors_total{upstream, kind}`; the first three are also the `status` of
+/// `tollgate_upstream_requests_total` for an attempt that got no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
 pub(crate) enum UpstreamErrorKind {
@@ -21,7 +22,8 @@ pub(crate) enum UpstreamErrorKind {
     BodyIdleTimeout,
     /// The body failed mid-stream.
     BodyError,
-    /// A request that never left, sent again on a fresh connection.
+    /// An attempt that could not be delivered, sent again: to another endpoint, or on a fresh
+    /// connection when a pooled one was found dead.
     Retried,
 }
 

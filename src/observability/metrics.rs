@@ -40,6 +40,9 @@ pub struct Metrics {
     pub(crate) request_duration_seconds: HistogramVec,
     pub(crate) overhead_seconds: Histogram,
     pub(crate) upstream_errors_total: IntCounterVec,
+    pub(crate) upstream_requests_total: IntCounterVec,
+    pub(crate) upstream_up: IntGaugeVec,
+    pub(crate) upstream_inflight: IntGaugeVec,
     pub(crate) rejections_total: IntCounterVec,
     pub(crate) inflight_requests: IntGaugeVec,
     pub(crate) tokens_total: IntCounterVec,
@@ -114,8 +117,24 @@ impl Metrics {
             // --- what failed ---
             upstream_errors_total: r.counters(
                 "tollgate_upstream_errors_total",
-                "Upstream failures by kind (connect, timeout, broken, body_idle_timeout, body_error, retried).",
-                &["kind"],
+                "Upstream failures by pool and kind (connect, timeout, broken, body_idle_timeout, body_error, retried).",
+                &["upstream", "kind"],
+            ),
+            // --- upstream pools, per endpoint ---
+            upstream_requests_total: r.counters(
+                "tollgate_upstream_requests_total",
+                "Attempts sent to each upstream endpoint, by the status it answered (or connect, timeout, broken).",
+                &["upstream", "endpoint", "status"],
+            ),
+            upstream_up: r.gauges(
+                "tollgate_upstream_up",
+                "1 while an upstream endpoint is up (not ejected, passing its health check), else 0.",
+                &["upstream", "endpoint"],
+            ),
+            upstream_inflight: r.gauges(
+                "tollgate_upstream_inflight",
+                "Requests in flight on each upstream endpoint, until their answer's last byte.",
+                &["upstream", "endpoint"],
             ),
             ledger_errors_total: r.counters(
                 "tollgate_ledger_errors_total",
@@ -138,9 +157,6 @@ impl Metrics {
     /// Creates every series whose labels are known from the start, at 0: a series that appears
     /// only with its first increment hides that increment from `increase()` and `rate()`.
     fn export_fixed_series(&self) {
-        for kind in UpstreamErrorKind::iter() {
-            self.upstream_errors_total.with_label_values(&[label(kind)]);
-        }
         for reason in LedgerErrorReason::iter() {
             self.ledger_errors_total.with_label_values(&[label(reason)]);
         }
@@ -166,6 +182,38 @@ impl Metrics {
         }
         self.quota_overrun_tokens_total.with_label_values(&[key]);
         self.inflight_requests.with_label_values(&[key]);
+    }
+
+    /// Creates a pool's error counters at 0 (at start, and for a pool a reload adds).
+    pub(crate) fn add_upstream(&self, upstream: &str) {
+        for kind in UpstreamErrorKind::iter() {
+            self.upstream_errors_total
+                .with_label_values(&[upstream, label(kind)]);
+        }
+    }
+
+    /// Creates an endpoint's series at 0: its gauges, and its answers and failures.
+    pub(crate) fn add_endpoint(&self, upstream: &str, endpoint: &str) {
+        self.upstream_up.with_label_values(&[upstream, endpoint]);
+        self.upstream_inflight
+            .with_label_values(&[upstream, endpoint]);
+        let kinds = [
+            UpstreamErrorKind::Connect,
+            UpstreamErrorKind::Timeout,
+            UpstreamErrorKind::Broken,
+        ];
+        for status in ["200"].into_iter().chain(kinds.into_iter().map(label)) {
+            self.upstream_requests_total
+                .with_label_values(&[upstream, endpoint, status]);
+        }
+    }
+
+    /// Removes the gauges of an endpoint a reload removed (its counters keep their counts).
+    pub(crate) fn remove_endpoint(&self, upstream: &str, endpoint: &str) {
+        let _ = self.upstream_up.remove_label_values(&[upstream, endpoint]);
+        let _ = self
+            .upstream_inflight
+            .remove_label_values(&[upstream, endpoint]);
     }
 
     /// Counts one failed state-backend call.
@@ -196,10 +244,10 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one upstream failure of the given kind.
-    pub(crate) fn upstream_error(&self, kind: UpstreamErrorKind) {
+    /// Counts one failure of pool `upstream`, of the given kind.
+    pub(crate) fn upstream_error(&self, upstream: &str, kind: UpstreamErrorKind) {
         self.upstream_errors_total
-            .with_label_values(&[label(kind)])
+            .with_label_values(&[upstream, label(kind)])
             .inc();
     }
 

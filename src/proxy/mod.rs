@@ -1,9 +1,9 @@
-//! The leaf service: sends the request to the configured upstream and streams its answer back.
+//! The leaf service: sends the request to an endpoint of its pool and streams its answer back.
 //!
 //! What it changes, and only this:
-//! - the URI: `<upstream.url>` + the endpoint's `/v1/…` path + the client's query string; the
-//!   client's `Host` and absolute-form URI play no part, so the upstream is never anything but
-//!   the configured one;
+//! - the URI: the endpoint's base URL + the operation's `/v1/…` path + the client's query
+//!   string; the client's `Host` and absolute-form URI play no part, so the upstream is never
+//!   anything but a configured one (`Host` is the endpoint's);
 //! - credentials: the client's `Authorization`, `api-key` and `x-api-key` are removed and the
 //!   gateway's own `Authorization: Bearer …` is set (when configured);
 //! - hop-by-hop headers (RFC 9110 §7.6.1, and any named in `Connection`) are dropped both ways;
@@ -14,17 +14,32 @@
 //! The request body reaches the upstream byte for byte; the response body comes back frame by
 //! frame as the upstream sends it ([`UpstreamBody`]).
 //!
-//! Upstream failures: unreachable → 502, no response headers within
-//! `upstream.response_header_timeout` → 504, connection broken before a response → 502.
+//! Which upstream: the pool the `pick_pool` layer chose by model, and in it the endpoint the
+//! pool's balance picks ([`balance`]). `GET /v1/models` is answered from every pool ([`models`]).
 //!
-//! A request is sent again only when it provably never left: hyper hands back a request it did
-//! not start writing (its error is `is_canceled`). hyper-util's client already sends such a
-//! request again when the connection was a pooled one — the case of llama.cpp's server, which
-//! closes after every stream while advertising keep-alive — and the proxy does it once more, on
-//! a fresh unpooled connection, when the connection was new. A request the upstream may have
-//! received (it was written, and the connection broke or closed with no answer) is never sent
-//! again: a completion costs money and need not be idempotent. That client gets one 502.
+//! Upstream failures: unreachable → 502, no response headers within
+//! `response_header_timeout` → 504, connection broken before a response → 502. Each is a failure
+//! of its endpoint (as is a 502 or 503 answer, which passes through), counted toward its ejection
+//! ([`endpoint`]).
+//!
+//! Failover: a request that could not be delivered — no connection (refused, timed out), or the
+//! connection reset or closed before any response byte — is sent to another endpoint of the
+//! pool, up to the pool's `retries` times; one that failed on a pooled connection (which may have
+//! died while idle: llama.cpp's server closes after every stream while advertising keep-alive)
+//! is first sent again on a fresh connection to the same endpoint. Never once any byte of an
+//! answer has come: from then on the client gets what the upstream sent, or a broken stream. A
+//! response-header timeout is not retried (the upstream may be generating the answer), and an
+//! upstream's error status passes through as it was sent. However many endpoints a request
+//! tried, it is charged once and has one ledger line: everything above this service sees one
+//! request.
 
+pub(crate) mod balance;
+pub(crate) mod client;
+pub(crate) mod endpoint;
+pub(crate) mod health;
+pub(crate) mod models;
+pub(crate) mod pool;
+pub(crate) mod routing;
 pub(crate) mod upstream_body;
 
 use std::convert::Infallible;
@@ -34,29 +49,22 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{timeout_at, Instant};
 use tower::Service;
 
-use crate::config::UpstreamConfig;
 use crate::http::body::{BoxError, GatewayBody};
-use crate::http::context::{Endpoint, RequestContext, UpstreamReached};
+use crate::http::context::{Endpoint as Operation, RequestContext, UpstreamReached};
 use crate::http::error::GatewayError;
 use crate::http::headers::own_upstream_headers;
 use crate::http::headers::CLIENT_CREDENTIALS;
 use crate::observability::labels::UpstreamErrorKind;
 use crate::observability::metrics::Metrics;
+use crate::proxy::client::{SendError, UpstreamRequest};
+use crate::proxy::endpoint::Endpoint;
+use crate::proxy::pool::{Pool, SharedPools};
 use crate::proxy::upstream_body::UpstreamBody;
-
-/// How upstream connections are made (TCP, TLS with the trusted roots); built once and shared
-/// by every worker's client.
-pub(crate) type Connector = HttpsConnector<HttpConnector>;
-type UpstreamClient = Client<Connector, Full<Bytes>>;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy
 /// `proxy-connection` and `keep-alive`.
@@ -77,96 +85,23 @@ pub(crate) struct Proxy {
 }
 
 struct Shared {
-    /// Pooled keep-alive connections, HTTP/2 where the upstream offers it through ALPN.
-    client: UpstreamClient,
-    /// No pool: for the one retry of a request that never left.
-    fresh: UpstreamClient,
-    upstream: UpstreamConfig,
-    authorization: Option<HeaderValue>,
+    pools: SharedPools,
+    /// This worker's slot in every endpoint's idle connections.
+    slot: usize,
     metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    /// A proxy with its own connection pool, connecting through `connector`.
-    pub(crate) fn new(
-        upstream: &UpstreamConfig,
-        connector: Connector,
-        metrics: Arc<Metrics>,
-    ) -> Result<Proxy, BoxError> {
-        let client = client_builder()
-            .pool_idle_timeout(upstream.pool_idle_timeout)
-            .pool_max_idle_per_host(upstream.pool_max_idle_per_host)
-            .build(connector.clone());
-        let fresh = client_builder().pool_max_idle_per_host(0).build(connector);
-        let authorization = match &upstream.api_key {
-            Some(key) => {
-                let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
-                    .map_err(|_| "the upstream credential is not a valid header value")?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-            None => None,
-        };
-        Ok(Proxy {
+    /// The proxy of worker `slot`, sending through the pools in force.
+    pub(crate) fn new(pools: SharedPools, slot: usize, metrics: Arc<Metrics>) -> Proxy {
+        Proxy {
             shared: Arc::new(Shared {
-                client,
-                fresh,
-                upstream: upstream.clone(),
-                authorization,
+                pools,
+                slot,
                 metrics,
             }),
-        })
-    }
-}
-
-/// Shared settings of both clients. The connect timeout lives on the connector, the header
-/// timeout around each request.
-fn client_builder() -> hyper_util::client::legacy::Builder {
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new());
-    builder
-}
-
-/// The upstream connector for `upstream`: reads the system's trusted roots and `ca_file`.
-pub(crate) fn connector(upstream: &UpstreamConfig) -> Result<Connector, BoxError> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    // Each SSE event must leave at once, not wait for a delayed ACK (Nagle).
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(upstream.connect_timeout));
-    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
-
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    // System roots where the machine has them: a private CA installed there is trusted too.
-    for cert in rustls_native_certs::load_native_certs().certs {
-        // A malformed system certificate is skipped, not fatal.
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = &upstream.ca_file {
-        use rustls_pki_types::pem::PemObject;
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http))
 }
 
 impl Service<Request<Bytes>> for Proxy {
@@ -183,154 +118,254 @@ impl Service<Request<Bytes>> for Proxy {
         Box::pin(async move {
             Ok(match shared.forward(request).await {
                 Ok(response) => response,
-                Err(error) => error.into_response(),
+                Err(failure) => failure.into_response(),
             })
         })
     }
 }
 
-impl Shared {
-    async fn forward(
-        &self,
-        request: Request<Bytes>,
-    ) -> Result<Response<GatewayBody>, GatewayError> {
-        let (endpoint, start) = RequestContext::of(&request)
-            .and_then(|context| Some((context.endpoint()?, context.start())))
-            .ok_or_else(|| GatewayError::Internal("request reached the proxy unrouted".into()))?;
-        let (parts, body) = request.into_parts();
-        let uri = self.upstream_uri(endpoint, parts.uri.query())?;
-        let headers = self.upstream_headers(parts.headers);
-        let build = || {
-            let mut upstream_request = Request::new(Full::new(body.clone()));
-            *upstream_request.method_mut() = parts.method.clone();
-            *upstream_request.uri_mut() = uri.clone();
-            *upstream_request.headers_mut() = headers.clone();
-            upstream_request
-        };
+/// What became of one attempt that got no answer.
+enum Failure {
+    Timeout,
+    Unreachable(BoxError),
+    /// The connection failed before any response byte: the upstream may have read the request.
+    Broken(BoxError),
+}
 
+/// A request that got no answer from any endpoint it tried.
+struct Unanswered {
+    error: GatewayError,
+    /// Some endpoint may have read the request (and used tokens on it).
+    reached: bool,
+}
+
+impl Unanswered {
+    fn into_response(self) -> Response<GatewayBody> {
+        let mut response = self.error.into_response();
+        if self.reached {
+            response.extensions_mut().insert(UpstreamReached);
+        }
+        response
+    }
+}
+
+impl From<GatewayError> for Unanswered {
+    fn from(error: GatewayError) -> Self {
+        Unanswered {
+            error,
+            reached: false,
+        }
+    }
+}
+
+/// The request as every attempt sends it: built once, cloned per attempt (the body is shared).
+struct Outgoing {
+    method: http::Method,
+    operation: Operation,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Outgoing {
+    fn to(&self, endpoint: &Endpoint) -> Result<UpstreamRequest, GatewayError> {
+        let url = &endpoint.url;
+        let path = self.operation.upstream_path();
+        let path_and_query = match &self.query {
+            Some(query) => format!("{}{path}?{query}", url.base_path),
+            None => format!("{}{path}", url.base_path),
+        };
+        let uri = Uri::builder()
+            .scheme(url.scheme.clone())
+            .authority(url.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| GatewayError::Internal(format!("upstream URI: {e}")))?;
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        let mut headers = self.headers.clone();
+        if let Ok(host) = HeaderValue::from_str(url.authority.as_str()) {
+            headers.insert(header::HOST, host);
+        }
+        *request.headers_mut() = headers;
+        Ok(request)
+    }
+}
+
+impl Shared {
+    async fn forward(&self, request: Request<Bytes>) -> Result<Response<GatewayBody>, Unanswered> {
+        let context = RequestContext::of(&request)
+            .cloned()
+            .ok_or_else(|| GatewayError::Internal("request reached the proxy unrouted".into()))?;
+        let operation = context
+            .endpoint()
+            .ok_or_else(|| GatewayError::Internal("request reached the proxy unrouted".into()))?;
+        if operation == Operation::Models {
+            let pools = self.pools.load_full();
+            return Ok(models::answer(&pools, &context, self.slot).await?);
+        }
+        let pool = context.pool().cloned().ok_or_else(|| {
+            GatewayError::Internal("request reached the proxy without a pool".into())
+        })?;
+        let (parts, body) = request.into_parts();
+        let outgoing = Outgoing {
+            method: parts.method,
+            operation,
+            query: parts.uri.query().map(str::to_owned),
+            headers: upstream_headers(parts.headers, pool.authorization.as_ref()),
+            body,
+        };
         self.metrics
             .overhead_seconds
-            .observe(start.elapsed().as_secs_f64());
-        let deadline = Instant::now() + self.upstream.response_header_timeout;
-        let response = match self.send(&self.client, build(), deadline).await {
-            Err(Failure::NotSent(error)) => {
-                tracing::debug!(%error, "the request never left; sending it on a fresh connection");
-                self.metrics.upstream_error(UpstreamErrorKind::Retried);
-                self.send(&self.fresh, build(), deadline).await
+            .observe(context.start().elapsed().as_secs_f64());
+        let deadline = Instant::now() + pool.config.upstream.response_header_timeout;
+        let mut tried: Vec<usize> = Vec::new();
+        let mut reached = false;
+        loop {
+            // `None` only after a failure: the first choice always finds an endpoint.
+            let Some(index) = pool.choose(&tried) else {
+                return Err(Unanswered {
+                    error: GatewayError::UpstreamUnreachable("no endpoint left to try".into()),
+                    reached,
+                });
+            };
+            let failure = match self.attempt(&pool, index, &outgoing, deadline).await {
+                Ok(response) => return Ok(response),
+                Err(failure) => failure,
+            };
+            reached |= !matches!(failure, Failure::Unreachable(_));
+            let last =
+                tried.len() >= pool.config.retries as usize || matches!(failure, Failure::Timeout);
+            tried.push(index);
+            let error = self.fail(&pool.config.name, failure);
+            if last || tried.len() >= pool.endpoints.len() {
+                return Err(Unanswered { error, reached });
             }
-            other => other,
-        };
-        let response = match response {
-            Ok(response) => response,
-            Err(failure) => {
-                let reached = !matches!(failure, Failure::Unreachable(_));
-                let mut response = self.fail(failure).into_response();
-                if reached {
-                    response.extensions_mut().insert(UpstreamReached);
-                }
-                return Ok(response);
-            }
-        };
-
-        let (mut parts, incoming) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        own_upstream_headers(&mut parts.headers);
-        parts.extensions.insert(UpstreamReached);
-        let body = UpstreamBody::new(incoming, self.upstream.idle_timeout, self.metrics.clone());
-        Ok(Response::from_parts(parts, body.boxed_unsync()))
-    }
-
-    async fn send(
-        &self,
-        client: &UpstreamClient,
-        request: Request<Full<Bytes>>,
-        deadline: Instant,
-    ) -> Result<Response<hyper::body::Incoming>, Failure> {
-        match timeout_at(deadline, client.request(request)).await {
-            Err(_elapsed) => Err(Failure::Timeout),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) if error.is_connect() => Err(Failure::Unreachable(error.into())),
-            Ok(Err(error)) if never_sent(&error) => Err(Failure::NotSent(error.into())),
-            Ok(Err(error)) => Err(Failure::Broken(error.into())),
+            tracing::debug!(%error, upstream = %pool.config.name, "not delivered; trying another endpoint");
+            self.metrics
+                .upstream_error(&pool.config.name, UpstreamErrorKind::Retried);
         }
     }
 
-    fn fail(&self, failure: Failure) -> GatewayError {
+    /// One endpoint's try: on a pooled connection, and once more on a fresh one if that was
+    /// found dead before any response byte.
+    async fn attempt(
+        &self,
+        pool: &Arc<Pool>,
+        index: usize,
+        outgoing: &Outgoing,
+        deadline: Instant,
+    ) -> Result<Response<GatewayBody>, Failure> {
+        let endpoint = &pool.endpoints[index];
+        let inflight = endpoint.start();
+        let mut fresh = false;
+        loop {
+            let request = outgoing
+                .to(endpoint)
+                .map_err(|e| Failure::Broken(e.into()))?;
+            let sent = timeout_at(
+                deadline,
+                pool.connector.send(endpoint, self.slot, request, fresh),
+            )
+            .await;
+            let failure = match sent {
+                Ok(Ok((response, returned))) => {
+                    let status = response.status();
+                    endpoint.count_status(&self.metrics, status.as_str());
+                    if status == StatusCode::BAD_GATEWAY
+                        || status == StatusCode::SERVICE_UNAVAILABLE
+                    {
+                        endpoint.failed(&pool.config);
+                    } else {
+                        endpoint.succeeded();
+                    }
+                    let (mut parts, incoming) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    own_upstream_headers(&mut parts.headers);
+                    parts.extensions.insert(UpstreamReached);
+                    let idle_timeout = pool.config.upstream.idle_timeout;
+                    let body = UpstreamBody::new(
+                        incoming,
+                        idle_timeout,
+                        self.metrics.clone(),
+                        inflight,
+                        returned,
+                    );
+                    return Ok(Response::from_parts(parts, body.boxed_unsync()));
+                }
+                Ok(Err(SendError::Broken {
+                    error,
+                    reused: true,
+                })) if !fresh => {
+                    tracing::debug!(%error, "a pooled connection was found dead; sending on a fresh one");
+                    self.metrics
+                        .upstream_error(&pool.config.name, UpstreamErrorKind::Retried);
+                    fresh = true;
+                    continue;
+                }
+                Err(_elapsed) => Failure::Timeout,
+                Ok(Err(SendError::Connect(error))) => Failure::Unreachable(error),
+                Ok(Err(SendError::Broken { error, .. })) => Failure::Broken(error),
+            };
+            endpoint.failed(&pool.config);
+            endpoint.count_status(&self.metrics, failure.label());
+            return Err(failure);
+        }
+    }
+
+    /// Counts a failed attempt and says what the client would get for it.
+    fn fail(&self, upstream: &str, failure: Failure) -> GatewayError {
         match failure {
             Failure::Timeout => {
-                self.metrics.upstream_error(UpstreamErrorKind::Timeout);
+                self.metrics
+                    .upstream_error(upstream, UpstreamErrorKind::Timeout);
                 GatewayError::UpstreamTimeout
             }
             Failure::Unreachable(error) => {
-                self.metrics.upstream_error(UpstreamErrorKind::Connect);
+                self.metrics
+                    .upstream_error(upstream, UpstreamErrorKind::Connect);
                 GatewayError::UpstreamUnreachable(error)
             }
-            Failure::NotSent(error) | Failure::Broken(error) => {
-                self.metrics.upstream_error(UpstreamErrorKind::Broken);
+            Failure::Broken(error) => {
+                self.metrics
+                    .upstream_error(upstream, UpstreamErrorKind::Broken);
                 GatewayError::UpstreamBroken(error)
             }
         }
     }
+}
 
-    fn upstream_uri(&self, endpoint: Endpoint, query: Option<&str>) -> Result<Uri, GatewayError> {
-        let path = endpoint.upstream_path();
-        let base = &self.upstream.base_path;
-        let path_and_query = match query {
-            Some(query) => format!("{base}{path}?{query}"),
-            None => format!("{base}{path}"),
+impl Failure {
+    /// The `status` of `tollgate_upstream_requests_total` for an attempt with no answer.
+    fn label(&self) -> &'static str {
+        let kind = match self {
+            Failure::Timeout => UpstreamErrorKind::Timeout,
+            Failure::Unreachable(_) => UpstreamErrorKind::Connect,
+            Failure::Broken(_) => UpstreamErrorKind::Broken,
         };
-        Uri::builder()
-            .scheme(self.upstream.scheme.clone())
-            .authority(self.upstream.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| GatewayError::Internal(format!("upstream URI: {e}")))
-    }
-
-    fn upstream_headers(&self, mut headers: HeaderMap) -> HeaderMap {
-        strip_hop_by_hop(&mut headers);
-        for name in &CLIENT_CREDENTIALS {
-            headers.remove(name);
-        }
-        // The upstream's host comes from the configured URL; the length from the body itself.
-        headers.remove(header::HOST);
-        headers.remove(header::CONTENT_LENGTH);
-        headers.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
-        if let Some(authorization) = &self.authorization {
-            headers.insert(header::AUTHORIZATION, authorization.clone());
-        }
-        headers
+        kind.into()
     }
 }
 
-enum Failure {
-    Timeout,
-    Unreachable(BoxError),
-    /// hyper gave the request back unwritten: safe to send again.
-    NotSent(BoxError),
-    /// The request may have reached the upstream: never sent again.
-    Broken(BoxError),
-}
-
-/// Whether hyper gave the request back without writing any of it (a connection that closed
-/// before the request's turn came). A connection that closed or reset after the request was
-/// written is not this case, whatever was answered. Walks the error's causes rather than
-/// matching on messages.
-fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(cause) = source {
-        if cause
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_canceled)
-        {
-            return true;
-        }
-        source = cause.source();
+/// The client's headers as the upstream gets them: no hop-by-hop headers, no client
+/// credentials, no length (the body sets it), identity encoding, the gateway's credential.
+fn upstream_headers(mut headers: HeaderMap, authorization: Option<&HeaderValue>) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    for name in &CLIENT_CREDENTIALS {
+        headers.remove(name);
     }
-    false
+    // The upstream's host comes from the endpoint's URL; the length from the body itself.
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    if let Some(authorization) = authorization {
+        headers.insert(header::AUTHORIZATION, authorization.clone());
+    }
+    headers
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.

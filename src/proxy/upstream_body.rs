@@ -9,6 +9,9 @@
 //!   the last frame is noted, and when the timer fires early it is re-armed from that time.
 //! - Dropping this body drops the upstream body, which closes the upstream request: a client that
 //!   leaves cancels the generation upstream.
+//! - The endpoint counts the request in flight until this body ends or is dropped; an HTTP/1.1
+//!   connection goes back to its worker's pool only when the body was read to its end (one
+//!   dropped early is closed: what is left of the answer would be read by the next request).
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -25,6 +28,8 @@ use tokio::time::{Instant, Sleep};
 use crate::http::body::BoxError;
 use crate::observability::labels::UpstreamErrorKind;
 use crate::observability::metrics::Metrics;
+use crate::proxy::client::Returned;
+use crate::proxy::endpoint::InFlight;
 
 #[derive(Debug, thiserror::Error)]
 #[error("upstream sent nothing for {0:?} mid-response")]
@@ -39,20 +44,54 @@ pin_project! {
         idle_timeout: Duration,
         last_frame: Instant,
         metrics: Arc<Metrics>,
+        // Dropped with the body at the latest; taken at its end.
+        inflight: Option<InFlight>,
+        returned: Option<Returned>,
     }
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: Incoming, idle_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        idle_timeout: Duration,
+        metrics: Arc<Metrics>,
+        inflight: InFlight,
+        returned: Option<Returned>,
+    ) -> Self {
         let now = Instant::now();
-        UpstreamBody {
+        let mut body = UpstreamBody {
             inner,
             idle: tokio::time::sleep_until(now + idle_timeout),
             idle_timeout,
             last_frame: now,
             metrics,
+            inflight: Some(inflight),
+            returned,
+        };
+        if body.inner.is_end_stream() {
+            body.finished();
         }
+        body
     }
+
+    /// The last byte was read: the request is no longer in flight, the connection is free.
+    fn finished(&mut self) {
+        finish(&mut self.inflight, &mut self.returned);
+    }
+}
+
+fn finish(inflight: &mut Option<InFlight>, returned: &mut Option<Returned>) {
+    if let Some(returned) = returned.take() {
+        returned.give_back();
+    }
+    inflight.take();
+}
+
+/// The pool's name, for the error metric (known until the body ended).
+fn upstream_of(inflight: &Option<InFlight>) -> &str {
+    inflight
+        .as_ref()
+        .map_or("none", |inflight| &inflight.endpoint().upstream)
 }
 
 impl Body for UpstreamBody {
@@ -64,24 +103,36 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        match this.inner.poll_frame(cx) {
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.last_frame = Instant::now();
+                if this.inner.is_end_stream() {
+                    finish(this.inflight, this.returned);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => {
-                this.metrics.upstream_error(UpstreamErrorKind::BodyError);
+                let upstream = upstream_of(this.inflight);
+                this.metrics
+                    .upstream_error(upstream, UpstreamErrorKind::BodyError);
+                this.returned.take();
+                this.inflight.take();
                 Poll::Ready(Some(Err(error.into())))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                finish(this.inflight, this.returned);
+                Poll::Ready(None)
+            }
             Poll::Pending => loop {
                 if this.idle.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
                 let deadline = *this.last_frame + *this.idle_timeout;
                 if Instant::now() >= deadline {
+                    let upstream = upstream_of(this.inflight);
                     this.metrics
-                        .upstream_error(UpstreamErrorKind::BodyIdleTimeout);
+                        .upstream_error(upstream, UpstreamErrorKind::BodyIdleTimeout);
+                    this.returned.take();
                     return Poll::Ready(Some(Err(IdleTimeout(*this.idle_timeout).into())));
                 }
                 // A frame came since the timer was armed: wait out the rest from that frame.

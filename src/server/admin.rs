@@ -10,10 +10,14 @@
 //!   endpoint it reads — a page for a feature this gateway has not got is not listed;
 //! - `GET /admin/stats?seconds=N`: the last N (at most 900) seconds of requests, errors,
 //!   refusals, tokens and latency, second by second ([`Timeline`]);
-//! - `GET /admin/requests`: the last 200 finished requests' ledger lines, newest first.
+//! - `GET /admin/requests`: the last 200 finished requests' ledger lines, newest first;
+//! - `GET /admin/upstreams`: each pool's models, balance and endpoints, with whether each is up,
+//!   its requests in flight, its consecutive failures and until when it is ejected.
 //!
-//! Edge cases: `/readyz` opens a TCP connection to the upstream with a short timeout on every call
-//! (no cached answer that could lie for a while); the admin token is compared by its SHA-256 digest,
+//! Edge cases: `/readyz` is 503 when some pool has no endpoint up, naming the pool; an endpoint
+//! of a pool without health checks is up until it fails, so for those `/readyz` also opens a TCP
+//! connection to each with a short timeout on every call (no cached answer that could lie for a
+//! while); the admin token is compared by its SHA-256 digest,
 //! so comparison timing reveals nothing usable about it; admin and console answers are never
 //! stored by a cache (`no-store`); anything else is a 404 in the error shape.
 //!
@@ -28,13 +32,13 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::accounting::recent::RecentRequests;
-use crate::config::UpstreamConfig;
 use crate::http::body::GatewayBody;
 use crate::http::error::GatewayError;
 use crate::http::headers::bearer_token;
 use crate::keys::{hash_token, KeyEntry, SharedKeys};
 use crate::observability::metrics::Metrics;
 use crate::observability::timeline;
+use crate::proxy::pool::{Pool, SharedPools};
 use crate::server::console;
 use crate::state::Backend;
 
@@ -44,7 +48,7 @@ const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub(crate) struct Admin {
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) upstream: UpstreamConfig,
+    pub(crate) pools: SharedPools,
     pub(crate) backend: Arc<Backend>,
     /// The last ledger lines, for `/admin/requests`.
     pub(crate) recent: Arc<RecentRequests>,
@@ -96,26 +100,21 @@ impl Admin {
     }
 
     async fn readiness(&self) -> Response<GatewayBody> {
-        let host = self.upstream.authority.host();
-        let port = self.upstream.authority.port_u16().unwrap_or(
-            if self.upstream.scheme == http::uri::Scheme::HTTPS {
-                443
-            } else {
-                80
-            },
-        );
-        let probe = tokio::time::timeout(
-            READY_PROBE_TIMEOUT,
-            tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)),
-        )
-        .await;
-        let (upstream_ok, upstream) = match probe {
-            Ok(Ok(_)) => (true, "reachable".to_owned()),
-            Ok(Err(err)) => (false, format!("unreachable: {err}")),
-            Err(_) => (false, "connect timed out".to_owned()),
+        let pools = self.pools.load_full();
+        let checks = pools.iter().map(|pool| pool_readiness(pool.clone()));
+        let pool_states = futures_util::future::join_all(checks).await;
+        let down: Vec<&str> = pools
+            .iter()
+            .zip(&pool_states)
+            .filter(|(_, ready)| !**ready)
+            .map(|(pool, _)| &*pool.config.name)
+            .collect();
+        let upstream = match down.as_slice() {
+            [] => "reachable".to_owned(),
+            names => format!("no endpoint up in {}", names.join(", ")),
         };
         let (state_ok, state) = self.backend.readiness().await;
-        let ready = upstream_ok && state_ok;
+        let ready = down.is_empty() && state_ok;
         json_response(
             if ready {
                 StatusCode::OK
@@ -126,10 +125,81 @@ impl Admin {
                 "status": if ready { "ready" } else { "not ready" },
                 "config": "loaded",
                 "upstream": upstream,
+                "upstreams_down": down,
                 "state": state,
             }),
         )
     }
+
+    /// `GET /admin/upstreams`.
+    fn upstreams(&self) -> Response<GatewayBody> {
+        let pools = self.pools.load_full();
+        let list: Vec<serde_json::Value> = pools.iter().map(|pool| describe_pool(pool)).collect();
+        json_response(StatusCode::OK, json!({ "upstreams": list }))
+    }
+}
+
+/// Whether some endpoint of `pool` is up; for a pool without health checks, also accepting TCP
+/// connections now.
+async fn pool_readiness(pool: Arc<Pool>) -> bool {
+    let up = pool.endpoints.iter().filter(|e| e.is_up());
+    if pool.config.health_check.is_some() {
+        return up.count() > 0;
+    }
+    let probes = up.map(|endpoint| {
+        let host = endpoint
+            .url
+            .authority
+            .host()
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = endpoint.url.port();
+        async move {
+            matches!(
+                tokio::time::timeout(
+                    READY_PROBE_TIMEOUT,
+                    tokio::net::TcpStream::connect((host.as_str(), port)),
+                )
+                .await,
+                Ok(Ok(_))
+            )
+        }
+    });
+    futures_util::future::join_all(probes)
+        .await
+        .into_iter()
+        .any(|reachable| reachable)
+}
+
+/// One pool as `/admin/upstreams` shows it.
+fn describe_pool(pool: &Pool) -> serde_json::Value {
+    let balance: &str = pool.config.balance.into();
+    let endpoints: Vec<serde_json::Value> = pool
+        .endpoints
+        .iter()
+        .map(|endpoint| {
+            let snapshot = endpoint.snapshot();
+            json!({
+                "endpoint": &*endpoint.label,
+                "url": endpoint.url.base_url(),
+                "up": snapshot.up,
+                "inflight": snapshot.inflight,
+                "failures": snapshot.failures,
+                "ejected_until": snapshot.ejected_until.map(rfc3339),
+            })
+        })
+        .collect();
+    json!({
+        "name": &*pool.config.name,
+        "models": pool.config.models,
+        "balance": balance,
+        "endpoints": endpoints,
+    })
+}
+
+/// A wall-clock time as RFC 3339, UTC, to the millisecond.
+fn rfc3339(time: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
 }
 
 impl Admin {
@@ -138,6 +208,7 @@ impl Admin {
         match path {
             "/admin/keys" => self.all_keys().await,
             "/admin/sections" => json_response(StatusCode::OK, sections()),
+            "/admin/upstreams" => self.upstreams(),
             "/admin/stats" => {
                 let seconds = query_value(query, "seconds")
                     .and_then(|s| s.parse::<usize>().ok())
@@ -251,6 +322,7 @@ fn sections() -> serde_json::Value {
         "sections": [
             {"id": "overview", "title": "Overview", "api": "/admin/stats"},
             {"id": "keys", "title": "Keys", "api": "/admin/keys", "actions": []},
+            {"id": "upstreams", "title": "Upstreams", "api": "/admin/upstreams"},
             {"id": "requests", "title": "Recent requests", "api": "/admin/requests"},
         ],
     })

@@ -37,6 +37,7 @@ use crate::http::body::BoxError;
 use crate::keys::{KeyStore, SharedKeys};
 use crate::layers::validate::Schemas;
 use crate::observability::metrics::Metrics;
+use crate::proxy::pool::{Pools, SharedPools};
 use crate::server::admin::Admin;
 use crate::server::reload::Reloader;
 use crate::server::tls::CertResolver;
@@ -64,6 +65,7 @@ pub struct Server {
     config: Config,
     metrics: Arc<Metrics>,
     keys: SharedKeys,
+    pools: SharedPools,
     schemas: Arc<Schemas>,
     accounting: Accounting,
     tls: Option<Arc<CertResolver>>,
@@ -102,6 +104,11 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let store = KeyStore::build(&config.keys, None, &options.clock, &metrics);
         let keys: SharedKeys = Arc::new(ArcSwap::from_pointee(store));
+        // Every endpoint has one idle-connection slot per worker, and one for background calls
+        // (health checks).
+        let slots = config.server.workers.get() + 1;
+        let pools = Pools::build(&config.upstreams, None, slots, &metrics)?;
+        let pools: SharedPools = Arc::new(ArcSwap::from_pointee(pools));
         let resolver = |files: &Option<crate::config::tls::TlsFiles>| match files {
             Some(files) => CertResolver::new(&files.cert, &files.key).map(|r| Some(Arc::new(r))),
             None => Ok(None),
@@ -119,6 +126,7 @@ impl Server {
             Arc::new(Reloader::new(
                 path,
                 keys.clone(),
+                (pools.clone(), slots),
                 [tls.clone(), admin_tls.clone()],
                 metrics.clone(),
                 backend.clone(),
@@ -134,6 +142,7 @@ impl Server {
             config,
             metrics,
             keys,
+            pools,
             schemas,
             accounting,
             tls,
@@ -160,13 +169,14 @@ impl Server {
     /// Serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BoxError> {
         // Everything that can fail is built before anything starts. One stack per worker, each
-        // with its own upstream pool; the connector (and the trusted roots it read) is shared.
-        let connector = crate::proxy::connector(&self.config.upstream)?;
-        let stacks = (0..self.config.server.workers.get())
-            .map(|_| {
+        // with its own slot of every endpoint's idle connections.
+        let workers = self.config.server.workers.get();
+        let stacks = (0..workers)
+            .map(|worker| {
                 build_stack(
                     &self.config,
-                    &connector,
+                    self.pools.clone(),
+                    worker,
                     self.keys.clone(),
                     self.schemas.clone(),
                     self.accounting.clone(),
@@ -191,10 +201,19 @@ impl Server {
         // Dropping `phase` (an error below, or this future dropped) ends every worker.
         let (phase, watching) = watch::channel(Phase::Serve);
         let mut workers = spawn_workers(self.listener, stacks, &settings, &watching)?;
+        let upstreams: Vec<String> = self
+            .config
+            .upstreams
+            .iter()
+            .map(|pool| {
+                let urls: Vec<String> = pool.endpoints.iter().map(|e| e.base_url()).collect();
+                format!("{}={}", pool.name, urls.join(","))
+            })
+            .collect();
         tracing::info!(
             listen = %listen_addr,
             admin = %admin_addr,
-            upstream = %self.config.upstream.base_url(),
+            upstreams = %upstreams.join(" "),
             workers = workers.len(),
             "tollgate serving"
         );
@@ -202,7 +221,7 @@ impl Server {
 
         drain_connections(&phase, &mut workers, self.config.server.shutdown_timeout).await;
         admin_task.abort();
-        for task in [&background.reload, &background.reopen]
+        for task in [&background.reload, &background.reopen, &background.health]
             .into_iter()
             .flatten()
         {
@@ -259,13 +278,18 @@ impl Server {
                 .ledger
                 .clone()
                 .map(|ledger| tokio::spawn(reopen_on_hangup(ledger))),
+            // The last slot of each endpoint's idle connections is the background one.
+            health: Some(tokio::spawn(crate::proxy::health::run(
+                self.pools.clone(),
+                self.config.server.workers.get(),
+            ))),
         }
     }
 
     fn admin(&self) -> Admin {
         Admin {
             metrics: self.metrics.clone(),
-            upstream: self.config.upstream.clone(),
+            pools: self.pools.clone(),
             backend: self.accounting.backend.clone(),
             recent: self.accounting.recent.clone(),
             keys: self.keys.clone(),
@@ -286,6 +310,8 @@ struct Background {
     reload: Option<tokio::task::JoinHandle<()>>,
     /// Reopens the ledger file on SIGHUP.
     reopen: Option<tokio::task::JoinHandle<()>>,
+    /// Health checks, and the endpoints' up gauges.
+    health: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// One worker thread per stack, all accepting on clones of one listener.

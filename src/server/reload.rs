@@ -1,7 +1,10 @@
 //! Reloading the config without a restart: on SIGHUP, and when the config file changes.
 //!
 //! What a reload changes: the keys and their limits, for new requests (in-flight requests and
-//! streams run on undisturbed), and the certificates of both listeners, for new handshakes. A key
+//! streams run on undisturbed); the upstream pools — pools and endpoints added or removed, their
+//! models, balance, ejection, health checks and client settings — for new requests (a request in
+//! flight on a removed endpoint finishes there; an endpoint that stays keeps its state and its
+//! connections); and the certificates of both listeners, for new handshakes. A key
 //! removed is refused from the next request; a key whose name and rate are unchanged keeps its
 //! limiter state. Every other setting is read only at start: each one that changed is logged,
 //! one warning naming it, and left as it was ([`super::restart_only`]). An invalid new config is
@@ -18,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::{Config, ConfigError};
 use crate::keys::{KeyStore, SharedKeys};
 use crate::observability::metrics::Metrics;
+use crate::proxy::pool::{Pools, SharedPools};
 use crate::server::restart_only;
 use crate::server::tls::CertResolver;
 use crate::state::Backend;
@@ -32,11 +36,15 @@ pub struct ReloadSummary {
     pub removed: Vec<String>,
     /// The config keys of settings that changed but need a restart (each logged).
     pub(crate) not_applied: Vec<&'static str>,
+    /// The upstream pools now in force, by name.
+    pub upstreams: Vec<String>,
 }
 
 pub struct Reloader {
     path: PathBuf,
     keys: SharedKeys,
+    /// The upstream pools in force, and the idle-connection slots each new endpoint needs.
+    pools: (SharedPools, usize),
     /// The certificates of the client and the admin listener, re-read on every reload.
     tls: [Option<Arc<CertResolver>>; 2],
     metrics: Arc<Metrics>,
@@ -50,6 +58,7 @@ impl Reloader {
     pub(crate) fn new(
         path: PathBuf,
         keys: SharedKeys,
+        pools: (SharedPools, usize),
         tls: [Option<Arc<CertResolver>>; 2],
         metrics: Arc<Metrics>,
         backend: Arc<Backend>,
@@ -58,6 +67,7 @@ impl Reloader {
         Reloader {
             path,
             keys,
+            pools,
             tls,
             metrics,
             backend,
@@ -85,6 +95,15 @@ impl Reloader {
                     .map_err(|e| ConfigError::new(format!("{key}: {e}")))?;
             }
         }
+        // The pools next: a TLS root file that does not load refuses the whole reload too.
+        let (shared_pools, slots) = &self.pools;
+        let pools = Pools::build(
+            &new.upstreams,
+            Some(&shared_pools.load()),
+            *slots,
+            &self.metrics,
+        )
+        .map_err(|e| ConfigError::new(format!("upstreams: {e}")))?;
         let not_applied = restart_only::changed(&current, &new);
         for setting in &not_applied {
             tracing::warn!("config reload: {setting} changed but is read only at start; not applied until a restart");
@@ -109,7 +128,9 @@ impl Reloader {
                 .map(|name| name.to_string())
                 .collect(),
             not_applied,
+            upstreams: new.upstreams.iter().map(|p| p.name.to_string()).collect(),
         };
+        shared_pools.store(Arc::new(pools));
         summary.added.sort();
         summary.removed.sort();
         let added = summary
@@ -124,6 +145,7 @@ impl Reloader {
             runtime.spawn(async move { backend.publish_windows(added).await });
         }
         current.keys = new.keys;
+        current.upstreams = new.upstreams;
         Ok(summary)
     }
 
@@ -136,6 +158,7 @@ impl Reloader {
                 added = ?summary.added,
                 removed = ?summary.removed,
                 not_applied = summary.not_applied.len(),
+                upstreams = ?summary.upstreams,
                 "config reloaded"
             ),
             Err(error) => tracing::error!(

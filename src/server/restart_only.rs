@@ -1,28 +1,30 @@
 //! The settings a reload cannot apply: everything read only when the gateway starts (listeners,
-//! connection limits, the upstream and its pool, state, ledger, workers, the admin token), named
+//! connection limits, state, ledger, workers, the admin token), named
 //! by their config key so that a reload can log each one that changed and was left as it was.
 //!
-//! What a reload does apply, and so is not listed: keys and policies, and the certificate files
-//! of a listener that already has TLS.
+//! What a reload does apply, and so is not listed: keys and policies, the upstream pools (their
+//! models, endpoints, balance, ejection, health checks and client settings; requests in flight
+//! on a removed endpoint finish there), and the certificate files of a listener that already has
+//! TLS.
 //!
 //! Every field of the runtime config is destructured here without `..`: a new setting does not
 //! compile until it says whether a reload applies it.
 
-use crate::config::{Config, RedisConfig, ServerConfig, StateConfig, UpstreamConfig};
+use crate::config::{Config, RedisConfig, ServerConfig, StateConfig};
 
 /// The config keys of the start-only settings that differ between `current` and `new`, in the
 /// order of the reference in README.
 pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
-    // Keys (and the policies they were resolved from) are what a reload applies.
+    // Keys (and the policies they were resolved from) and the upstream pools are what a reload
+    // applies.
     let Config {
         server,
-        upstream,
+        upstreams: _,
         keys: _,
         state,
         ledger,
     } = current;
     let mut changed = server_changes(server, &new.server);
-    changed.extend(upstream_changes(upstream, &new.upstream));
     changed.extend(state_changes(state, &new.state));
     if *ledger != new.ledger {
         changed.push("ledger.path");
@@ -91,48 +93,6 @@ fn server_changes(current: &ServerConfig, new: &ServerConfig) -> Vec<&'static st
             admin_tls.is_some() != new.admin_tls.is_some(),
         ),
         ("server.admin_token_env", *admin_token != new.admin_token),
-    ])
-}
-
-fn upstream_changes(current: &UpstreamConfig, new: &UpstreamConfig) -> Vec<&'static str> {
-    let UpstreamConfig {
-        scheme,
-        authority,
-        base_path,
-        api_key,
-        api_key_source,
-        ca_file,
-        inject_usage,
-        connect_timeout,
-        response_header_timeout,
-        idle_timeout,
-        pool_idle_timeout,
-        pool_max_idle_per_host,
-    } = current;
-    let url = (scheme, authority, base_path) != (&new.scheme, &new.authority, &new.base_path);
-    let credential = (api_key, api_key_source) != (&new.api_key, &new.api_key_source);
-    names(&[
-        ("upstream.url", url),
-        ("upstream.api_key_env / api_key_file", credential),
-        ("upstream.ca_file", *ca_file != new.ca_file),
-        (
-            "upstream.connect_timeout",
-            *connect_timeout != new.connect_timeout,
-        ),
-        (
-            "upstream.response_header_timeout",
-            *response_header_timeout != new.response_header_timeout,
-        ),
-        ("upstream.idle_timeout", *idle_timeout != new.idle_timeout),
-        (
-            "upstream.pool_idle_timeout",
-            *pool_idle_timeout != new.pool_idle_timeout,
-        ),
-        (
-            "upstream.pool_max_idle_per_host",
-            *pool_max_idle_per_host != new.pool_max_idle_per_host,
-        ),
-        ("upstream.inject_usage", *inject_usage != new.inject_usage),
     ])
 }
 

@@ -47,6 +47,20 @@ pub fn read_ledger(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The ledger's lines once it has at least `n` (the writer is off the request path); bounded.
+pub async fn ledger_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..250 {
+        if path.exists() {
+            let lines = read_ledger(path);
+            if lines.len() >= n {
+                return lines;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    read_ledger(path)
+}
+
 /// A config for tests: both listeners on free ports, the upstream at `upstream_url`, plus
 /// `extra_server` lines in `[server]`, `extra_upstream` lines in `[upstream]`, a state file of
 /// its own, the key `test`, and `tail` after it (more keys, policies, `[ledger]`).
@@ -168,6 +182,18 @@ impl TestGateway {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// `GET path` on the admin API with `token`, which must answer 200 with JSON.
+    pub async fn admin_json(&self, token: &str, path: &str) -> serde_json::Value {
+        let response = reqwest::Client::new()
+            .get(format!("{}{path}", self.admin_url()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("admin request");
+        assert_eq!(response.status(), 200, "{path}");
+        response.json().await.expect("JSON")
     }
 
     /// The admin port's `/metrics` text.

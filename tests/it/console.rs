@@ -32,14 +32,7 @@ async fn gateway(upstream: &MockUpstream, keys: &str) -> TestGateway {
 }
 
 async fn admin_json(gateway: &TestGateway, path: &str) -> Value {
-    let response = reqwest::Client::new()
-        .get(format!("{}{path}", gateway.admin_url()))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("admin request");
-    assert_eq!(response.status(), 200, "{path}");
-    response.json().await.expect("JSON")
+    gateway.admin_json(TOKEN, path).await
 }
 
 #[tokio::test]
@@ -120,7 +113,7 @@ async fn the_console_is_served_under_a_strict_policy_and_its_api_needs_the_token
         .collect();
     assert_eq!(
         ids,
-        ["overview", "keys", "requests"],
+        ["overview", "keys", "upstreams", "requests"],
         "only the pages this gateway has data for"
     );
 }
@@ -528,9 +521,16 @@ async fn the_console_in_a_real_browser() {
     );
     screenshot(&browser, "requests").await;
 
+    // Upstreams: the demo's one pool and its endpoint, up.
+    browser.click("nav a[data-section=upstreams]").await;
+    browser
+        .wait_until("document.querySelector('[data-pool=default] tr[data-up=true]')")
+        .await;
+    screenshot(&browser, "upstreams").await;
+
     // A phone's width: nothing wider than the screen.
     browser.resize(390, 844).await;
-    for page in ["overview", "keys", "requests"] {
+    for page in ["overview", "keys", "upstreams", "requests"] {
         browser.click(&format!("nav a[data-section={page}]")).await;
         let fits = browser
             .wait_until(&format!(

@@ -13,6 +13,7 @@ mod hardening;
 mod keys;
 mod openai_client;
 mod operators;
+mod pools;
 mod proxy;
 mod quota_caps;
 mod real_upstream;

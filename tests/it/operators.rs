@@ -429,12 +429,12 @@ async fn a_fresh_gateway_exports_every_fixed_counter_at_zero_and_a_reload_adds_n
 
     let metrics = gateway.metrics().await;
     let mut expected: Vec<String> = [
-        "tollgate_upstream_errors_total{kind=\"connect\"} 0",
-        "tollgate_upstream_errors_total{kind=\"timeout\"} 0",
-        "tollgate_upstream_errors_total{kind=\"broken\"} 0",
-        "tollgate_upstream_errors_total{kind=\"body_idle_timeout\"} 0",
-        "tollgate_upstream_errors_total{kind=\"body_error\"} 0",
-        "tollgate_upstream_errors_total{kind=\"retried\"} 0",
+        "tollgate_upstream_errors_total{kind=\"connect\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"timeout\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"broken\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"body_idle_timeout\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"body_error\",upstream=\"default\"} 0",
+        "tollgate_upstream_errors_total{kind=\"retried\",upstream=\"default\"} 0",
         "tollgate_ledger_errors_total{reason=\"write\"} 0",
         "tollgate_ledger_errors_total{reason=\"queue_full\"} 0",
         "tollgate_ledger_errors_total{reason=\"closed\"} 0",
@@ -451,6 +451,16 @@ async fn a_fresh_gateway_exports_every_fixed_counter_at_zero_and_a_reload_adds_n
     .map(String::from)
     .to_vec();
     expected.extend(per_key_series("test"));
+    // The pool's one endpoint: up, nothing in flight, its answers and failures at 0.
+    let endpoint = upstream.addr();
+    let pool = format!("endpoint=\"{endpoint}\",upstream=\"default\"");
+    expected.push(format!("tollgate_upstream_up{{{pool}}} 1"));
+    expected.push(format!("tollgate_upstream_inflight{{{pool}}} 0"));
+    for status in ["200", "connect", "timeout", "broken"] {
+        expected.push(format!(
+            "tollgate_upstream_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\",upstream=\"default\"}} 0"
+        ));
+    }
     let missing = absent(&metrics, &expected);
     assert!(
         missing.is_empty(),

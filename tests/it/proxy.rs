@@ -319,7 +319,7 @@ async fn upstream_failures_get_502_504_and_error_statuses_pass_through() {
 
     let metrics = gateway.metrics().await;
     assert!(
-        metrics.contains("tollgate_upstream_errors_total{kind=\"timeout\"} 1"),
+        metrics.contains("tollgate_upstream_errors_total{kind=\"timeout\",upstream=\"default\"} 1"),
         "timeout counted: {metrics}"
     );
 }
@@ -342,11 +342,12 @@ async fn reset_before_headers_is_a_502_and_the_request_is_not_sent_again() {
     );
     let metrics = gateway.metrics().await;
     assert!(
-        !metrics.contains("tollgate_upstream_errors_total{kind=\"retried\"} 1"),
+        !metrics
+            .contains("tollgate_upstream_errors_total{kind=\"retried\",upstream=\"default\"} 1"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("tollgate_upstream_errors_total{kind=\"broken\"} 1"),
+        metrics.contains("tollgate_upstream_errors_total{kind=\"broken\",upstream=\"default\"} 1"),
         "{metrics}"
     );
 }
@@ -486,7 +487,7 @@ async fn stalled_and_broken_streams_end_as_errors_for_the_client() {
     }
     let metrics = gateway.metrics().await;
     assert!(
-        metrics.contains("kind=\"body_idle_timeout\"} 1"),
+        metrics.contains("kind=\"body_idle_timeout\",upstream=\"default\"} 1"),
         "idle timeout counted: {metrics}"
     );
 }

@@ -9,7 +9,8 @@
 //!   (role chunk, one chunk per token, finish chunk, optional usage chunk when
 //!   `stream_options.include_usage` is true, then `data: [DONE]`).
 //! * `POST {prefix}/v1/completions` – the same for `text_completion`.
-//! * `GET {prefix}/v1/models` – a one-model list (`mock-model`).
+//! * `GET {prefix}/v1/models` – a one-model list (`mock-model`), or [`MockOptions::models`].
+//! * `GET /health` – 200 `{"status":"ok"}`, as llama.cpp and vLLM answer their health check.
 //! * anything else – 404 with llama.cpp's `File Not Found` error body; a body
 //!   that is not a JSON object – 400 with an OpenAI-style error body.
 //!
@@ -57,6 +58,10 @@
 //! The canned answers (`not-json` to `flood`) come whatever the request's body, on the completion
 //! and model routes; [`Fault`] is their typed form (its `Display` is the header value). An unknown
 //! `x-mock-fault` value is answered with 400 so typos are noticed.
+//!
+//! [`MockOptions::delay`] makes every answer slow by a fixed time (one slow replica among fast
+//! ones); [`MockUpstream::stop`] kills the server and its connections, and
+//! [`MockUpstream::start_on`] the same address starts it again (a replica restarted).
 //!
 //! [`MockOptions::close_after_stream`] imitates llama.cpp closing the
 //! connection after each SSE response although the response did not say
@@ -115,6 +120,10 @@ pub struct MockOptions {
     /// Tokens generated when a request names no `max_tokens` (8 when `None`; llama.cpp's own
     /// default is "until the context is full").
     pub default_tokens: Option<usize>,
+    /// Wait this long before answering every request (not `/health`): a slow replica.
+    pub delay: Option<Duration>,
+    /// The models `GET /v1/models` lists; `mock-model` when empty.
+    pub models: Vec<String>,
 }
 
 /// One request as the mock received it.
@@ -149,6 +158,13 @@ impl MockUpstream {
             shared,
             accept_task,
         })
+    }
+
+    /// Stops the server now: the listener closes and every connection drops (mid-answer ones
+    /// too, as a killed process's would). The address can be bound again at once.
+    pub async fn stop(mut self) {
+        self.accept_task.abort();
+        let _ = (&mut self.accept_task).await;
     }
 
     /// The bound address.
@@ -250,6 +266,8 @@ struct Shared {
     models_path: String,
     /// `Bearer <key>` when a key is required.
     expected_auth: Option<String>,
+    /// What `GET /v1/models` lists.
+    models: Vec<String>,
     recording: AtomicBool,
     requests: Mutex<Vec<RecordedRequest>>,
     request_count: AtomicUsize,
@@ -273,6 +291,11 @@ impl Shared {
             completions_path: format!("{prefix}/v1/completions"),
             models_path: format!("{prefix}/v1/models"),
             expected_auth: opts.require_key.as_ref().map(|k| format!("Bearer {k}")),
+            models: if opts.models.is_empty() {
+                vec!["mock-model".to_owned()]
+            } else {
+                opts.models.clone()
+            },
             opts,
             recording: AtomicBool::new(true),
             requests: Mutex::new(Vec::new()),

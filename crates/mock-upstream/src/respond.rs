@@ -22,7 +22,24 @@ use crate::{RecordedRequest, Shared};
 const NOT_FOUND_BODY: &str =
     r#"{"error":{"message":"File Not Found","type":"not_found_error","code":404}}"#;
 const UNAUTHORIZED_BODY: &str = r#"{"error":{"message":"Incorrect API key provided.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#;
-const MODELS_BODY: &str = r#"{"object":"list","data":[{"id":"mock-model","object":"model","created":1700000000,"owned_by":"mock"}]}"#;
+const HEALTH_BODY: &str = r#"{"status":"ok"}"#;
+
+/// `GET /v1/models`: the configured models (by default `mock-model`), OpenAI's list shape.
+fn models_body(models: &[String]) -> Bytes {
+    let data: Vec<String> = models
+        .iter()
+        .map(|id| {
+            format!(
+                r#"{{"id":{},"object":"model","created":1700000000,"owned_by":"mock"}}"#,
+                json_string(id)
+            )
+        })
+        .collect();
+    Bytes::from(format!(
+        r#"{{"object":"list","data":[{}]}}"#,
+        data.join(",")
+    ))
+}
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -66,6 +83,16 @@ pub(crate) async fn handle(
         }
         Some(Fault::StallHeaders) => std::future::pending::<()>().await,
         _ => {}
+    }
+    // llama.cpp's and vLLM's liveness route, at the server's root; never slowed.
+    if parts.method == Method::GET && parts.uri.path() == "/health" {
+        return Ok(json_response(
+            StatusCode::OK,
+            MockBody::full(Bytes::from_static(HEALTH_BODY.as_bytes())),
+        ));
+    }
+    if let Some(delay) = shared.opts.delay {
+        tokio::time::sleep(delay).await;
     }
     if let Some(delay) = knobs.header_delay {
         tokio::time::sleep(delay).await;
@@ -138,7 +165,7 @@ fn respond(
         return canned_answer(fault, track);
     }
     if route == Route::Models {
-        let body = MockBody::full(Bytes::from_static(MODELS_BODY.as_bytes()));
+        let body = MockBody::full(models_body(&shared.models));
         return json_response(StatusCode::OK, body.with_faults(knobs, false));
     }
 

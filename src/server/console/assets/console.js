@@ -16,6 +16,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const PAGES = {
   overview: drawOverview,
   keys: drawKeys,
+  upstreams: drawUpstreams,
   requests: drawRequests,
 };
 
@@ -305,6 +306,31 @@ function quotaBar(name, w) {
       el("span", {}, el("strong", {}, w.window), " · " + number(settled) + " used" + (reserved ? " + " + number(reserved) + " reserved" : "") + " of " + number(w.limit)),
       el("span", { class: "muted" }, "resets in " + duration(w.reset_seconds))),
     bar);
+}
+
+// === Upstreams ===
+
+function drawUpstreams(page, data) {
+  const pools = data.upstreams || [];
+  const columns = ["Endpoint", "URL", "State", "In flight", "Failures", "Ejected until"];
+  const numeric = new Set(["In flight", "Failures"]);
+  const row = (e) => el("tr", { "data-endpoint": e.endpoint, "data-up": String(e.up) },
+    el("td", { class: "mono" }, e.endpoint),
+    el("td", { class: "mono" }, e.url),
+    el("td", {}, e.up ? "up" : "down"),
+    el("td", { class: "num" }, number(e.inflight)),
+    el("td", { class: "num" }, number(e.failures)),
+    el("td", {}, e.ejected_until ? clock(new Date(e.ejected_until)) : "—"));
+  const pool = (p) => el("section", { class: "pool", "data-pool": p.name },
+    el("h2", {}, p.name, " ", el("span", { class: "muted" }, "· " + p.balance + " · models " + p.models.join(", "))),
+    el("div", { class: "scroll" }, el("table", {},
+      el("thead", {}, el("tr", {}, columns.map((c) => el("th", { class: numeric.has(c) ? "num" : null, scope: "col" }, c)))),
+      el("tbody", {}, p.endpoints.map(row)))));
+  const up = pools.reduce((n, p) => n + p.endpoints.filter((e) => e.up).length, 0);
+  const all = pools.reduce((n, p) => n + p.endpoints.length, 0);
+  page.replaceChildren(
+    el("h1", {}, "Upstreams ", el("span", { class: "muted" }, "· " + up + " of " + all + " endpoints up")),
+    ...pools.map(pool));
 }
 
 // === Recent requests ===

@@ -145,7 +145,6 @@ async fn sighup_reloads_keys_in_a_running_process() {
         )
     };
     let config = write_config(&config_for("old1", "tg-old1"));
-    let reference = write_config(&config_for("old1", "tg-old1"));
     // Keep the same length and modification time, so that only the signal can trigger a reload.
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
@@ -175,14 +174,20 @@ async fn sighup_reloads_keys_in_a_running_process() {
     }
     assert!(up, "gateway serves the old key");
 
-    std::fs::write(config.path(), config_for("new1", "tg-new1")).expect("rewrite config");
+    // The new text is written beside the config, given the config's own modification time, and
+    // renamed over it: the watcher never sees a changed time. (Writing in place and touching
+    // after leaves a moment when it could; taking the time of another file written just after
+    // the config differs from the config's whenever the two writes straddle a clock tick.)
+    let replacement = config.path().with_extension("new");
+    std::fs::write(&replacement, config_for("new1", "tg-new1")).expect("write new config");
     let touched = Command::new("touch")
         .arg("-r")
-        .arg(reference.path())
         .arg(config.path())
+        .arg(&replacement)
         .status()
         .expect("touch");
     assert!(touched.success());
+    std::fs::rename(&replacement, config.path()).expect("replace config");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         status_with("tg-new1").await,

@@ -112,7 +112,7 @@ impl Server {
         let store = open_state(&config, &options.clock, &metrics)?;
         let backend = Arc::new(Backend::new(store, options.clock.clone(), metrics.clone()));
         let ledger = match &config.ledger {
-            Some(path) => Some(Arc::new(Ledger::open(path, metrics.clone())?)),
+            Some(ledger) => Some(Arc::new(Ledger::open(ledger, metrics.clone()).await?)),
             None => None,
         };
         let reloader = options.config_path.map(|path| {
@@ -258,6 +258,7 @@ impl Server {
                 .accounting
                 .ledger
                 .clone()
+                .filter(|ledger| ledger.has_file())
                 .map(|ledger| tokio::spawn(reopen_on_hangup(ledger))),
         }
     }

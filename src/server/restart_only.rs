@@ -8,7 +8,9 @@
 //! Every field of the runtime config is destructured here without `..`: a new setting does not
 //! compile until it says whether a reload applies it.
 
-use crate::config::{Config, RedisConfig, ServerConfig, StateConfig, UpstreamConfig};
+use crate::config::{
+    Config, LedgerConfig, PostgresLedger, RedisConfig, ServerConfig, StateConfig, UpstreamConfig,
+};
 
 /// The config keys of the start-only settings that differ between `current` and `new`, in the
 /// order of the reference in README.
@@ -24,10 +26,43 @@ pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = server_changes(server, &new.server);
     changed.extend(upstream_changes(upstream, &new.upstream));
     changed.extend(state_changes(state, &new.state));
-    if *ledger != new.ledger {
-        changed.push("ledger.path");
+    changed.extend(ledger_changes(ledger.as_ref(), new.ledger.as_ref()));
+    changed
+}
+
+fn ledger_changes(current: Option<&LedgerConfig>, new: Option<&LedgerConfig>) -> Vec<&'static str> {
+    let none = LedgerConfig {
+        path: None,
+        postgres: None,
+    };
+    let LedgerConfig { path, postgres } = current.unwrap_or(&none);
+    let new = new.unwrap_or(&none);
+    let mut changed = names(&[("ledger.path", *path != new.path)]);
+    match (postgres, &new.postgres) {
+        (Some(current), Some(new)) => changed.extend(postgres_changes(current, new)),
+        (None, None) => {}
+        _ => changed.push("ledger.postgres_url_env"),
     }
     changed
+}
+
+fn postgres_changes(current: &PostgresLedger, new: &PostgresLedger) -> Vec<&'static str> {
+    let PostgresLedger {
+        url,
+        url_env,
+        table,
+        spool_path,
+        replica,
+    } = current;
+    names(&[
+        (
+            "ledger.postgres_url_env",
+            (url, url_env) != (&new.url, &new.url_env),
+        ),
+        ("ledger.postgres_table", *table != new.table),
+        ("ledger.spool_path", *spool_path != new.spool_path),
+        ("ledger.replica", *replica != new.replica),
+    ])
 }
 
 /// The names whose flag is set.

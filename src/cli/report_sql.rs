@@ -18,7 +18,7 @@ use tokio_postgres::Row;
 
 use super::report::{as_histogram_reads, GroupBy, Report, Summary};
 use crate::accounting::ledger::postgres::schema::{quoted, valid_table_name};
-use crate::accounting::ledger::postgres::{connect, parse_url, tls};
+use crate::accounting::ledger::postgres::{connect, describe, parse_url, tls};
 
 /// Where the report reads from.
 pub(crate) struct Table<'a> {
@@ -177,14 +177,6 @@ fn summary(row: &Row) -> Summary {
             read(micros("ttft_p99"), ttft_max),
         ],
     )
-}
-
-/// A database error with the server's own message, when it sent one.
-fn describe(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => db.message().to_owned(),
-        None => error.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -257,4 +257,29 @@ mod tests {
             "from local to Redis: the backend, not each of its settings"
         );
     }
+
+    #[test]
+    fn every_ledger_setting_is_named() {
+        std::env::set_var("TOLLGATE_RESTART_ONLY_TEST_PG", "postgres://a/usage");
+        let ledger = |lines: &str| config("", &format!("[ledger]\n{lines}\n"));
+        let current = ledger("postgres_url_env = \"TOLLGATE_RESTART_ONLY_TEST_PG\"");
+        let new = ledger(
+            "path = \"u.jsonl\"\npostgres_url_env = \"TOLLGATE_RESTART_ONLY_TEST_PG\"\n\
+             postgres_table = \"t\"\nspool_path = \"s\"\nreplica = \"r\"",
+        );
+        assert_eq!(
+            changed(&current, &new),
+            [
+                "ledger.path",
+                "ledger.postgres_table",
+                "ledger.spool_path",
+                "ledger.replica"
+            ]
+        );
+        assert_eq!(
+            changed(&config("", ""), &current),
+            ["ledger.postgres_url_env"],
+            "a ledger table where there was none"
+        );
+    }
 }

@@ -57,3 +57,22 @@ pub(crate) fn tls() -> Result<MakeRustlsConnect, rustls::Error> {
         .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
 }
+
+/// An error as the operator reads it: the server's own message when it sent one, the cause
+/// beneath the client's summary, and what to do about an untrusted certificate.
+pub(crate) fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return db.message().to_owned();
+    }
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    if text.contains("TLS") {
+        text.push_str(" (the server's certificate must be trusted by this machine, for its host name: install its CA in the system's store or name it in SSL_CERT_FILE; on loopback, sslmode=disable in the URL turns TLS off)");
+    }
+    text
+}

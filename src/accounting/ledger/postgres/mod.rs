@@ -16,7 +16,7 @@ mod rows;
 pub(crate) mod schema;
 mod writer;
 
-pub(crate) use self::connect::{connect, parse as parse_url, tls};
+pub(crate) use self::connect::{connect, describe, parse as parse_url, tls};
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

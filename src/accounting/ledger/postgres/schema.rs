@@ -50,18 +50,10 @@ pub enum SchemaError {
     Foreign { table: String },
     #[error("tollgate_schema says table {table} is at version {found}, but there is no such table; delete its row from tollgate_schema to start afresh")]
     Missing { table: String, found: i32 },
-    #[error("{}", describe(.0))]
+    #[error("{}", super::connect::describe(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("no connection within 10s")]
     Timeout,
-}
-
-/// A database error with the server's own message, when it sent one.
-fn describe(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{error}: {}", db.message()),
-        None => error.to_string(),
-    }
 }
 
 impl SchemaError {

@@ -26,7 +26,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::rows::{insert_sql, Columns};
 use super::schema::{self, SchemaError};
-use super::{connect, LedgerError};
+use super::{connect, describe, LedgerError};
 use crate::accounting::ledger::spool::Spool;
 use crate::observability::labels::LedgerErrorReason;
 use crate::observability::metrics::Metrics;
@@ -200,7 +200,7 @@ impl Writer {
                     batch.clear();
                     return;
                 }
-                Ok(Err(error)) => self.lost_link(&error.to_string()),
+                Ok(Err(error)) => self.lost_link(&describe(&error)),
                 Err(_) => self.lost_link("no answer within 5s"),
             }
         }
@@ -240,7 +240,7 @@ impl Writer {
             let malformed = columns.malformed;
             match inserted {
                 Ok(Ok(_)) => {}
-                Ok(Err(error)) => return self.lost_link(&error.to_string()),
+                Ok(Err(error)) => return self.lost_link(&describe(&error)),
                 Err(_) => return self.lost_link("no answer within 5s"),
             }
             self.metrics

@@ -89,12 +89,23 @@ pub struct PrivatePostgres {
     pub port: u16,
     bin: PathBuf,
     data: PathBuf,
+    /// More server settings (`-c name=value …`).
+    options: String,
     _dir: tempfile::TempDir,
 }
 
 impl PrivatePostgres {
     /// Initialises and starts one, or returns `None` (outside CI) without PostgreSQL.
     pub fn start() -> Option<PrivatePostgres> {
+        PrivatePostgres::start_with(None)
+    }
+
+    /// One that speaks TLS with this certificate and key (PEM).
+    pub fn start_tls(cert: &str, key: &str) -> Option<PrivatePostgres> {
+        PrivatePostgres::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Option<PrivatePostgres> {
         let Some(bin) = server_bin() else {
             unavailable("no initdb under /usr/lib/postgresql/*/bin");
             return None;
@@ -110,10 +121,11 @@ impl PrivatePostgres {
                 .expect("chown");
             assert!(chown.success(), "chown the server's directory to postgres");
         }
-        let server = PrivatePostgres {
+        let mut server = PrivatePostgres {
             port: super::closed_port(),
             bin,
             data,
+            options: String::new(),
             _dir: dir,
         };
         let init = server
@@ -124,6 +136,27 @@ impl PrivatePostgres {
             .status()
             .expect("run initdb");
         assert!(init.success(), "initdb");
+        if let Some((cert, key)) = tls {
+            let (cert_path, key_path) = (
+                server.data.join("server.crt"),
+                server.data.join("server.key"),
+            );
+            std::fs::write(&cert_path, cert).expect("write the certificate");
+            std::fs::write(&key_path, key).expect("write the key");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod the key");
+            if running_as_root() {
+                let chown = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .args([&cert_path, &key_path])
+                    .status()
+                    .expect("chown");
+                assert!(chown.success(), "chown the certificate to postgres");
+            }
+            server.options =
+                " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".to_owned();
+        }
         server.pg_ctl(&["start", "-w"]);
         Some(server)
     }
@@ -148,9 +181,10 @@ impl PrivatePostgres {
 
     fn pg_ctl(&self, args: &[&str]) {
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off{}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.options
         );
         let status = self
             .as_postgres(&self.bin.join("pg_ctl"))

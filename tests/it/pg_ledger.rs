@@ -32,6 +32,18 @@ struct Gateway {
 
 impl Gateway {
     fn start(dir: &Path, upstream: &str, url: &str, extra: &str) -> Gateway {
+        Gateway::start_env(dir, upstream, url, extra, &[])
+    }
+
+    /// With more environment variables.
+    fn start_env(
+        dir: &Path,
+        upstream: &str,
+        url: &str,
+        extra: &str,
+        env: &[(&str, &Path)],
+    ) -> Gateway {
+        std::fs::create_dir_all(dir).expect("the gateway's directory");
         let (addr, admin) = (free_addr(), free_addr());
         let spool = dir.join("spool");
         let config = format!(
@@ -49,7 +61,8 @@ impl Gateway {
                 .args(["serve", "--config"])
                 .arg(&path)
                 .env(URL_ENV, url)
-                .stdout(Stdio::null())
+                .envs(env.iter().copied())
+                .stdout(log.try_clone().expect("log file"))
                 .stderr(log),
         )
         .expect("start tollgate");
@@ -626,4 +639,84 @@ async fn a_sigkill_while_postgres_is_away_loses_only_the_unspooled_and_never_dou
     assert_eq!(count(&pg).await as u64, rows, "no row doubled");
     assert_eq!(distinct.len() as u64, rows, "each request once");
     drop(server);
+}
+
+/// TLS to PostgreSQL: with the server's certificate trusted (`SSL_CERT_FILE`) the rows arrive
+/// over an encrypted connection; with it untrusted the gateway still serves, spooling, and says
+/// why it cannot connect.
+#[tokio::test]
+async fn the_ledger_speaks_tls_to_postgres_and_refuses_an_untrusted_certificate() {
+    let made =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let Some(server) =
+        PrivatePostgres::start_tls(&made.cert.pem(), &made.signing_key.serialize_pem())
+    else {
+        return;
+    };
+    let url = format!(
+        "postgres://postgres@localhost:{}/postgres?sslmode=require",
+        server.port
+    );
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, made.cert.pem()).expect("write the CA");
+
+    let trusted = dir.path().join("trusted");
+    let gateway = Gateway::start_env(
+        &trusted,
+        &upstream.url(),
+        &url,
+        "",
+        &[("SSL_CERT_FILE", ca.as_path())],
+    );
+    let client = common::client();
+    for _ in 0..3 {
+        assert_eq!(chat(&client, &gateway.url(), &[]).await, 200);
+    }
+    let pg = connect(&server.url()).await.expect("connect");
+    gateway.wait_sent(&pg, 3, Duration::from_secs(20)).await;
+    let encrypted: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'tollgate' AND s.ssl",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    drop(gateway);
+    assert_eq!(count(&pg).await, 3, "the rows arrived");
+    assert_eq!(encrypted, 1, "over TLS");
+
+    let untrusted = dir.path().join("untrusted");
+    let gateway = Gateway::start_env(
+        &untrusted,
+        &upstream.url(),
+        &url,
+        "",
+        &[("SSL_CERT_FILE", Path::new("/nonexistent"))],
+    );
+    assert_eq!(
+        chat(&client, &gateway.url(), &[]).await,
+        200,
+        "requests go on"
+    );
+    let mut spooled = None;
+    for _ in 0..100 {
+        spooled = gateway.metric("tollgate_ledger_spooled_lines").await;
+        if spooled == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(gateway);
+    assert_eq!(spooled, Some(1.0), "the line waits in the spool");
+    assert_eq!(
+        count(&pg).await,
+        3,
+        "nothing written without a trusted certificate"
+    );
+    let log = std::fs::read_to_string(untrusted.join("gateway.log")).expect("log");
+    assert!(log.contains("invalid peer certificate"), "{log}");
 }

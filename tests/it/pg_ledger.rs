@@ -505,13 +505,23 @@ async fn an_outage_under_two_replicas_loses_nothing_and_doubles_nothing() {
     let errors = replicas[0]
         .metric("tollgate_ledger_errors_total{reason=\"postgres\"}")
         .await;
-    for replica in replicas {
+    for (replica, dir) in replicas.into_iter().zip(&dirs) {
         let spool = replica.spool.clone();
         drop(replica);
         assert_eq!(
             std::fs::metadata(&spool).expect("spool").len(),
             0,
             "spool empty"
+        );
+        let log = std::fs::read_to_string(dir.path().join("gateway.log")).expect("log");
+        let said = |text: &str| log.matches(text).count();
+        assert_eq!(
+            (
+                said("cannot write the ledger to PostgreSQL"),
+                said("PostgreSQL takes the ledger again")
+            ),
+            (1, 1),
+            "the outage logged once when it starts and once when it ends: {log}"
         );
     }
     assert!(

@@ -257,13 +257,19 @@ impl Writer {
             tracing::error!(path = %self.spool.path().display(), %error, "cannot empty the ledger spool");
         }
         self.metrics.ledger_spooled_lines.set(0);
+        self.outage_over(sent);
+    }
+
+    /// Logs the end of the outage (or, after a start with a spool, that the spool is sent).
+    fn outage_over(&mut self, sent: u64) {
         match self.outage.take() {
             Some(outage) => tracing::info!(
                 lasted = ?outage.since.elapsed(),
                 sent_from_spool = sent,
                 "PostgreSQL takes the ledger again; the spool is sent"
             ),
-            None => tracing::info!(sent_from_spool = sent, "the ledger spool is sent"),
+            None if sent > 0 => tracing::info!(sent_from_spool = sent, "the ledger spool is sent"),
+            None => {}
         }
     }
 
@@ -342,7 +348,13 @@ impl Writer {
     /// A connection attempt ended.
     fn connected(&mut self, done: Result<Result<Link, SchemaError>, tokio::task::JoinError>) {
         match done {
-            Ok(Ok(link)) => self.link = Some(link),
+            Ok(Ok(link)) => {
+                self.link = Some(link);
+                // With a spool, the outage ends once it is sent; without, now.
+                if self.spool.is_empty() {
+                    self.outage_over(0);
+                }
+            }
             Ok(Err(error)) => {
                 let cause = error.to_string();
                 // A table that cannot be used is said each time it changes; the rest is the

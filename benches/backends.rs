@@ -7,7 +7,13 @@
 //! listener, certificate made here). Prints p50/p99 and the gateway's CPU time per request
 //! (`/proc/<pid>/stat`), with the differences to `local`.
 //!
-//! `cargo bench --bench backends` (about 1 minute; `-- --seconds N` per run, default 15).
+//! Then the ledger: the same gateway with no ledger, a ledger file, and a PostgreSQL ledger (a
+//! database this bench makes on 127.0.0.1:5432 and drops), each run twice in turn, at a higher
+//! rate so that the CPU clock's 10 ms ticks are under 1 µs per request; and the rows per second
+//! the PostgreSQL writer inserts, timed on a spool of 200,000 lines that a gateway sends at start
+//! (the writer's own insert path, through the process).
+//!
+//! `cargo bench --bench backends` (about 3 minutes; `-- --seconds N` per run, default 15).
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -22,6 +28,10 @@ use bench_support::stats::percentile;
 use clap::Parser as _;
 
 const RATE: u64 = 300;
+/// The ledger rows' rate: 15,000 requests in 15 s, so one 10 ms tick is 0.7 µs per request.
+const LEDGER_RATE: u64 = 1000;
+/// Lines in the spool whose sending is timed.
+const SPOOL_LINES: u64 = 200_000;
 const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":8}"#;
 
 /// What the state backend and TLS cost, through the real gateway process.
@@ -56,6 +66,7 @@ async fn drive(
     url: String,
     seconds: u64,
     pid: u32,
+    rate: u64,
 ) -> (Vec<f64>, u64, f64) {
     let (clk_tck, _) = procfs::clk_tck();
     // Warm the pool and the gateway.
@@ -68,12 +79,12 @@ async fn drive(
             .await
             .map(|r| r.bytes());
     }
-    let total = RATE * seconds;
+    let total = rate * seconds;
     let cpu_before = cpu_seconds(pid, clk_tck);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
-        let scheduled = start + Duration::from_micros(i * 1_000_000 / RATE);
+        let scheduled = start + Duration::from_micros(i * 1_000_000 / rate);
         tokio::time::sleep_until(scheduled.into()).await;
         let (client, url) = (client.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
@@ -112,6 +123,7 @@ fn start_gateway(config: &str, dir: &std::path::Path, name: &str, admin: SocketA
         Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["serve", "--config"])
             .arg(&path)
+            .env(LEDGER_URL_ENV, ledger_url())
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
@@ -239,7 +251,7 @@ async fn run(seconds: u64) {
                 format!("http://127.0.0.1:{port}/v1/chat/completions"),
             )
         };
-        let (latencies, errors, cpu_us) = drive(client, url, seconds, child.pid()).await;
+        let (latencies, errors, cpu_us) = drive(client, url, seconds, child.pid(), RATE).await;
         rows.push(Row {
             name,
             p50_ms: percentile(&latencies, 50.0),
@@ -275,4 +287,181 @@ async fn run(seconds: u64) {
         );
     }
     println!("\n(TLS: a new client pool; requests reuse kept-alive connections, so handshakes are amortised.)");
+    ledger_rows(&upstream, dir.path(), &key, &http, seconds).await;
+}
+
+/// The environment variable the gateways read the ledger's URL from.
+const LEDGER_URL_ENV: &str = "TOLLGATE_BENCH_LEDGER_URL";
+/// The bench's own database on the machine's PostgreSQL.
+fn ledger_database() -> String {
+    format!("tollgate_bench_{}", std::process::id())
+}
+fn ledger_url() -> String {
+    format!(
+        "postgres://postgres@127.0.0.1:5432/{}?sslmode=disable",
+        ledger_database()
+    )
+}
+
+/// A plain client to the machine's PostgreSQL (`database`), or `None`.
+async fn postgres(database: &str) -> Option<tokio_postgres::Client> {
+    let url = format!("postgres://postgres@127.0.0.1:5432/{database}?sslmode=disable");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    Some(client)
+}
+
+/// Request CPU without a ledger, with a file, with PostgreSQL; then rows/s into PostgreSQL.
+async fn ledger_rows(
+    upstream: &mock_upstream::MockUpstream,
+    dir: &std::path::Path,
+    key: &str,
+    http: &reqwest::Client,
+    seconds: u64,
+) {
+    let Some(admin_db) = postgres("postgres").await else {
+        println!("\nPostgreSQL is not on 127.0.0.1:5432: the ledger rows are skipped");
+        return;
+    };
+    let database = ledger_database();
+    if let Err(error) = admin_db
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await
+    {
+        println!("\ncannot create the bench database ({error}): the ledger rows are skipped");
+        return;
+    }
+    let ledgers = [
+        ("off", String::new()),
+        ("file", "[ledger]\npath = \"usage.jsonl\"\n".to_owned()),
+        (
+            "postgres",
+            format!(
+                "[ledger]\npostgres_url_env = \"{LEDGER_URL_ENV}\"\nspool_path = \"spool-bench\"\n"
+            ),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for round in 0..2 {
+        for (name, ledger) in &ledgers {
+            let (listen, admin) = (
+                free_addr().expect("a free port"),
+                free_addr().expect("a free port"),
+            );
+            let config = format!(
+                "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n\
+                 [upstream]\nurl = \"{}\"\n[state]\npath = \"state.db\"\n{ledger}{key}",
+                upstream.url()
+            );
+            let child = start_gateway(&config, dir, &format!("ledger-{name}"), admin);
+            let url = format!("http://127.0.0.1:{}/v1/chat/completions", listen.port());
+            let (latencies, errors, cpu_us) =
+                drive(http.clone(), url, seconds, child.pid(), LEDGER_RATE).await;
+            rows.push((
+                round,
+                *name,
+                percentile(&latencies, 50.0),
+                percentile(&latencies, 99.0),
+                cpu_us,
+                errors,
+            ));
+            drop(child);
+        }
+    }
+    println!("\n## the ledger, non-streamed chat at {LEDGER_RATE} req/s for {seconds} s, each row twice in turn\n");
+    println!("| ledger | round | p50 | p99 | CPU/request | errors |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (round, name, p50, p99, cpu, errors) in &rows {
+        println!(
+            "| {name} | {} | {p50:.3} ms | {p99:.3} ms | {cpu:.1} µs | {errors} |",
+            round + 1
+        );
+    }
+    let mean = |name: &str| {
+        let cpu: Vec<f64> = rows.iter().filter(|r| r.1 == name).map(|r| r.4).collect();
+        cpu.iter().sum::<f64>() / cpu.len().max(1) as f64
+    };
+    let off = mean("off");
+    println!(
+        "\nadded CPU per request (mean of the two rounds): file {:+.1} µs, postgres {:+.1} µs (target: within 2 µs); the PostgreSQL server's own CPU is not counted",
+        mean("file") - off,
+        mean("postgres") - off
+    );
+    if let Some(ledger) = postgres(&database).await {
+        let n: i64 = ledger
+            .query_one("SELECT count(*) FROM tollgate_usage", &[])
+            .await
+            .map_or(0, |row| row.get(0));
+        println!("rows in the table after the two postgres runs: {n}");
+    }
+    spool_rows_per_second(upstream, dir, key, &database).await;
+    let _ = admin_db
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        .await;
+}
+
+/// A gateway started on a spool of [`SPOOL_LINES`] lines: the time until the spool is sent.
+async fn spool_rows_per_second(
+    upstream: &mock_upstream::MockUpstream,
+    dir: &std::path::Path,
+    key: &str,
+    database: &str,
+) {
+    let spool = dir.join("spool-rows");
+    let mut text = String::with_capacity(SPOOL_LINES as usize * 330);
+    for n in 0..SPOOL_LINES {
+        text.push_str(&format!(
+            r#"{{"id":"{}","time":"2026-01-01T00:00:00.000Z","request_id":"{}","key":"bench","model":"m","endpoint":"chat_completions","status":200,"prompt_tokens":{},"completion_tokens":8,"source":"reported","duration_ms":1.25,"ttft_ms":null,"outcome":"complete"}}"#,
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            n % 100
+        ));
+        text.push('\n');
+    }
+    std::fs::write(&spool, text).expect("write the spool");
+    let Some(ledger) = postgres(database).await else {
+        return;
+    };
+    let before: i64 = ledger
+        .query_one("SELECT count(*) FROM tollgate_usage", &[])
+        .await
+        .map_or(0, |row| row.get(0));
+    let (listen, admin) = (
+        free_addr().expect("a free port"),
+        free_addr().expect("a free port"),
+    );
+    let config = format!(
+        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n\
+         [upstream]\nurl = \"{}\"\n[state]\npath = \"state.db\"\n\
+         [ledger]\npostgres_url_env = \"{LEDGER_URL_ENV}\"\nspool_path = \"{}\"\n{key}",
+        upstream.url(),
+        spool.display()
+    );
+    let start = Instant::now();
+    let child = start_gateway(&config, dir, "ledger-spool", admin);
+    let deadline = start + Duration::from_secs(300);
+    let mut sent = false;
+    while Instant::now() < deadline {
+        let n: i64 = ledger
+            .query_one("SELECT count(*) FROM tollgate_usage", &[])
+            .await
+            .map_or(0, |row| row.get(0));
+        if n - before >= SPOOL_LINES as i64 {
+            sent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    drop(child);
+    if sent {
+        println!(
+            "ledger rows into PostgreSQL: {SPOOL_LINES} spooled lines sent in {elapsed:.2} s from the gateway's start = {:.0} rows/s (chunks of 1 MiB ≈ 3,000 rows per insert, with the table's 5 indexes)",
+            SPOOL_LINES as f64 / elapsed
+        );
+    } else {
+        println!("ledger rows into PostgreSQL: the spool was not sent within 300 s");
+    }
 }

@@ -48,7 +48,7 @@ struct Counts {
 
 /// One request of the mix; returns whether its outcome was the expected one.
 async fn one(client: &reqwest::Client, base: &str, i: u64, counts: &Counts) {
-    let stream = i % 3 != 0;
+    let stream = !i.is_multiple_of(3);
     let (path, body) = if i % 5 == 4 {
         (
             "/v1/completions",

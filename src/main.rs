@@ -71,8 +71,19 @@ enum Command {
     /// Report usage from the ledger: requests, tokens, errors and latency per key, model or day.
     Usage {
         /// The ledger file (`[ledger] path`), one JSON line per request; `-` reads stdin.
-        #[arg(long)]
-        ledger: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "postgres_url_env",
+            conflicts_with = "postgres_url_env"
+        )]
+        ledger: Option<PathBuf>,
+        /// Report from the PostgreSQL ledger table instead: the environment variable holding its
+        /// postgres:// URL (`[ledger] postgres_url_env`).
+        #[arg(long, value_name = "VAR")]
+        postgres_url_env: Option<String>,
+        /// The ledger table (`[ledger] postgres_table`).
+        #[arg(long, value_name = "TABLE", requires = "postgres_url_env")]
+        table: Option<String>,
         /// Only requests that ended within this long before now (`7d`, `12h`, `30m`).
         #[arg(long, value_parser = humantime::parse_duration)]
         since: Option<Duration>,
@@ -111,9 +122,22 @@ fn main() -> ExitCode {
         Command::Keygen { name } => keygen::run(&name),
         Command::Usage {
             ledger,
+            postgres_url_env,
+            table,
             since,
             by,
             format,
-        } => report::run(&ledger, since, by, format),
+        } => {
+            let source = match (ledger, postgres_url_env) {
+                (Some(path), _) => report::Source::File(path),
+                (None, Some(url_env)) => report::Source::Postgres {
+                    url_env,
+                    table: table.unwrap_or_else(|| "tollgate_usage".to_owned()),
+                },
+                // clap requires one of the two.
+                (None, None) => return ExitCode::FAILURE,
+            };
+            report::run(&source, since, by, format)
+        }
     }
 }

@@ -81,13 +81,10 @@ impl AtEnd for Settlement {
             .map(|first| (first - context.start()).as_secs_f64());
         self.count(context, &charge, ttft);
         let entry = ledger_entry(context, ending, &charge, ttft);
-        match &self.ledger {
-            Some(ledger) => {
-                self.recent.push(entry.clone());
-                ledger.record(entry);
-            }
-            None => self.recent.push(entry),
+        if let Some(ledger) = &self.ledger {
+            ledger.record(&entry);
         }
+        self.recent.push(entry);
     }
 }
 
@@ -218,6 +215,7 @@ fn ledger_entry(
         None => ending.outcome.ledger_label(),
     };
     LedgerEntry {
+        id: uuid::Uuid::new_v4(),
         time: now_rfc3339(),
         request_id: context.id().to_owned(),
         key: context.key_label().to_owned(),

@@ -364,7 +364,10 @@ mod tests {
             config.upstreams[0].endpoints[0].base_url(),
             "http://127.0.0.1:1"
         );
-        assert_eq!(config.ledger, Some(state.join("usage.jsonl")));
+        assert_eq!(
+            config.ledger.and_then(|ledger| ledger.path),
+            Some(state.join("usage.jsonl"))
+        );
         let tight = &config.keys[1].limits;
         assert_eq!(tight.quotas.len(), 2, "two windows to watch");
         assert!(tight.rate.is_some() && tight.max_tokens.is_some());

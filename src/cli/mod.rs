@@ -2,7 +2,7 @@
 //! parsing the arguments: [`demo`] (the gateway on a demo config, in front of a built-in model
 //! server), [`serve`] (the gateway), [`check`] (validate a config and print what it would
 //! enforce), [`keygen`] (a new key and its `[[keys]]` entry), [`report`] (`tollgate usage`, the
-//! usage report over the ledger).
+//! usage report over the ledger file, or over its PostgreSQL table with `report_sql`).
 //!
 //! Each prints its own errors (`tollgate: …` on stderr) and returns the process's exit code.
 
@@ -10,6 +10,7 @@ pub mod check;
 pub mod demo;
 pub mod keygen;
 pub mod report;
+mod report_sql;
 pub mod serve;
 
 use std::path::Path;

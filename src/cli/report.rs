@@ -26,7 +26,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -199,6 +199,7 @@ impl Histogram {
     }
 
     /// [`Histogram::percentile_us`] in milliseconds.
+    #[cfg(test)]
     pub(crate) fn percentile_ms(&self, per_mille: u64) -> Option<f64> {
         self.percentile_us(per_mille).map(|us| us as f64 / 1000.0)
     }
@@ -265,20 +266,53 @@ impl Stats {
 
     /// The figures a report shows.
     pub(crate) fn summary(&self) -> Summary {
-        let tokens = self.prompt_tokens.saturating_add(self.completion_tokens);
+        Summary::new(
+            [
+                self.requests,
+                self.errors,
+                self.prompt_tokens,
+                self.completion_tokens,
+                self.estimated_tokens,
+            ],
+            [
+                self.duration.percentile_us(500),
+                self.duration.percentile_us(990),
+                self.ttft.percentile_us(500),
+                self.ttft.percentile_us(990),
+            ],
+        )
+    }
+}
+
+/// A nearest-rank sample `us` as a [`Histogram`] of the same samples reads it back: truncated
+/// to 3 significant digits, or the group's maximum `max_us` past the last bucket. What the report
+/// from PostgreSQL applies to the exact percentiles the database computed.
+pub(crate) fn as_histogram_reads(us: u64, max_us: u64) -> u64 {
+    match bucket_of(us) {
+        OVERFLOW => max_us,
+        index => lower_bound(index),
+    }
+}
+
+impl Summary {
+    /// From the counts (requests, errors, prompt, completion, estimated tokens) and the
+    /// percentiles in microseconds (p50, p99, ttft p50, ttft p99): the one place both the file
+    /// and the PostgreSQL report make their figures.
+    pub(crate) fn new(counts: [u64; 5], percentiles_us: [Option<u64>; 4]) -> Summary {
+        let [requests, errors, prompt_tokens, completion_tokens, estimated_tokens] = counts;
+        let tokens = prompt_tokens.saturating_add(completion_tokens);
+        let ms = |us: Option<u64>| us.map(|us| us as f64 / 1000.0);
         Summary {
-            requests: self.requests,
-            errors: self.errors,
-            error_pct: (self.requests > 0)
-                .then(|| self.errors as f64 * 100.0 / self.requests as f64),
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            estimated_pct: (tokens > 0)
-                .then(|| self.estimated_tokens as f64 * 100.0 / tokens as f64),
-            p50_ms: self.duration.percentile_ms(500),
-            p99_ms: self.duration.percentile_ms(990),
-            ttft_p50_ms: self.ttft.percentile_ms(500),
-            ttft_p99_ms: self.ttft.percentile_ms(990),
+            requests,
+            errors,
+            error_pct: (requests > 0).then(|| errors as f64 * 100.0 / requests as f64),
+            prompt_tokens,
+            completion_tokens,
+            estimated_pct: (tokens > 0).then(|| estimated_tokens as f64 * 100.0 / tokens as f64),
+            p50_ms: ms(percentiles_us[0]),
+            p99_ms: ms(percentiles_us[1]),
+            ttft_p50_ms: ms(percentiles_us[2]),
+            ttft_p99_ms: ms(percentiles_us[3]),
         }
     }
 }
@@ -303,8 +337,8 @@ pub(crate) struct Summary {
 pub(crate) struct Report {
     pub(crate) by: GroupBy,
     /// Sorted by group name (so days are in order).
-    pub(crate) groups: Vec<(String, Stats)>,
-    pub(crate) total: Stats,
+    pub(crate) groups: Vec<(String, Summary)>,
+    pub(crate) total: Summary,
     /// Lines read, blank ones excepted.
     pub(crate) lines: u64,
     /// Malformed lines skipped.
@@ -366,10 +400,11 @@ pub(crate) fn aggregate<R: BufRead>(mut reader: R, options: &Options) -> io::Res
         .since
         .and_then(|since| options.now.checked_sub(since));
     let mut groups: HashMap<Box<str>, Stats> = HashMap::new();
+    let mut total = Stats::default();
     let mut report = Report {
         by: options.by,
         groups: Vec::new(),
-        total: Stats::default(),
+        total: Summary::new([0; 5], [None; 4]),
         lines: 0,
         skipped: 0,
         first_skipped: None,
@@ -410,11 +445,12 @@ pub(crate) fn aggregate<R: BufRead>(mut reader: R, options: &Options) -> io::Res
                 groups.insert(group.into(), stats);
             }
         }
-        report.total.add(&line);
+        total.add(&line);
     }
-    let mut groups: Vec<(String, Stats)> = groups
+    report.total = total.summary();
+    let mut groups: Vec<(String, Summary)> = groups
         .into_iter()
-        .map(|(name, stats)| (name.into_string(), stats))
+        .map(|(name, stats)| (name.into_string(), stats.summary()))
         .collect();
     groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     report.groups = groups;
@@ -495,11 +531,11 @@ fn write_table(report: &Report, out: &mut dyn Write) -> io::Result<()> {
     rows.push(header);
     for (name, stats) in &report.groups {
         let mut row = vec![name.clone()];
-        row.extend(cells(&stats.summary(), "-"));
+        row.extend(cells(stats, "-"));
         rows.push(row);
     }
     let mut total = vec!["total".to_owned()];
-    total.extend(cells(&report.total.summary(), "-"));
+    total.extend(cells(&report.total, "-"));
     rows.push(total);
 
     let mut widths = vec![0; COLUMNS.len() + 1];
@@ -545,7 +581,7 @@ fn write_csv(report: &Report, out: &mut dyn Write) -> io::Result<()> {
     let header = std::iter::once(report.by.label()).chain(COLUMNS);
     writer.write_record(header)?;
     for (name, stats) in &report.groups {
-        let cells = cells(&stats.summary(), "");
+        let cells = cells(stats, "");
         writer
             .write_record(std::iter::once(name.as_str()).chain(cells.iter().map(String::as_str)))?;
     }
@@ -584,7 +620,7 @@ fn write_json(report: &Report, out: &mut dyn Write) -> io::Result<()> {
         .map(|(name, stats)| JsonRow {
             by: report.by,
             name,
-            summary: stats.summary(),
+            summary: stats.clone(),
         })
         .collect();
     serde_json::to_writer_pretty(&mut *out, &rows)?;
@@ -593,36 +629,33 @@ fn write_json(report: &Report, out: &mut dyn Write) -> io::Result<()> {
 
 // === tollgate usage ===
 
+/// Where `tollgate usage` reads the ledger.
+pub enum Source {
+    /// A ledger file; `-` is stdin.
+    File(PathBuf),
+    /// The PostgreSQL table `table`, at the URL the environment variable `url_env` holds.
+    Postgres { url_env: String, table: String },
+}
+
 /// The report on stdout; malformed lines are counted on stderr. A missing or unreadable ledger
 /// is an error (non-zero exit).
-pub fn run(path: &Path, since: Option<Duration>, by: GroupBy, format: Format) -> ExitCode {
-    let input: Box<dyn std::io::Read> = if path == Path::new("-") {
-        Box::new(std::io::stdin())
-    } else {
-        match std::fs::File::open(path) {
-            Ok(file) => Box::new(file),
-            Err(error) => {
-                eprintln!(
-                    "tollgate: cannot open the ledger {}: {error}",
-                    path.display()
-                );
-                return ExitCode::FAILURE;
-            }
+pub fn run(source: &Source, since: Option<Duration>, by: GroupBy, format: Format) -> ExitCode {
+    let now = SystemTime::now();
+    let result = match source {
+        Source::File(path) => from_file(path, &Options { by, since, now }),
+        Source::Postgres { url_env, table } => {
+            let table = super::report_sql::Table { url_env, table };
+            super::control_runtime()
+                .map_err(|_| "cannot start the runtime".to_owned())
+                .and_then(|runtime| {
+                    runtime.block_on(super::report_sql::aggregate(&table, by, since, now))
+                })
         }
     };
-    let options = Options {
-        by,
-        since,
-        now: SystemTime::now(),
-    };
-    let reader = std::io::BufReader::with_capacity(256 * 1024, input);
-    let result = match aggregate(reader, &options) {
+    let result = match result {
         Ok(result) => result,
-        Err(error) => {
-            eprintln!(
-                "tollgate: cannot read the ledger {}: {error}",
-                path.display()
-            );
+        Err(message) => {
+            eprintln!("tollgate: {message}");
             return ExitCode::FAILURE;
         }
     };
@@ -646,6 +679,20 @@ pub fn run(path: &Path, since: Option<Duration>, by: GroupBy, format: Format) ->
         );
     }
     ExitCode::SUCCESS
+}
+
+/// The report over a ledger file, or the message for the user.
+fn from_file(path: &Path, options: &Options) -> Result<Report, String> {
+    let input: Box<dyn std::io::Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        let file = std::fs::File::open(path)
+            .map_err(|error| format!("cannot open the ledger {}: {error}", path.display()))?;
+        Box::new(file)
+    };
+    let reader = std::io::BufReader::with_capacity(256 * 1024, input);
+    aggregate(reader, options)
+        .map_err(|error| format!("cannot read the ledger {}: {error}", path.display()))
 }
 
 #[cfg(test)]
@@ -789,8 +836,8 @@ mod tests {
         assert_eq!(days, ["2025-06-09", "2025-06-10"]);
         assert_eq!(report.total.requests, 3);
         assert_eq!(report.total.errors, 1, "the 502");
-        assert_eq!(report.total.summary().p99_ms, Some(40.0));
-        assert_eq!(report.total.summary().ttft_p50_ms, None);
+        assert_eq!(report.total.p99_ms, Some(40.0));
+        assert_eq!(report.total.ttft_p50_ms, None);
     }
 
     #[test]

@@ -14,13 +14,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::keys::resolve_keys;
-use super::raw::{RawServer, RawState, RawTls, RawUpstream};
+use super::raw::{RawLedger, RawServer, RawState, RawTls, RawUpstream};
 use super::read::parse_raw;
 use super::source::Source;
 use super::tls::{self, TlsFiles};
 use super::{
-    Config, ConfigError, EndpointUrl, RedisConfig, Secret, ServerConfig, StateBackend, StateConfig,
-    UpstreamConfig,
+    Config, ConfigError, EndpointUrl, LedgerConfig, PostgresLedger, RedisConfig, Secret,
+    ServerConfig, StateBackend, StateConfig, UpstreamConfig,
 };
 
 /// More threads than this is a typo, not a machine.
@@ -42,12 +42,16 @@ impl Config {
         let server = server(raw.server, &src)?;
         let keys = resolve_keys(&raw.policies, raw.keys, &src)?;
         let state = state(raw.state, &src)?;
+        let ledger = match raw.ledger {
+            Some(raw) => Some(ledger(raw, &state, &src)?),
+            None => None,
+        };
         Ok(Config {
             server,
             upstreams,
             keys,
             state,
-            ledger: raw.ledger.map(|l| l.path),
+            ledger,
         })
     }
 }
@@ -376,4 +380,91 @@ fn redis(raw: &RawState, src: &Source) -> Result<RedisConfig, ConfigError> {
         on_error: raw.on_error,
         lease: raw.lease,
     })
+}
+
+// === [ledger] ===
+
+/// The spool's file name beside the state file, when `spool_path` is not set.
+const DEFAULT_SPOOL: &str = "ledger-spool";
+
+fn ledger(raw: RawLedger, state: &StateConfig, src: &Source) -> Result<LedgerConfig, ConfigError> {
+    let postgres = match &raw.postgres_url_env {
+        Some(env) => Some(postgres_ledger(&raw, env, state, src)?),
+        None => None,
+    };
+    if raw.path.is_none() && postgres.is_none() {
+        return Err(src.whole(
+            "[ledger] needs path (a JSONL file), postgres_url_env (a PostgreSQL table), or both",
+        ));
+    }
+    Ok(LedgerConfig {
+        path: raw.path,
+        postgres,
+    })
+}
+
+fn postgres_ledger(
+    raw: &RawLedger,
+    env: &Spanned<String>,
+    state: &StateConfig,
+    src: &Source,
+) -> Result<PostgresLedger, ConfigError> {
+    let key = "ledger.postgres_url_env";
+    let name = env.get_ref();
+    let url = std::env::var(name)
+        .ok()
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .ok_or_else(|| {
+            src.at(
+                env.span(),
+                key,
+                format!("environment variable {name} is not set; it must hold a postgres:// URL"),
+            )
+        })?;
+    // The parser's message may quote the URL (and its password): never shown.
+    if crate::accounting::ledger::postgres::parse_url(&url).is_none() {
+        return Err(src.at(
+            env.span(),
+            key,
+            format!("environment variable {name} does not hold a postgres:// or postgresql:// URL"),
+        ));
+    }
+    let table = &raw.postgres_table;
+    if !crate::accounting::ledger::postgres::schema::valid_table_name(table.get_ref()) {
+        return Err(src.at(
+            table.span(),
+            "ledger.postgres_table",
+            "must be a plain name of at most 40 lower-case letters, digits and _ (for another schema, set search_path in the URL's options)".into(),
+        ));
+    }
+    let replica = match &raw.replica {
+        Some(replica) if replica.get_ref().trim().is_empty() => {
+            return Err(src.at(replica.span(), "ledger.replica", "must not be empty".into()))
+        }
+        Some(replica) => replica.get_ref().clone(),
+        None => host_name(),
+    };
+    let spool_path = raw.spool_path.clone().unwrap_or_else(|| {
+        state
+            .path
+            .parent()
+            .map_or_else(|| DEFAULT_SPOOL.into(), |dir| dir.join(DEFAULT_SPOOL))
+    });
+    Ok(PostgresLedger {
+        url: Secret(url),
+        url_env: name.clone(),
+        table: table.get_ref().clone(),
+        spool_path,
+        replica,
+    })
+}
+
+/// This machine's host name; `unknown` when it has none that is text.
+fn host_name() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -57,7 +57,29 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     pub state: StateConfig,
     /// Where one JSON line per finished request goes; `None`: no ledger.
-    pub ledger: Option<PathBuf>,
+    pub ledger: Option<LedgerConfig>,
+}
+
+/// `[ledger]`: a file, a PostgreSQL table, or both.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerConfig {
+    /// The JSONL file; `None`: none.
+    pub path: Option<PathBuf>,
+    pub(crate) postgres: Option<PostgresLedger>,
+}
+
+/// The ledger's PostgreSQL table.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PostgresLedger {
+    /// The URL, from the environment variable `url_env` (checked to parse at load); it may hold
+    /// a password, so it never prints.
+    pub(crate) url: Secret,
+    pub(crate) url_env: String,
+    pub(crate) table: String,
+    /// Where lines wait while PostgreSQL is unreachable.
+    pub(crate) spool_path: PathBuf,
+    /// Written on every row.
+    pub(crate) replica: String,
 }
 
 #[derive(Debug, Clone)]

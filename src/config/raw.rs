@@ -70,7 +70,13 @@ impl Default for RawState {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLedger {
-    pub(super) path: PathBuf,
+    pub(super) path: Option<PathBuf>,
+    /// The environment variable holding the PostgreSQL URL: never in the file.
+    pub(super) postgres_url_env: Option<Spanned<String>>,
+    #[serde(default = "defaults::postgres_table")]
+    pub(super) postgres_table: Spanned<String>,
+    pub(super) spool_path: Option<PathBuf>,
+    pub(super) replica: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,6 +304,9 @@ pub(super) mod defaults {
     }
     pub(crate) fn prefix() -> String {
         "tollgate:".to_owned()
+    }
+    pub(crate) fn postgres_table() -> Spanned<String> {
+        Spanned::new(0..0, "tollgate_usage".to_owned())
     }
     pub(crate) fn lease() -> Duration {
         Duration::from_secs(30)

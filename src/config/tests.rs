@@ -347,3 +347,79 @@ fn pool_mistakes_name_the_key_and_line() {
         assert!(err.contains(expected), "{expected:?} not in {err:?}");
     }
 }
+
+fn with_ledger(ledger: &str) -> Result<Config, ConfigError> {
+    parse(&format!(
+        "[server]\n[upstream]\nurl = \"http://a\"\n[state]\npath = \"/var/lib/tg/state.db\"\n[ledger]\n{ledger}\n"
+    ))
+}
+
+#[test]
+fn a_postgres_ledger_reads_its_url_from_the_environment_and_has_defaults() {
+    std::env::set_var(
+        "TOLLGATE_CONFIG_TEST_LEDGER_URL",
+        "postgres://tollgate:hunter2@db.example:5432/usage?sslmode=require",
+    );
+    let config =
+        with_ledger("postgres_url_env = \"TOLLGATE_CONFIG_TEST_LEDGER_URL\"").expect("valid");
+    let ledger = config.ledger.expect("a ledger");
+    assert_eq!(ledger.path, None, "no file: PostgreSQL only");
+    let postgres = ledger.postgres.expect("postgres");
+    assert_eq!(postgres.table, "tollgate_usage");
+    assert_eq!(
+        postgres.spool_path,
+        PathBuf::from("/var/lib/tg/ledger-spool"),
+        "beside the state"
+    );
+    assert!(!postgres.replica.is_empty(), "the host name");
+    assert!(
+        !format!("{postgres:?}").contains("hunter2"),
+        "the URL's password never prints"
+    );
+}
+
+#[test]
+fn ledger_mistakes_are_named_without_showing_the_url() {
+    std::env::set_var(
+        "TOLLGATE_CONFIG_TEST_NOT_A_URL",
+        "mysql://root:hunter2@db/usage",
+    );
+    std::env::remove_var("TOLLGATE_CONFIG_TEST_UNSET");
+    for (ledger, expected) in [
+        ("", "[ledger] needs path (a JSONL file), postgres_url_env (a PostgreSQL table), or both"),
+        (
+            "postgres_url_env = \"TOLLGATE_CONFIG_TEST_UNSET\"",
+            "test.toml:7: ledger.postgres_url_env: environment variable TOLLGATE_CONFIG_TEST_UNSET is not set",
+        ),
+        (
+            "postgres_url_env = \"TOLLGATE_CONFIG_TEST_NOT_A_URL\"",
+            "does not hold a postgres:// or postgresql:// URL",
+        ),
+        (
+            "postgres_url_env = \"TOLLGATE_CONFIG_TEST_NOT_A_URL\"\npostgres_table = \"x\"",
+            "does not hold",
+        ),
+    ] {
+        let error = with_ledger(ledger).expect_err("refused").to_string();
+        assert!(error.contains(expected), "{ledger:?}: {error}");
+        assert!(!error.contains("hunter2"), "{error}");
+    }
+    std::env::set_var("TOLLGATE_CONFIG_TEST_GOOD_URL", "postgres://db/usage");
+    for (line, key) in [
+        (
+            "postgres_table = \"Usage; DROP TABLE x\"",
+            "ledger.postgres_table",
+        ),
+        ("replica = \" \"", "ledger.replica"),
+    ] {
+        let error = with_ledger(&format!(
+            "postgres_url_env = \"TOLLGATE_CONFIG_TEST_GOOD_URL\"\n{line}"
+        ))
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            error.starts_with(&format!("test.toml:8: {key}:")),
+            "{error}"
+        );
+    }
+}

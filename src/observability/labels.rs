@@ -27,16 +27,21 @@ pub(crate) enum UpstreamErrorKind {
     Retried,
 }
 
-/// `tollgate_ledger_errors_total{reason}`: why a ledger line was lost.
+/// `tollgate_ledger_errors_total{reason}`: why a ledger line was not written where it was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
 pub(crate) enum LedgerErrorReason {
-    /// The disk refused the write.
+    /// The disk refused the write to the ledger file (lost).
     Write,
-    /// The writer thread did not keep up.
+    /// A writer did not keep up (lost).
     QueueFull,
-    /// The ledger was already closed.
+    /// The ledger was already closed (lost).
     Closed,
+    /// PostgreSQL did not take the line (unreachable, slow, refusing): it went to the spool, and
+    /// is sent when the database is back.
+    Postgres,
+    /// The spool could not be written, or held a line that could not be read back (lost).
+    Spool,
 }
 
 /// `tollgate_state_errors_total{op}`: the shared-state (Redis) call that failed.

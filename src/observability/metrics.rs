@@ -10,8 +10,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use strum::IntoEnumIterator;
 
@@ -51,6 +51,7 @@ pub struct Metrics {
     pub(crate) quota_overrun_tokens_total: IntCounterVec,
     pub(crate) usage_unreadable_counts_total: IntCounterVec,
     pub(crate) ledger_errors_total: IntCounterVec,
+    pub(crate) ledger_spooled_lines: IntGauge,
     pub(crate) state_errors_total: IntCounterVec,
     /// The last 15 minutes, second by second, for the console (not exported to Prometheus).
     pub(crate) timeline: Timeline,
@@ -138,8 +139,12 @@ impl Metrics {
             ),
             ledger_errors_total: r.counters(
                 "tollgate_ledger_errors_total",
-                "Ledger lines lost: write (disk error), queue_full (disk too slow), closed.",
+                "Ledger lines not written where they were sent: write (file: disk error, lost), queue_full (a writer too slow, lost), closed (lost), postgres (PostgreSQL did not take them: kept in the spool and sent later), spool (the spool could not be written or read back: lost).",
                 &["reason"],
+            ),
+            ledger_spooled_lines: r.gauge(
+                "tollgate_ledger_spooled_lines",
+                "Ledger lines waiting in the spool for PostgreSQL.",
             ),
             state_errors_total: r.counters(
                 "tollgate_state_errors_total",
@@ -230,11 +235,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one lost ledger line.
-    pub(crate) fn ledger_error(&self, reason: LedgerErrorReason) {
+    /// Counts `lines` ledger lines that were not written where they were sent.
+    pub(crate) fn ledger_errors(&self, reason: LedgerErrorReason, lines: u64) {
         self.ledger_errors_total
             .with_label_values(&[label(reason)])
-            .inc();
+            .inc_by(lines);
     }
 
     /// Counts one request the gateway refused.
@@ -275,6 +280,10 @@ impl Registrar {
 
     fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
         self.register(IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.register(IntGauge::new(name, help))
     }
 
     fn histograms(&self, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {

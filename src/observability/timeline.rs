@@ -141,7 +141,7 @@ impl Timeline {
             if held == CLEARING {
                 // Another writer is clearing it: a few dozen stores.
                 spins += 1;
-                if spins % 64 == 0 {
+                if spins.is_multiple_of(64) {
                     std::thread::yield_now();
                 } else {
                     std::hint::spin_loop();

@@ -119,7 +119,7 @@ impl Server {
         let store = open_state(&config, &options.clock, &metrics)?;
         let backend = Arc::new(Backend::new(store, options.clock.clone(), metrics.clone()));
         let ledger = match &config.ledger {
-            Some(path) => Some(Arc::new(Ledger::open(path, metrics.clone())?)),
+            Some(ledger) => Some(Arc::new(Ledger::open(ledger, metrics.clone()).await?)),
             None => None,
         };
         let reloader = options.config_path.map(|path| {
@@ -277,6 +277,7 @@ impl Server {
                 .accounting
                 .ledger
                 .clone()
+                .filter(|ledger| ledger.has_file())
                 .map(|ledger| tokio::spawn(reopen_on_hangup(ledger))),
             // The last slot of each endpoint's idle connections is the background one.
             health: Some(tokio::spawn(crate::proxy::health::run(

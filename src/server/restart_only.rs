@@ -10,7 +10,7 @@
 //! Every field of the runtime config is destructured here without `..`: a new setting does not
 //! compile until it says whether a reload applies it.
 
-use crate::config::{Config, RedisConfig, ServerConfig, StateConfig};
+use crate::config::{Config, LedgerConfig, PostgresLedger, RedisConfig, ServerConfig, StateConfig};
 
 /// The config keys of the start-only settings that differ between `current` and `new`, in the
 /// order of the reference in README.
@@ -26,10 +26,43 @@ pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
     } = current;
     let mut changed = server_changes(server, &new.server);
     changed.extend(state_changes(state, &new.state));
-    if *ledger != new.ledger {
-        changed.push("ledger.path");
+    changed.extend(ledger_changes(ledger.as_ref(), new.ledger.as_ref()));
+    changed
+}
+
+fn ledger_changes(current: Option<&LedgerConfig>, new: Option<&LedgerConfig>) -> Vec<&'static str> {
+    let none = LedgerConfig {
+        path: None,
+        postgres: None,
+    };
+    let LedgerConfig { path, postgres } = current.unwrap_or(&none);
+    let new = new.unwrap_or(&none);
+    let mut changed = names(&[("ledger.path", *path != new.path)]);
+    match (postgres, &new.postgres) {
+        (Some(current), Some(new)) => changed.extend(postgres_changes(current, new)),
+        (None, None) => {}
+        _ => changed.push("ledger.postgres_url_env"),
     }
     changed
+}
+
+fn postgres_changes(current: &PostgresLedger, new: &PostgresLedger) -> Vec<&'static str> {
+    let PostgresLedger {
+        url,
+        url_env,
+        table,
+        spool_path,
+        replica,
+    } = current;
+    names(&[
+        (
+            "ledger.postgres_url_env",
+            (url, url_env) != (&new.url, &new.url_env),
+        ),
+        ("ledger.postgres_table", *table != new.table),
+        ("ledger.spool_path", *spool_path != new.spool_path),
+        ("ledger.replica", *replica != new.replica),
+    ])
 }
 
 /// The names whose flag is set.
@@ -180,6 +213,31 @@ mod tests {
             changed(&config("", ""), &new),
             ["state.backend"],
             "from local to Redis: the backend, not each of its settings"
+        );
+    }
+
+    #[test]
+    fn every_ledger_setting_is_named() {
+        std::env::set_var("TOLLGATE_RESTART_ONLY_TEST_PG", "postgres://a/usage");
+        let ledger = |lines: &str| config("", &format!("[ledger]\n{lines}\n"));
+        let current = ledger("postgres_url_env = \"TOLLGATE_RESTART_ONLY_TEST_PG\"");
+        let new = ledger(
+            "path = \"u.jsonl\"\npostgres_url_env = \"TOLLGATE_RESTART_ONLY_TEST_PG\"\n\
+             postgres_table = \"t\"\nspool_path = \"s\"\nreplica = \"r\"",
+        );
+        assert_eq!(
+            changed(&current, &new),
+            [
+                "ledger.path",
+                "ledger.postgres_table",
+                "ledger.spool_path",
+                "ledger.replica"
+            ]
+        );
+        assert_eq!(
+            changed(&config("", ""), &current),
+            ["ledger.postgres_url_env"],
+            "a ledger table where there was none"
         );
     }
 }

@@ -13,6 +13,7 @@ mod hardening;
 mod keys;
 mod openai_client;
 mod operators;
+mod pg_ledger;
 mod pools;
 mod proxy;
 mod quota_caps;

@@ -178,6 +178,13 @@ impl Generation {
         }
     }
 
+    /// The counts of the usage object it generates; `None` when `x-mock-usage` scripts it.
+    pub(crate) fn generated_usage(&self) -> Option<(u64, u64)> {
+        self.usage
+            .is_none()
+            .then_some((self.prompt_tokens as u64, self.n as u64))
+    }
+
     fn usage(&self) -> String {
         if let Some(usage) = &self.usage {
             return usage.clone();

@@ -227,6 +227,15 @@ impl MockUpstream {
         }
     }
 
+    /// The prompt and completion tokens of every `usage` object the mock generated (not the
+    /// scripted ones of `x-mock-usage`): what a gateway in front of it should have charged.
+    pub fn reported_tokens(&self) -> (u64, u64) {
+        (
+            self.shared.reported_prompt.load(Ordering::SeqCst),
+            self.shared.reported_completion.load(Ordering::SeqCst),
+        )
+    }
+
     /// SSE streams sent completely.
     pub fn completed_streams(&self) -> usize {
         self.shared.completed.load(Ordering::SeqCst)
@@ -275,6 +284,8 @@ struct Shared {
     cancelled: AtomicUsize,
     completed: AtomicUsize,
     body_bytes: AtomicU64,
+    reported_prompt: AtomicU64,
+    reported_completion: AtomicU64,
     cancel_notify: Notify,
 }
 
@@ -304,6 +315,8 @@ impl Shared {
             cancelled: AtomicUsize::new(0),
             completed: AtomicUsize::new(0),
             body_bytes: AtomicU64::new(0),
+            reported_prompt: AtomicU64::new(0),
+            reported_completion: AtomicU64::new(0),
             cancel_notify: Notify::new(),
         }
     }

@@ -180,11 +180,17 @@ fn respond(
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let track = track(stream);
+    let include_usage = request
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if let Some((prompt, completion)) = gen.generated_usage().filter(|_| include_usage || !stream) {
+        shared.reported_prompt.fetch_add(prompt, Ordering::SeqCst);
+        shared
+            .reported_completion
+            .fetch_add(completion, Ordering::SeqCst);
+    }
     if stream {
-        let include_usage = request
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
         let events = if route == Route::Chat {
             gen.chat_events(include_usage)
         } else {

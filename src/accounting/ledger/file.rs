@@ -1,0 +1,183 @@
+//! The ledger file (`[ledger] path`): a dedicated thread appends the lines it is handed and
+//! flushes whenever its queue runs dry, so a line is on disk within moments of its request
+//! ending, and on shutdown every line is written before the process exits.
+//!
+//! [`FileSink::reopen`] (SIGHUP) makes the writer close the file and open `path` again, so that a
+//! log rotation that moved the file away (`mv usage.jsonl usage.jsonl.1`) gets a new file from
+//! the next line on: lines queued before the reopen go to the old file, later ones to the new.
+//!
+//! Edge cases: a failed write (a full disk) is logged once when it starts and once when it ends,
+//! and every line it loses is counted in `tollgate_ledger_errors_total`; a reopen that cannot
+//! open the path (a directory that went away) is logged and the writer keeps the file it has, so
+//! that no line is lost to it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+
+use super::{Intake, LedgerError, QUEUE};
+use crate::observability::labels::LedgerErrorReason;
+use crate::observability::metrics::Metrics;
+
+/// What the writer thread is told.
+enum Message {
+    Line(Bytes),
+    /// Close the file and open the path again (log rotation).
+    Reopen,
+}
+
+/// The handle of the file's writer thread.
+pub(super) struct FileSink {
+    sender: Intake<SyncSender<Message>>,
+    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// A reopen asked for while the queue was full: the writer does it after its next flush.
+    reopen_requested: Arc<AtomicBool>,
+}
+
+impl FileSink {
+    /// Opens (creating) the ledger file for appending and starts its writer thread.
+    pub(super) fn open(path: &Path, metrics: Arc<Metrics>) -> Result<FileSink, LedgerError> {
+        let file = open_file(path)?;
+        let (sender, receiver) = mpsc::sync_channel(QUEUE);
+        let reopen_requested = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            path: path.to_owned(),
+            metrics: metrics.clone(),
+            reopen_requested: reopen_requested.clone(),
+            failing: false,
+            pending: 0,
+        };
+        let writer = std::thread::Builder::new()
+            .name("tollgate-ledger".into())
+            .spawn(move || writer.run(file, receiver))
+            .map_err(LedgerError::Spawn)?;
+        Ok(FileSink {
+            sender: Intake::new(sender, metrics, "the ledger file"),
+            writer: std::sync::Mutex::new(Some(writer)),
+            reopen_requested,
+        })
+    }
+
+    /// Queues a line; never blocks.
+    pub(super) fn send(&self, line: Bytes) {
+        self.sender
+            .send(|sender| match sender.try_send(Message::Line(line)) {
+                Ok(()) => Ok(()),
+                Err(TrySendError::Full(_)) => Err(LedgerErrorReason::QueueFull),
+                Err(TrySendError::Disconnected(_)) => Err(LedgerErrorReason::Closed),
+            });
+    }
+
+    /// Makes the writer open the path again, after the lines already queued; never blocks.
+    pub(super) fn reopen(&self) {
+        self.sender.with(|sender| {
+            if let Err(TrySendError::Full(_)) = sender.try_send(Message::Reopen) {
+                self.reopen_requested.store(true, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Stops taking lines: the writer writes what it has and ends.
+    pub(super) fn close(&self) -> Option<JoinHandle<()>> {
+        self.sender.close();
+        super::take(&self.writer)
+    }
+}
+
+/// Creates the parent directory and opens `path` for appending.
+fn open_file(path: &Path) -> Result<File, LedgerError> {
+    super::create_parent(path)?;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| LedgerError::Open {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The writer thread's state.
+struct Writer {
+    path: PathBuf,
+    metrics: Arc<Metrics>,
+    reopen_requested: Arc<AtomicBool>,
+    /// Whether writes are failing now, so that a failure is logged once, not per line.
+    failing: bool,
+    /// Lines written to the buffer since the last successful flush.
+    pending: u64,
+}
+
+impl Writer {
+    fn run(mut self, file: File, receiver: Receiver<Message>) {
+        let mut out = BufWriter::with_capacity(64 * 1024, file);
+        while let Ok(first) = receiver.recv() {
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Line(line) => match out.write_all(&line) {
+                        Ok(()) => self.pending += 1,
+                        Err(error) => self.report(&error, 1),
+                    },
+                    Message::Reopen => out = self.reopen(out),
+                }
+                next = receiver.try_recv().ok();
+            }
+            // The queue ran dry: put what we have on disk.
+            out = self.flush(out);
+            if self.reopen_requested.swap(false, Ordering::Relaxed) {
+                out = self.reopen(out);
+            }
+        }
+        self.flush(out);
+    }
+
+    /// Flushes the buffer; on failure drops what it held (counted) rather than retry it forever
+    /// against a full disk.
+    fn flush(&mut self, mut out: BufWriter<File>) -> BufWriter<File> {
+        match out.flush() {
+            Ok(()) => {
+                if self.failing {
+                    tracing::info!(path = %self.path.display(), "ledger writes succeed again");
+                    self.failing = false;
+                }
+                self.pending = 0;
+                out
+            }
+            Err(error) => {
+                self.report(&error, self.pending);
+                BufWriter::with_capacity(64 * 1024, out.into_parts().0)
+            }
+        }
+    }
+
+    /// Flushes into the old file and opens the path again; keeps the old file if that fails.
+    fn reopen(&mut self, out: BufWriter<File>) -> BufWriter<File> {
+        let out = self.flush(out);
+        match open_file(&self.path) {
+            Ok(file) => {
+                tracing::info!(path = %self.path.display(), "ledger reopened");
+                BufWriter::with_capacity(64 * 1024, file)
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot reopen the ledger; writing on to the file it had");
+                out
+            }
+        }
+    }
+
+    fn report(&mut self, error: &std::io::Error, lost: u64) {
+        if !self.failing {
+            tracing::error!(path = %self.path.display(), %error, "cannot write the ledger; lines are lost until it recovers (tollgate_ledger_errors_total)");
+            self.failing = true;
+        }
+        self.metrics.ledger_errors(LedgerErrorReason::Write, lost);
+        self.pending = 0;
+    }
+}

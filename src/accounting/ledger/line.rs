@@ -1,0 +1,70 @@
+//! One ledger line: the fields of a finished request ([`LedgerEntry`]) and their JSON text, made
+//! once per request and handed as the same bytes to every sink (the file, PostgreSQL, the spool).
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// One finished request.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct LedgerEntry {
+    /// A UUID the gateway makes for each request: unique, unlike `request_id`, which is the
+    /// client's `x-request-id` when it sent one. The primary key of the PostgreSQL table.
+    pub(crate) id: uuid::Uuid,
+    /// RFC 3339, UTC, milliseconds.
+    pub(crate) time: String,
+    pub(crate) request_id: String,
+    pub(crate) key: String,
+    pub(crate) model: String,
+    pub(crate) endpoint: &'static str,
+    /// The upstream pool's name (`none` for a request no pool served).
+    pub(crate) upstream: String,
+    pub(crate) status: u16,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) completion_tokens: u64,
+    /// `reported` by the upstream, or `estimated` by the gateway.
+    pub(crate) source: &'static str,
+    pub(crate) duration_ms: f64,
+    /// Time to the first byte of a streamed answer.
+    pub(crate) ttft_ms: Option<f64>,
+    /// `complete`, `client_gone`, `upstream_error`.
+    pub(crate) outcome: &'static str,
+}
+
+impl LedgerEntry {
+    /// The entry as one JSON line, `\n` included.
+    pub(crate) fn to_line(&self) -> Bytes {
+        let mut line = Vec::with_capacity(384);
+        // Serializing plain fields into a Vec cannot fail.
+        if serde_json::to_writer(&mut line, self).is_err() {
+            line.clear();
+        }
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+}
+
+/// Now, as the ledger writes it.
+pub(crate) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// A ledger line for tests: request `r{n}` with `n` prompt tokens.
+#[cfg(test)]
+pub(crate) fn sample_entry(n: u64) -> LedgerEntry {
+    LedgerEntry {
+        id: uuid::Uuid::new_v4(),
+        time: now_rfc3339(),
+        request_id: format!("r{n}"),
+        key: "k".into(),
+        model: "m".into(),
+        endpoint: "chat_completions",
+        upstream: "default".into(),
+        status: 200,
+        prompt_tokens: n,
+        completion_tokens: 1,
+        source: "reported",
+        duration_ms: 1.0,
+        ttft_ms: None,
+        outcome: "complete",
+    }
+}

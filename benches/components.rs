@@ -30,7 +30,7 @@ use tollgate::layers::validate::Schemas;
 use tollgate::observability::metrics::Metrics;
 use tollgate::state::clock::Clock;
 use tollgate::state::local::LocalState;
-use tollgate::state::{Backend, Store};
+use tollgate::state::{Amounts, Backend, Scope, Store, Window};
 
 const ROUNDS: usize = 9;
 
@@ -145,10 +145,7 @@ async fn bench_accounting() {
         clock.clone(),
         metrics.clone(),
     ));
-    let quotas = vec![Quota {
-        tokens: u64::MAX / 4,
-        per: Duration::from_secs(86_400),
-    }];
+    let quotas = vec![Quota::tokens(u64::MAX / 4, Duration::from_secs(86_400))];
     let key = KeyConfig {
         name: Arc::from("bench"),
         sha256: vec![[7u8; 32]],
@@ -171,11 +168,11 @@ async fn bench_accounting() {
         let metrics = metrics.clone();
         let recent = recent.clone();
         let entry = entry.clone();
-        let quotas = quotas.clone();
+        let windows = Window::of(Scope::Key, &entry.name, &quotas);
         let frames = &frames;
         async move {
             let (held, _) = backend
-                .reserve(&entry.name, &quotas, 600)
+                .reserve(&windows, Amounts { tokens: 600, cost: 0 })
                 .await
                 .expect("local state answers")
                 .expect("room in the window");
@@ -193,6 +190,7 @@ async fn bench_accounting() {
                 recent: recent.clone(),
                 metrics,
                 held: Some(held),
+                rate: None,
                 prompt_estimate: 20,
                 watch: watch.clone(),
             });

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::budgets::{check_keys, resolve_budgets};
 use super::keys::resolve_keys;
 use super::raw::{RawServer, RawState, RawTls, RawUpstream};
 use super::read::parse_raw;
@@ -41,11 +42,14 @@ impl Config {
         let server = server(raw.server, &src)?;
         let upstream = upstream(raw.upstream, &src)?;
         let keys = resolve_keys(&raw.policies, raw.keys, &src)?;
+        let budgets = resolve_budgets(raw.pricing, raw.groups, &src)?;
+        check_keys(&keys, &budgets, &src)?;
         let state = state(raw.state, &src)?;
         Ok(Config {
             server,
             upstream,
             keys,
+            budgets,
             state,
             ledger: raw.ledger.map(|l| l.path),
         })

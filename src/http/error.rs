@@ -74,19 +74,29 @@ pub enum GatewayError {
         retry_after: Duration,
     },
     #[error(
-        "token quota exceeded: the {window} window has {used} of {limit} tokens in use and this \
-         request may need {needed}; retry in {}s",
+        "{unit} quota exceeded: the {window} window of {scope} has {used} of {limit} {units} in \
+         use and this request may need {needed}; retry in {}s",
         retry_after_secs(*.retry_after)
     )]
     QuotaExceeded {
+        /// `token` or `cost`.
+        unit: &'static str,
         window: String,
-        limit: u64,
-        used: u64,
-        needed: u64,
+        /// `key alice` or `group team-a`.
+        scope: String,
+        limit: String,
+        used: String,
+        needed: String,
+        /// `tokens`, or the pricing's currency.
+        units: String,
         retry_after: Duration,
     },
-    #[error("too many requests in flight for this key (limit {limit}); retry when one finishes")]
-    ConcurrencyLimitExceeded { limit: u32 },
+    #[error("too many requests in flight for {scope} (limit {limit}); retry when one finishes")]
+    ConcurrencyLimitExceeded {
+        /// `this key` or `the group team-a`.
+        scope: String,
+        limit: u32,
+    },
 
     // --- the upstream ---
     #[error("upstream unreachable")]

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
-use crate::config::Limits;
+use crate::config::{model_matches, Limits};
 use crate::http::body::GatewayBody;
 use crate::http::context::{ParsedRequest, RequestContext};
 use crate::http::error::GatewayError;
@@ -65,7 +65,7 @@ impl ValidateRequest<Bytes> for EnforcePolicy {
 
 fn check(limits: &Limits, parsed: &ParsedRequest) -> Result<(), GatewayError> {
     if let Some(models) = &limits.models {
-        if !models.iter().any(|pattern| matches(pattern, &parsed.model)) {
+        if !models.iter().any(|pattern| model_matches(pattern, &parsed.model)) {
             return Err(GatewayError::ModelNotFound {
                 model: parsed.model.clone(),
             });
@@ -118,14 +118,6 @@ fn check_choices(limits: &Limits, generation: &Generation) -> Result<(), Gateway
         }
     }
     Ok(())
-}
-
-/// `*` matches everything, `prefix*` a prefix, anything else exactly.
-fn matches(pattern: &str, model: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => model.starts_with(prefix),
-        None => pattern == model,
-    }
 }
 
 /// The model as a metric label, when the key's allow-list names it exactly.

@@ -2,8 +2,8 @@
 //! connection limits, the upstream and its pool, state, ledger, workers, the admin token), named
 //! by their config key so that a reload can log each one that changed and was left as it was.
 //!
-//! What a reload does apply, and so is not listed: keys and policies, and the certificate files
-//! of a listener that already has TLS.
+//! What a reload does apply, and so is not listed: keys and policies, prices and groups, and the
+//! certificate files of a listener that already has TLS.
 //!
 //! Every field of the runtime config is destructured here without `..`: a new setting does not
 //! compile until it says whether a reload applies it.
@@ -18,6 +18,8 @@ pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
         server,
         upstream,
         keys: _,
+        // Prices and groups apply to new requests, like keys.
+        budgets: _,
         state,
         ledger,
     } = current;

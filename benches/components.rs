@@ -172,7 +172,13 @@ async fn bench_accounting() {
         let frames = &frames;
         async move {
             let (held, _) = backend
-                .reserve(&windows, Amounts { tokens: 600, cost: 0 })
+                .reserve(
+                    &windows,
+                    Amounts {
+                        tokens: 600,
+                        cost: 0,
+                    },
+                )
                 .await
                 .expect("local state answers")
                 .expect("room in the window");

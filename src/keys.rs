@@ -154,7 +154,11 @@ impl KeyStore {
         let groups = build_groups(keys, budgets, previous, &group_registry, clock, metrics);
         for key in keys {
             let old = previous.and_then(|store| store.by_name.get(&key.name));
-            let limiter = carried_limiter(key.limits.rate, old.map(|o| (o.limits.rate, &o.limiter)), clock);
+            let limiter = carried_limiter(
+                key.limits.rate,
+                old.map(|o| (o.limits.rate, &o.limiter)),
+                clock,
+            );
             metrics.add_key(&key.name);
             let inflight = registry.get(&key.name, || {
                 metrics.inflight_requests.with_label_values(&[&*key.name])
@@ -252,11 +256,7 @@ fn build_groups(
     let mut groups = HashMap::with_capacity(budgets.groups.len());
     for config in &budgets.groups {
         let old = previous.and_then(|store| store.groups.get(&config.name));
-        let limiter = carried_limiter(
-            config.rate,
-            old.map(|o| (o.config.rate, &o.limiter)),
-            clock,
-        );
+        let limiter = carried_limiter(config.rate, old.map(|o| (o.config.rate, &o.limiter)), clock);
         let mut members: Vec<Arc<str>> = keys
             .iter()
             .filter(|k| k.limits.group.as_ref() == Some(&config.name))

@@ -91,7 +91,15 @@ mod tests {
 
     #[test]
     fn costs_print_and_parse_back_exactly() {
-        for nano in [0u128, 1, 135_000, 12_500_000_000, 3_000_000_000, 999_999_999, u128::from(u64::MAX)] {
+        for nano in [
+            0u128,
+            1,
+            135_000,
+            12_500_000_000,
+            3_000_000_000,
+            999_999_999,
+            u128::from(u64::MAX),
+        ] {
             assert_eq!(parse(&decimal(nano)), Some(nano), "{}", decimal(nano));
             assert_eq!(parse(&fixed(nano)), Some(nano), "{}", fixed(nano));
         }

@@ -78,7 +78,7 @@ pub enum LedgerError {
 
 /// What the writer thread is told.
 enum Message {
-    Line(LedgerEntry),
+    Line(Box<LedgerEntry>),
     /// Close the file and open the path again (log rotation).
     Reopen,
 }
@@ -138,7 +138,7 @@ impl Ledger {
             self.metrics.ledger_error(LedgerErrorReason::Closed);
             return;
         };
-        match sender.try_send(Message::Line(entry)) {
+        match sender.try_send(Message::Line(Box::new(entry))) {
             Ok(()) => {
                 if self.overflowing.swap(false, Ordering::Relaxed) {
                     tracing::info!("ledger queue has room again");

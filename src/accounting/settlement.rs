@@ -193,7 +193,13 @@ impl Settlement {
     }
 
     /// The token, cost and time-to-first-token metrics.
-    fn count(&self, context: &RequestContext, charge: &Charge, cost: Option<u64>, ttft: Option<f64>) {
+    fn count(
+        &self,
+        context: &RequestContext,
+        charge: &Charge,
+        cost: Option<u64>,
+        ttft: Option<f64>,
+    ) {
         let (key, model) = (context.key_label(), context.model_label());
         if let Some(cost) = cost.filter(|c| *c > 0) {
             self.metrics.add_cost(key, model, cost);

@@ -102,18 +102,14 @@ pub(super) fn check_keys(
     for (i, key) in keys.iter().enumerate() {
         let at = format!("keys[{i}] ({})", key.name);
         let group = match &key.limits.group {
-            Some(name) => Some(
-                budgets
-                    .groups
-                    .iter()
-                    .find(|g| g.name == *name)
-                    .ok_or_else(|| {
-                        let known: Vec<&str> = budgets.groups.iter().map(|g| &*g.name).collect();
-                        src.whole(&format!(
-                            "{at}.group: no group named {name:?} (defined: {known:?})"
-                        ))
-                    })?,
-            ),
+            Some(name) => Some(budgets.groups.iter().find(|g| g.name == *name).ok_or_else(
+                || {
+                    let known: Vec<&str> = budgets.groups.iter().map(|g| &*g.name).collect();
+                    src.whole(&format!(
+                        "{at}.group: no group named {name:?} (defined: {known:?})"
+                    ))
+                },
+            )?),
             None => None,
         };
         let group_quotas = group.map_or(&[][..], |g| &g.quotas[..]);
@@ -234,7 +230,8 @@ fn decimal(
 /// `text` (TOML's decimal forms: `3`, `0.5`, `1_000.25`, `2.5e-1`) times 10^`decimals`, exactly;
 /// an error when it is negative, not a number, or has more than `decimals` decimals.
 pub(super) fn parse_decimal(text: &str, decimals: u32) -> Result<u64, String> {
-    let bad = || format!("{text:?}: expected a number of at least 0 with at most {decimals} decimals");
+    let bad =
+        || format!("{text:?}: expected a number of at least 0 with at most {decimals} decimals");
     let cleaned: String = text.trim().trim_start_matches('+').replace('_', "");
     let (mantissa, exponent) = match cleaned.split_once(['e', 'E']) {
         Some((m, e)) => (m, e.parse::<i32>().map_err(|_| bad())?),

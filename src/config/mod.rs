@@ -161,7 +161,11 @@ impl Period {
         match id {
             "week" => Some(Period::Week),
             "month" => Some(Period::Month),
-            secs => secs.parse().ok().and_then(NonZeroU64::new).map(Period::Fixed),
+            secs => secs
+                .parse()
+                .ok()
+                .and_then(NonZeroU64::new)
+                .map(Period::Fixed),
         }
     }
 }

@@ -65,7 +65,10 @@ impl ValidateRequest<Bytes> for EnforcePolicy {
 
 fn check(limits: &Limits, parsed: &ParsedRequest) -> Result<(), GatewayError> {
     if let Some(models) = &limits.models {
-        if !models.iter().any(|pattern| model_matches(pattern, &parsed.model)) {
+        if !models
+            .iter()
+            .any(|pattern| model_matches(pattern, &parsed.model))
+        {
             return Err(GatewayError::ModelNotFound {
                 model: parsed.model.clone(),
             });

@@ -47,7 +47,7 @@ use crate::accounting::{Settlement, UsageWatch, WatchedBody};
 use crate::config::Unit;
 use crate::http::body::GatewayBody;
 use crate::http::context::{ParsedRequest, RequestContext};
-use crate::http::error::{retry_after_secs, ErrorSource, GatewayError};
+use crate::http::error::{retry_after_secs, ErrorSource, GatewayError, QuotaRefusal};
 use crate::http::headers::{
     LIMIT_TOKENS, RATELIMIT, RATELIMIT_POLICY, REMAINING_TOKENS, RESET_TOKENS,
 };
@@ -234,7 +234,7 @@ fn refusal(denied: QuotaDenied, currency: &str) -> Response<GatewayBody> {
         Unit::Tokens => n.to_string(),
         Unit::Cost => cost::decimal(u128::from(n)),
     };
-    let mut response = GatewayError::QuotaExceeded {
+    let mut response = GatewayError::QuotaExceeded(Box::new(QuotaRefusal {
         unit: match unit {
             Unit::Tokens => "token",
             Unit::Cost => "cost",
@@ -249,7 +249,7 @@ fn refusal(denied: QuotaDenied, currency: &str) -> Response<GatewayBody> {
             Unit::Cost => currency.to_owned(),
         },
         retry_after: denied.retry_after,
-    }
+    }))
     .into_response();
     let status = WindowStatus {
         scope: denied.id.scope,

@@ -209,7 +209,9 @@ impl Metrics {
         let labels = [&*window.name, label.as_str()];
         let whole = i64::try_from(used).unwrap_or(i64::MAX);
         match (window.scope, window.unit) {
-            (Scope::Key, Unit::Tokens) => self.quota_used_tokens.with_label_values(&labels).set(whole),
+            (Scope::Key, Unit::Tokens) => {
+                self.quota_used_tokens.with_label_values(&labels).set(whole)
+            }
             (Scope::Group, Unit::Tokens) => self
                 .group_quota_used_tokens
                 .with_label_values(&labels)

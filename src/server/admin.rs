@@ -267,9 +267,10 @@ impl Admin {
     async fn one_group(&self, name: &str) -> Response<GatewayBody> {
         let store = self.keys.load();
         match store.group(name) {
-            Some(group) => {
-                json_response(StatusCode::OK, self.describe_group(group, store.pricing()).await)
-            }
+            Some(group) => json_response(
+                StatusCode::OK,
+                self.describe_group(group, store.pricing()).await,
+            ),
             None => GatewayError::NotFound {
                 path: format!("/admin/groups/{name}"),
             }

@@ -445,7 +445,9 @@ mod tests {
             .expect_err("120 > 100 while a is in flight");
         assert_eq!((denied.used, denied.limit), (60, 100));
         state.settle(a, tokens(10));
-        let (_, status) = state.reserve(&quotas, tokens(60)).expect("10 used + 60 fits");
+        let (_, status) = state
+            .reserve(&quotas, tokens(60))
+            .expect("10 used + 60 fits");
         assert_eq!(status[0].used, 70, "settled usage plus the new reservation");
     }
 

@@ -11,7 +11,7 @@
 pub mod clock;
 pub mod local;
 pub mod redis;
-pub(crate) mod window;
+pub mod window;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -275,14 +275,11 @@ impl Backend {
             .try_acquire(key.limits.concurrency)
             .ok_or(Refusal::Concurrency { scope: Scope::Key })?;
         let group = match key.group.as_deref() {
-            Some(group) => Some(
-                group
-                    .inflight
-                    .try_acquire(group.config.concurrency)
-                    .ok_or(Refusal::Concurrency {
-                        scope: Scope::Group,
-                    })?,
-            ),
+            Some(group) => Some(group.inflight.try_acquire(group.config.concurrency).ok_or(
+                Refusal::Concurrency {
+                    scope: Scope::Group,
+                },
+            )?),
             None => None,
         };
         let rate = match (&key.limiter, key.limits.rate) {
@@ -293,7 +290,11 @@ impl Backend {
             }
             _ => None,
         };
-        if let Some(limiter) = key.group.as_deref().and_then(|g: &GroupEntry| g.limiter.as_ref()) {
+        if let Some(limiter) = key
+            .group
+            .as_deref()
+            .and_then(|g: &GroupEntry| g.limiter.as_ref())
+        {
             self.check_rate(limiter, Scope::Group)?;
         }
         Ok(Admission {
@@ -393,7 +394,10 @@ impl Backend {
     }
 
     /// Each window of `windows`, now (for the admin API).
-    pub(crate) async fn status(&self, windows: &[Window]) -> Result<Vec<WindowStatus>, Unavailable> {
+    pub(crate) async fn status(
+        &self,
+        windows: &[Window],
+    ) -> Result<Vec<WindowStatus>, Unavailable> {
         match &self.store {
             Store::Local(local) => Ok(local.status(windows)),
             Store::Redis { redis, .. } => redis.status(windows).await,

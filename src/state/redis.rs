@@ -188,15 +188,15 @@ end
 return out
 ";
 
-/// Gives back the reservation `ARGV[1]:<ARGV[3i+1]>` (none when ARGV[1] is empty) in every window
-/// (KEYS[i] and its leases KEYS[n+i], id ARGV[3i]) if it is still held, and adds ARGV[3i+2] used
-/// to the window current now. Returns `{used_1, reset_1, …}`.
+/// Gives back the reservation `ARGV[1]:<ARGV[3i]>` (none when ARGV[1] is empty) in every window
+/// (KEYS[i] and its leases KEYS[n+i], id ARGV[3i-1]) if it is still held, and adds ARGV[3i+1]
+/// used to the window current now. Returns `{used_1, reset_1, …}`.
 const SETTLE: &str = r"
 local base = ARGV[1]
 local out = {}
 for i = 1, n do
   local hash, leases = KEYS[i], KEYS[n + i]
-  local per, held, used = ARGV[3 * i], ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
+  local per, held, used = ARGV[3 * i - 1], ARGV[3 * i], tonumber(ARGV[3 * i + 1])
   local start, finish = bounds(per, now)
   if base ~= '' and redis.call('ZREM', leases, base .. ':' .. held) == 1 then
     give_back(hash, tonumber(held))
@@ -570,8 +570,10 @@ impl RedisState {
         base: &str,
     ) -> redis::RedisResult<Vec<i64>> {
         let mut invocation = self.settle.prepare_invoke();
-        let keys: Vec<(String, String)> =
-            windows.iter().map(|(id, _, _)| self.window_keys(id)).collect();
+        let keys: Vec<(String, String)> = windows
+            .iter()
+            .map(|(id, _, _)| self.window_keys(id))
+            .collect();
         for (hash, _) in &keys {
             invocation.key(hash);
         }

@@ -17,7 +17,7 @@ const WEEK: u64 = 7 * DAY;
 const FIRST_MONDAY: u64 = 4 * DAY;
 
 /// `[start, end)` in Unix seconds of the window of `period` that contains `now`.
-pub(crate) fn bounds(period: Period, now: u64) -> (u64, u64) {
+pub fn bounds(period: Period, now: u64) -> (u64, u64) {
     match period {
         Period::Fixed(secs) => {
             let per = secs.get();
@@ -70,7 +70,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// The same as [`bounds`] for the Redis scripts: `bounds(per, now)` returns `start, end`, where
 /// `per` is a window's id as [`Period::id`] writes it (`"3600"`, `"week"`, `"month"`). Lua's `%`
 /// and `math.floor` on these non-negative integers (below 2^53) are exact.
-pub(crate) const LUA_BOUNDS: &str = r"
+pub const LUA_BOUNDS: &str = r"
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
   local era = math.floor(y / 400)
@@ -129,22 +129,57 @@ mod tests {
     #[test]
     fn months_run_from_the_first_including_february_in_leap_years_and_not() {
         for (now, start, end) in [
-            ("2024-02-29T23:59:59Z", "2024-02-01T00:00:00Z", "2024-03-01T00:00:00Z"),
-            ("2024-03-01T00:00:00Z", "2024-03-01T00:00:00Z", "2024-04-01T00:00:00Z"),
-            ("2023-02-28T12:00:00Z", "2023-02-01T00:00:00Z", "2023-03-01T00:00:00Z"),
-            ("2100-02-15T00:00:00Z", "2100-02-01T00:00:00Z", "2100-03-01T00:00:00Z"),
-            ("2000-02-29T00:00:00Z", "2000-02-01T00:00:00Z", "2000-03-01T00:00:00Z"),
-            ("2025-12-31T23:59:59Z", "2025-12-01T00:00:00Z", "2026-01-01T00:00:00Z"),
-            ("2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+            (
+                "2024-02-29T23:59:59Z",
+                "2024-02-01T00:00:00Z",
+                "2024-03-01T00:00:00Z",
+            ),
+            (
+                "2024-03-01T00:00:00Z",
+                "2024-03-01T00:00:00Z",
+                "2024-04-01T00:00:00Z",
+            ),
+            (
+                "2023-02-28T12:00:00Z",
+                "2023-02-01T00:00:00Z",
+                "2023-03-01T00:00:00Z",
+            ),
+            (
+                "2100-02-15T00:00:00Z",
+                "2100-02-01T00:00:00Z",
+                "2100-03-01T00:00:00Z",
+            ),
+            (
+                "2000-02-29T00:00:00Z",
+                "2000-02-01T00:00:00Z",
+                "2000-03-01T00:00:00Z",
+            ),
+            (
+                "2025-12-31T23:59:59Z",
+                "2025-12-01T00:00:00Z",
+                "2026-01-01T00:00:00Z",
+            ),
+            (
+                "2026-01-01T00:00:00Z",
+                "2026-01-01T00:00:00Z",
+                "2026-02-01T00:00:00Z",
+            ),
         ] {
             let (s, e) = bounds(Period::Month, at(now));
-            assert_eq!((text(s), text(e)), (start.to_owned(), end.to_owned()), "{now}");
+            assert_eq!(
+                (text(s), text(e)),
+                (start.to_owned(), end.to_owned()),
+                "{now}"
+            );
         }
         let feb = |year: &str| {
             let (s, e) = bounds(Period::Month, at(&format!("{year}-02-10T00:00:00Z")));
             (e - s) / DAY
         };
-        assert_eq!((feb("2024"), feb("2023"), feb("2100"), feb("2000")), (29, 28, 28, 29));
+        assert_eq!(
+            (feb("2024"), feb("2023"), feb("2100"), feb("2000")),
+            (29, 28, 28, 29)
+        );
     }
 
     #[test]

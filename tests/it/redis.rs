@@ -830,7 +830,14 @@ async fn a_reservation_is_given_back_once_whether_it_lapsed_settled_or_was_dropp
     // Settling the lapsed one charges its usage and gives back nothing more.
     let member = lapsed.lease.into_settled();
     state
-        .settle(&lapsed.reservation, Some(&member), Amounts { tokens: 50, cost: 0 })
+        .settle(
+            &lapsed.reservation,
+            Some(&member),
+            Amounts {
+                tokens: 50,
+                cost: 0,
+            },
+        )
         .await
         .expect("settled");
     assert_eq!(hget(&redis, window, "used"), 50, "its usage is charged");

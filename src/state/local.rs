@@ -511,4 +511,81 @@ mod tests {
         );
         assert!(err.to_string().contains("is corrupt"), "{err}");
     }
+
+    #[test]
+    fn a_key_and_its_group_are_reserved_in_together_or_not_at_all() {
+        let state = LocalState::open(None, clock()).expect("memory state");
+        let group: Arc<str> = Arc::from("team");
+        let cost = |limit| Quota {
+            limit,
+            unit: Unit::Cost,
+            per: Period::Month,
+        };
+        let mut a = windows(&[quota(1000, 3600)]);
+        a.extend(Window::of(Scope::Group, &group, &[cost(500)]));
+        let mut b = Window::of(Scope::Key, &Arc::from("b"), &[cost(10_000)]);
+        b.extend(Window::of(Scope::Group, &group, &[cost(500)]));
+        let need = |tokens, cost| Amounts { tokens, cost };
+        let (held, status) = state.reserve(&a, need(100, 300)).expect("room in both");
+        assert_eq!((status[0].used, status[1].used), (100, 300));
+        let denied = state
+            .reserve(&b, need(1, 300))
+            .expect_err("the group is full");
+        assert_eq!(
+            (denied.id.scope, denied.id.unit),
+            (Scope::Group, Unit::Cost)
+        );
+        assert_eq!(
+            state.status(&b)[0].used,
+            0,
+            "b's own window took nothing from the refused reservation"
+        );
+        state.settle(held, need(40, 120));
+        let status = state.status(&a);
+        assert_eq!((status[0].used, status[1].used), (40, 120), "both settled");
+        let (_, status) = state.reserve(&b, need(1, 300)).expect("room again");
+        assert_eq!(status[1].used, 420, "the group counts both keys");
+    }
+
+    #[test]
+    fn calendar_and_group_windows_survive_a_restart_and_roll_over_on_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let wall = humantime::parse_rfc3339("2024-02-29T23:59:50Z").expect("time");
+        let clock = Clock::manual_at(wall);
+        let mut all = Window::of(
+            Scope::Group,
+            &Arc::from("team"),
+            &[Quota {
+                limit: 1_000,
+                unit: Unit::Cost,
+                per: Period::Month,
+            }],
+        );
+        all.extend(windows(&[Quota {
+            limit: 1_000,
+            unit: Unit::Tokens,
+            per: Period::Week,
+        }]));
+        {
+            let state = LocalState::open(Some(path.clone()), clock.clone()).expect("open");
+            let (held, status) = state
+                .reserve(&all, Amounts { tokens: 5, cost: 7 })
+                .expect("fits");
+            assert_eq!(status[0].reset_after, Duration::from_secs(10), "March 1st");
+            state.settle(held, Amounts { tokens: 3, cost: 6 });
+            state.flush().expect("flush");
+        }
+        let state = LocalState::open(Some(path), clock.clone()).expect("reopen");
+        let status = state.status(&all);
+        assert_eq!((status[0].used, status[1].used), (6, 3), "both kept");
+        clock.advance(Duration::from_secs(10));
+        let status = state.status(&all);
+        assert_eq!(status[0].used, 0, "a new month");
+        assert_eq!(status[0].length, Duration::from_secs(31 * 86_400));
+        assert_eq!(
+            status[1].used, 3,
+            "the same ISO week (Monday 26 Feb to 3 Mar)"
+        );
+    }
 }

@@ -93,10 +93,10 @@ fn reported_usage(body: &str) -> (u128, u128) {
         serde_json::from_str::<Value>(body).expect("JSON answer")["usage"].clone()
     } else {
         body.lines()
+            .rev()
             .filter_map(|l| l.strip_prefix("data: "))
             .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter(|v| v["usage"].is_object())
-            .last()
+            .find(|v| v["usage"].is_object())
             .expect("a usage event")["usage"]
             .clone()
     };

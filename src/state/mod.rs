@@ -348,7 +348,7 @@ impl Backend {
 
     /// Replaces a reservation by what the request used. Never waits: a Redis settlement runs in
     /// the background (and is kept for later if Redis is away).
-    pub(crate) fn settle(&self, held: Held, used: Amounts, windows: &[Window]) {
+    pub fn settle(&self, held: Held, used: Amounts, windows: &[Window]) {
         match &self.store {
             Store::Local(local) => {
                 local.settle(held.reservation, used);

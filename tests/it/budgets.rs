@@ -714,6 +714,18 @@ async fn a_reload_applies_new_prices_and_groups_to_new_requests_and_keeps_the_us
     let groups = admin_json(&gateway, "/admin/groups").await;
     assert_eq!(groups["groups"][0]["name"], "g");
     assert_eq!(groups["groups"][0]["members"], json!(["r"]));
+    let sections = admin_json(&gateway, "/admin/sections").await;
+    let ids: Vec<&str> = sections["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        ["overview", "keys", "groups", "requests"],
+        "the console's Groups page"
+    );
 }
 
 #[tokio::test]

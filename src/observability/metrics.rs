@@ -204,9 +204,8 @@ impl Metrics {
     }
 
     /// Sets the used-in-window gauge of `window` (tokens, or nano-units of cost shown in units).
-    pub(crate) fn set_window_used(&self, window: &WindowId, used: u64) {
-        let label = window.per.label();
-        let labels = [&*window.name, label.as_str()];
+    pub(crate) fn set_window_used(&self, window: &WindowId, label: &str, used: u64) {
+        let labels = [&*window.name, label];
         let whole = i64::try_from(used).unwrap_or(i64::MAX);
         match (window.scope, window.unit) {
             (Scope::Key, Unit::Tokens) => {

@@ -262,20 +262,22 @@ impl LocalState {
         ))
     }
 
-    /// Replaces a reservation by what the request really used. A window that rolled over since
+    /// Replaces a reservation by what the request really used, and returns each window's used
+    /// (settled + reserved) after it, in the reservation's order. A window that rolled over since
     /// the reservation simply forgets it; the usage lands in the window current now.
-    pub(crate) fn settle(&self, reservation: Reservation, used: Amounts) {
+    pub(crate) fn settle(&self, reservation: Reservation, used: Amounts) -> Vec<u64> {
         let now = self.clock.unix_secs();
         let mut counters = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut totals = Vec::with_capacity(reservation.windows.len());
         for (id, start) in reservation.windows {
             let unit = id.unit;
-            let counter = counters.entry(id.clone()).or_default();
+            let (current_start, _) = window::bounds(id.per, now);
+            let counter = counters.entry(id).or_default();
             if counter.start == start {
                 counter.reserved = counter
                     .reserved
                     .saturating_sub(reservation.amounts.of(unit));
             }
-            let (current_start, _) = window::bounds(id.per, now);
             if counter.start != current_start {
                 *counter = Counter {
                     start: current_start,
@@ -283,8 +285,10 @@ impl LocalState {
                 };
             }
             counter.used = counter.used.saturating_add(used.of(unit));
+            totals.push(counter.used.saturating_add(counter.reserved));
         }
         self.dirty.store(true, Ordering::Release);
+        totals
     }
 
     /// Used (settled + reserved) and remaining of each of `windows`, now.

@@ -57,6 +57,8 @@ pub struct WindowId {
 pub struct Window {
     pub(crate) id: WindowId,
     pub(crate) limit: u64,
+    /// `id.per`'s label (`1h`, `month`), made once: the gauges are set on every request.
+    pub(crate) label: Arc<str>,
 }
 
 impl Window {
@@ -72,6 +74,7 @@ impl Window {
                     per: quota.per,
                 },
                 limit: quota.limit,
+                label: Arc::from(quota.per.label()),
             })
             .collect()
     }
@@ -351,9 +354,8 @@ impl Backend {
     pub fn settle(&self, held: Held, used: Amounts, windows: &[Window]) {
         match &self.store {
             Store::Local(local) => {
-                local.settle(held.reservation, used);
-                let status = local.status(windows);
-                self.set_gauges(windows, status.iter().map(|s| s.used));
+                let totals = local.settle(held.reservation, used);
+                self.set_gauges(windows, totals.into_iter());
             }
             Store::Redis { redis, fallback } => {
                 let redis = redis.clone();
@@ -479,6 +481,6 @@ impl Backend {
 /// `tollgate_group_quota_used_cost`.
 fn set_gauges(metrics: &Metrics, windows: &[Window], used: impl Iterator<Item = u64>) {
     for (window, used) in windows.iter().zip(used) {
-        metrics.set_window_used(&window.id, used);
+        metrics.set_window_used(&window.id, &window.label, used);
     }
 }

@@ -381,7 +381,7 @@ fn ledger_cost(ledgers: &[PathBuf]) -> u128 {
 /// 0.01 USD: at 1.0 / 2.0 per million tokens, about 45 requests' worth.
 const RACE_BUDGET: u128 = 10_000_000;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_request_race_over_three_keys_never_passes_their_groups_cost_budget_locally() {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let ledger = common::ledger_path();
@@ -404,7 +404,9 @@ async fn a_200_request_race_over_three_keys_never_passes_their_groups_cost_budge
     );
 }
 
-#[tokio::test]
+// Two threads: the replicas' Redis connections are driven on the test's runtime, beside the
+// 200 clients; on one thread a loaded machine delays their answers past the 1 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_request_race_over_three_keys_on_two_replicas_never_passes_the_groups_budget() {
     let Some(redis) = RedisServer::start() else {
         return;

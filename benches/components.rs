@@ -6,6 +6,11 @@
 //!   (observing every frame, settling at the end) against the same frames pumped bare — target: at least 0.95×
 //!   the throughput; also with usage injection's stripper on.
 //!
+//! - budgets: reserving a request's worst case and settling it (local state) for a key with a
+//!   group and cost windows (the key's cost month and tokens hour, its group's cost month and
+//!   tokens day: four windows, two units) beside today's token-only key (one window) — target:
+//!   within 2 µs per request.
+//!
 //! `cargo bench --bench components` (about 20 s). The machine is shared and noisy: each figure is
 //! the median of several rounds, and the compared paths alternate within a round.
 
@@ -21,7 +26,7 @@ use clap::Parser as _;
 use http_body_util::{BodyExt, StreamBody};
 use tollgate::accounting::recent::RecentRequests;
 use tollgate::accounting::{Settlement, UsageWatch, WatchedBody};
-use tollgate::config::{KeyConfig, Limits, Quota};
+use tollgate::config::{KeyConfig, Limits, Period, Quota, Unit};
 use tollgate::http::body::{BoxError, GatewayBody};
 use tollgate::http::context::{Ending, Endpoint, Outcome, RequestContext};
 use tollgate::http::end::{End, Hook, HookBody};
@@ -30,7 +35,7 @@ use tollgate::layers::validate::Schemas;
 use tollgate::observability::metrics::Metrics;
 use tollgate::state::clock::Clock;
 use tollgate::state::local::LocalState;
-use tollgate::state::{Backend, Store};
+use tollgate::state::{Amounts, Backend, Scope, Store, Window};
 
 const ROUNDS: usize = 9;
 
@@ -145,10 +150,7 @@ async fn bench_accounting() {
         clock.clone(),
         metrics.clone(),
     ));
-    let quotas = vec![Quota {
-        tokens: u64::MAX / 4,
-        per: Duration::from_secs(86_400),
-    }];
+    let quotas = vec![Quota::tokens(u64::MAX / 4, Duration::from_secs(86_400))];
     let key = KeyConfig {
         name: Arc::from("bench"),
         sha256: vec![[7u8; 32]],
@@ -171,11 +173,17 @@ async fn bench_accounting() {
         let metrics = metrics.clone();
         let recent = recent.clone();
         let entry = entry.clone();
-        let quotas = quotas.clone();
+        let windows = Window::of(Scope::Key, &entry.name, &quotas);
         let frames = &frames;
         async move {
             let (held, _) = backend
-                .reserve(&entry.name, &quotas, 600)
+                .reserve(
+                    &windows,
+                    Amounts {
+                        tokens: 600,
+                        cost: 0,
+                    },
+                )
                 .await
                 .expect("local state answers")
                 .expect("room in the window");
@@ -193,6 +201,7 @@ async fn bench_accounting() {
                 recent: recent.clone(),
                 metrics,
                 held: Some(held),
+                rate: None,
                 prompt_estimate: 20,
                 watch: watch.clone(),
             });
@@ -259,6 +268,82 @@ async fn bench_accounting() {
     );
 }
 
+async fn bench_budgets() {
+    println!("## budgets: reserve + settle per request (local state)\n");
+    let metrics = Arc::new(Metrics::new());
+    let clock = Clock::real();
+    let local = Arc::new(LocalState::open(None, clock.clone()).expect("memory state"));
+    let backend = Backend::new(Store::Local(local), clock, metrics);
+    let plain = Window::of(
+        Scope::Key,
+        &Arc::from("plain"),
+        &[Quota::tokens(u64::MAX / 4, Duration::from_secs(86_400))],
+    );
+    let cost = |limit| Quota {
+        limit,
+        unit: Unit::Cost,
+        per: Period::Month,
+    };
+    let mut budgets = Window::of(
+        Scope::Key,
+        &Arc::from("alice"),
+        &[
+            cost(u64::MAX / 4),
+            Quota::tokens(u64::MAX / 4, Duration::from_secs(3600)),
+        ],
+    );
+    budgets.extend(Window::of(
+        Scope::Group,
+        &Arc::from("team-a"),
+        &[
+            cost(u64::MAX / 4),
+            Quota::tokens(u64::MAX / 4, Duration::from_secs(86_400)),
+        ],
+    ));
+    let need = Amounts {
+        tokens: 600,
+        cost: 4_500_000,
+    };
+    let used = Amounts {
+        tokens: 52,
+        cost: 360_000,
+    };
+    let requests = 50_000;
+    let run = |windows: &[Window]| {
+        let backend = &backend;
+        let windows = windows.to_vec();
+        async move {
+            let start = Instant::now();
+            for _ in 0..requests {
+                let (held, _) = backend
+                    .reserve(black_box(&windows), need)
+                    .await
+                    .expect("local state answers")
+                    .expect("room in every window");
+                backend.settle(held, used, &windows);
+            }
+            start.elapsed().as_secs_f64() * 1e6 / f64::from(requests)
+        }
+    };
+    let (mut plain_us, mut budget_us) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        plain_us.push(run(&plain).await);
+        budget_us.push(run(&budgets).await);
+    }
+    let (plain_us, budget_us) = (median(plain_us), median(budget_us));
+    let verdict = if budget_us <= 2.0 { "met" } else { "MISSED" };
+    println!("| key | windows | reserve + settle | target |");
+    println!("|---|---:|---:|---|");
+    println!("| token-only key (today) | 1 | {plain_us:.2} µs | - |");
+    println!(
+        "| key in a group, cost and token windows | 4 | {budget_us:.2} µs | < 2 µs: {verdict} |"
+    );
+    println!(
+        "\nAdded by the group and cost windows: {:.2} µs per request.\n",
+        budget_us - plain_us
+    );
+}
+
 fn main() {
     // No options: this answers --help and takes the `--bench` cargo passes.
     Args::parse();
@@ -269,4 +354,5 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(bench_accounting());
+    runtime.block_on(bench_budgets());
 }

@@ -20,9 +20,10 @@ use governor::{Quota, RateLimiter};
 use prometheus::IntGauge;
 use ring::rand::SecureRandom;
 
-use crate::config::{KeyConfig, Limits, RateLimit, TOKEN_PREFIX};
+use crate::config::{Budgets, GroupConfig, KeyConfig, Limits, Pricing, RateLimit, TOKEN_PREFIX};
 use crate::observability::metrics::Metrics;
 use crate::state::clock::Clock;
+use crate::state::{Scope, Window};
 
 /// The SHA-256 of a bearer token.
 pub fn hash_token(token: &[u8]) -> [u8; 32] {
@@ -48,13 +49,45 @@ pub struct KeyEntry {
     /// Present when the key has a rate limit.
     pub(crate) limiter: Option<Arc<Limiter>>,
     pub(crate) inflight: Arc<Inflight>,
+    /// The group whose limits it shares.
+    pub(crate) group: Option<Arc<GroupEntry>>,
+    /// Every window a request of this key reserves in: the key's own, then its group's.
+    pub(crate) windows: Vec<Window>,
+    /// The key's own windows alone (the first of `windows`).
+    own_windows: usize,
+    /// The price table of the config this entry was built from.
+    pub(crate) pricing: Arc<Pricing>,
+}
+
+impl KeyEntry {
+    /// The key's own windows, without its group's.
+    pub(crate) fn own_windows(&self) -> &[Window] {
+        &self.windows[..self.own_windows]
+    }
+}
+
+/// One group (`[groups.NAME]`): limits its keys share, and their state in this process.
+pub struct GroupEntry {
+    pub name: Arc<str>,
+    pub(crate) config: GroupConfig,
+    /// Present when the group has a rate limit.
+    pub(crate) limiter: Option<Arc<Limiter>>,
+    /// Requests in flight across the group's keys.
+    pub(crate) inflight: Arc<Inflight>,
+    /// Its keys' names, sorted.
+    pub(crate) members: Vec<Arc<str>>,
+    pub(crate) windows: Vec<Window>,
 }
 
 /// The table the auth layer reads; replaced whole on reload.
 pub struct KeyStore {
     by_hash: HashMap<[u8; 32], Arc<KeyEntry>>,
     by_name: HashMap<Arc<str>, Arc<KeyEntry>>,
+    groups: HashMap<Arc<str>, Arc<GroupEntry>>,
     inflight: Arc<InflightRegistry>,
+    /// The groups' in-flight counts, carried over like the keys'.
+    group_inflight: Arc<InflightRegistry>,
+    pricing: Arc<Pricing>,
     clock: Clock,
 }
 
@@ -65,14 +98,14 @@ struct InflightRegistry(Mutex<HashMap<Arc<str>, Weak<Inflight>>>);
 
 impl InflightRegistry {
     /// The count of `name`, the one its running requests hold if any do.
-    fn get(&self, name: &Arc<str>, metrics: &Metrics) -> Arc<Inflight> {
+    fn get(&self, name: &Arc<str>, gauge: impl FnOnce() -> IntGauge) -> Arc<Inflight> {
         let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(count) = counts.get(name).and_then(Weak::upgrade) {
             return count;
         }
         let count = Arc::new(Inflight {
             count: AtomicU32::new(0),
-            gauge: metrics.inflight_requests.with_label_values(&[&**name]),
+            gauge: gauge(),
         });
         counts.insert(name.clone(), Arc::downgrade(&count));
         count
@@ -90,11 +123,22 @@ impl InflightRegistry {
 pub(crate) type SharedKeys = Arc<ArcSwap<KeyStore>>;
 
 impl KeyStore {
-    /// Builds the table for `keys`, carrying over limiter state from `previous` where a key of
-    /// the same name is in both, and in-flight counts from every earlier table (see the module
-    /// doc).
+    /// Builds the table for `keys` (without prices or groups): see [`KeyStore::build_with`].
     pub fn build(
         keys: &[KeyConfig],
+        previous: Option<&KeyStore>,
+        clock: &Clock,
+        metrics: &Metrics,
+    ) -> KeyStore {
+        KeyStore::build_with(keys, &Budgets::default(), previous, clock, metrics)
+    }
+
+    /// Builds the table for `keys` and the groups and prices of `budgets`, carrying over limiter
+    /// state from `previous` where a key (or group) of the same name and rate is in both, and
+    /// in-flight counts from every earlier table (see the module doc).
+    pub fn build_with(
+        keys: &[KeyConfig],
+        budgets: &Budgets,
         previous: Option<&KeyStore>,
         clock: &Clock,
         metrics: &Metrics,
@@ -103,20 +147,42 @@ impl KeyStore {
         let mut by_name = HashMap::with_capacity(keys.len());
         let registry = previous.map_or_else(Arc::default, |store| store.inflight.clone());
         registry.prune();
+        let group_registry =
+            previous.map_or_else(Arc::default, |store| store.group_inflight.clone());
+        group_registry.prune();
+        let pricing = Arc::new(budgets.pricing.clone());
+        let groups = build_groups(keys, budgets, previous, &group_registry, clock, metrics);
         for key in keys {
             let old = previous.and_then(|store| store.by_name.get(&key.name));
-            let limiter = match (key.limits.rate, old) {
-                (None, _) => None,
-                (Some(rate), Some(old)) if old.limits.rate == Some(rate) => old.limiter.clone(),
-                (Some(rate), _) => Some(Arc::new(new_limiter(rate, clock))),
-            };
+            let limiter = carried_limiter(
+                key.limits.rate,
+                old.map(|o| (o.limits.rate, &o.limiter)),
+                clock,
+            );
             metrics.add_key(&key.name);
-            let inflight = registry.get(&key.name, metrics);
+            let inflight = registry.get(&key.name, || {
+                metrics.inflight_requests.with_label_values(&[&*key.name])
+            });
+            let group = key
+                .limits
+                .group
+                .as_ref()
+                .and_then(|name| groups.get(name))
+                .cloned();
+            let mut windows = Window::of(Scope::Key, &key.name, &key.limits.quotas);
+            let own_windows = windows.len();
+            if let Some(group) = &group {
+                windows.extend(group.windows.iter().cloned());
+            }
             let entry = Arc::new(KeyEntry {
                 name: key.name.clone(),
                 limits: key.limits.clone(),
                 limiter,
                 inflight,
+                group,
+                windows,
+                own_windows,
+                pricing: pricing.clone(),
             });
             for digest in &key.sha256 {
                 by_hash.insert(*digest, entry.clone());
@@ -126,9 +192,27 @@ impl KeyStore {
         KeyStore {
             by_hash,
             by_name,
+            groups,
             inflight: registry,
+            group_inflight: group_registry,
+            pricing,
             clock: clock.clone(),
         }
+    }
+
+    /// The group named `name`.
+    pub(crate) fn group(&self, name: &str) -> Option<&Arc<GroupEntry>> {
+        self.groups.get(name)
+    }
+
+    /// Every group.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = &Arc<GroupEntry>> {
+        self.groups.values()
+    }
+
+    /// The price table in force.
+    pub(crate) fn pricing(&self) -> &Pricing {
+        &self.pricing
     }
 
     /// Number of distinct keys (by name).
@@ -157,6 +241,58 @@ impl KeyStore {
     /// Every key.
     pub(crate) fn entries(&self) -> impl Iterator<Item = &Arc<KeyEntry>> {
         self.by_name.values()
+    }
+}
+
+/// Each group of `budgets`, with the names of the keys in it.
+fn build_groups(
+    keys: &[KeyConfig],
+    budgets: &Budgets,
+    previous: Option<&KeyStore>,
+    registry: &InflightRegistry,
+    clock: &Clock,
+    metrics: &Metrics,
+) -> HashMap<Arc<str>, Arc<GroupEntry>> {
+    let mut groups = HashMap::with_capacity(budgets.groups.len());
+    for config in &budgets.groups {
+        let old = previous.and_then(|store| store.groups.get(&config.name));
+        let limiter = carried_limiter(config.rate, old.map(|o| (o.config.rate, &o.limiter)), clock);
+        let mut members: Vec<Arc<str>> = keys
+            .iter()
+            .filter(|k| k.limits.group.as_ref() == Some(&config.name))
+            .map(|k| k.name.clone())
+            .collect();
+        members.sort();
+        let inflight = registry.get(&config.name, || {
+            metrics
+                .group_inflight_requests
+                .with_label_values(&[&*config.name])
+        });
+        let entry = GroupEntry {
+            name: config.name.clone(),
+            windows: Window::of(Scope::Group, &config.name, &config.quotas),
+            config: config.clone(),
+            limiter,
+            inflight,
+            members,
+        };
+        groups.insert(config.name.clone(), Arc::new(entry));
+    }
+    groups
+}
+
+/// The limiter for `rate`: the previous one's (and so its state) when the rate is unchanged.
+fn carried_limiter(
+    rate: Option<RateLimit>,
+    old: Option<(Option<RateLimit>, &Option<Arc<Limiter>>)>,
+    clock: &Clock,
+) -> Option<Arc<Limiter>> {
+    match (rate, old) {
+        (None, _) => None,
+        (Some(rate), Some((old_rate, old_limiter))) if old_rate == Some(rate) => {
+            old_limiter.clone()
+        }
+        (Some(rate), _) => Some(Arc::new(new_limiter(rate, clock))),
     }
 }
 

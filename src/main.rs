@@ -68,7 +68,8 @@ enum Command {
         #[arg(long)]
         name: String,
     },
-    /// Report usage from the ledger: requests, tokens, errors and latency per key, model or day.
+    /// Report usage from the ledger: requests, tokens, cost, errors and latency per key, group,
+    /// model or day.
     Usage {
         /// The ledger file (`[ledger] path`), one JSON line per request; `-` reads stdin.
         #[arg(
@@ -87,7 +88,7 @@ enum Command {
         /// Only requests that ended within this long before now (`7d`, `12h`, `30m`).
         #[arg(long, value_parser = humantime::parse_duration)]
         since: Option<Duration>,
-        /// One row per key, model, or UTC day.
+        /// One row per key, group, model, or UTC day.
         #[arg(long, value_enum, default_value_t = GroupBy::Key)]
         by: GroupBy,
         /// A table for the terminal, or CSV / JSON for scripts.

@@ -17,6 +17,7 @@
 //! - otherwise (an upstream error status without usage, or the upstream never reached) nothing.
 
 pub(crate) mod body;
+pub mod cost;
 pub(crate) mod ledger;
 pub mod recent;
 pub(crate) mod settlement;

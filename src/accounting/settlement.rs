@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use crate::accounting::body::{Observed, UsageWatch};
+use crate::accounting::cost::{Cost, Rate};
 use crate::accounting::ledger::{now_rfc3339, Ledger, LedgerEntry};
 use crate::accounting::recent::RecentRequests;
 use crate::accounting::usage::{estimate_tokens_from_chars, TokenCount, Usage};
@@ -23,7 +24,7 @@ use crate::http::CLIENT_CLOSED_REQUEST;
 use crate::keys::KeyEntry;
 use crate::observability::labels::TokenKind;
 use crate::observability::metrics::Metrics;
-use crate::state::{Backend, Held};
+use crate::state::{Amounts, Backend, Held};
 
 /// Everything needed to settle one request once its answer is over, besides its context.
 pub struct Settlement {
@@ -33,6 +34,9 @@ pub struct Settlement {
     pub recent: Arc<RecentRequests>,
     pub metrics: Arc<Metrics>,
     pub held: Option<Held>,
+    /// The model's price when the request was admitted (a reload does not change what a request
+    /// in flight costs); `None` when the price table has none for it.
+    pub rate: Option<Rate>,
     pub prompt_estimate: u64,
     /// What the answer's body showed of its usage (nothing, when no body was watched).
     pub watch: Arc<UsageWatch>,
@@ -75,12 +79,16 @@ impl AtEnd for Settlement {
         };
         let observed = self.watch.observed();
         let charge = self.charge(key, &observed, ending);
-        self.settle_quota(key, &charge);
+        let cost = self
+            .rate
+            .map(|rate| rate.cost(charge.prompt, charge.completion));
+        self.settle_quota(key, &charge, cost.unwrap_or(0));
         let ttft = observed
             .first_data
             .map(|first| (first - context.start()).as_secs_f64());
-        self.count(context, &charge, ttft);
-        let entry = ledger_entry(context, ending, &charge, ttft);
+        self.count(context, &charge, cost, ttft);
+        let group = key.group.as_ref().map(|g| g.name.to_string());
+        let entry = ledger_entry(context, ending, &charge, (group, cost), ttft);
         if let Some(ledger) = &self.ledger {
             ledger.record(&entry);
         }
@@ -161,24 +169,38 @@ impl Settlement {
         }
     }
 
-    /// Replaces the reservation by what was used; counts what went past it.
-    fn settle_quota(&mut self, key: &KeyEntry, charge: &Charge) {
+    /// Replaces the reservation by what was used (tokens and `cost`); counts what went past it.
+    fn settle_quota(&mut self, key: &KeyEntry, charge: &Charge, cost: u64) {
         let Some(held) = self.held.take() else {
             return;
         };
         let total = charge.prompt.saturating_add(charge.completion);
-        if total > held.amount() {
+        let reserved = held.amounts().tokens;
+        if total > reserved {
             self.metrics
                 .quota_overrun_tokens_total
                 .with_label_values(&[&key.name])
-                .inc_by(total - held.amount());
+                .inc_by(total - reserved);
         }
-        self.backend.settle(held, total, &key.limits.quotas);
+        let used = Amounts {
+            tokens: total,
+            cost,
+        };
+        self.backend.settle(held, used, &key.windows);
     }
 
-    /// The token and time-to-first-token metrics.
-    fn count(&self, context: &RequestContext, charge: &Charge, ttft: Option<f64>) {
+    /// The token, cost and time-to-first-token metrics.
+    fn count(
+        &self,
+        context: &RequestContext,
+        charge: &Charge,
+        cost: Option<u64>,
+        ttft: Option<f64>,
+    ) {
         let (key, model) = (context.key_label(), context.model_label());
+        if let Some(cost) = cost.filter(|c| *c > 0) {
+            self.metrics.add_cost(key, model, cost);
+        }
         for (kind, tokens, source) in [
             ("prompt", charge.prompt, charge.prompt_source),
             ("completion", charge.completion, charge.completion_source),
@@ -208,6 +230,7 @@ fn ledger_entry(
     context: &RequestContext,
     ending: &Ending,
     charge: &Charge,
+    (group, cost): (Option<String>, Option<u64>),
     ttft: Option<f64>,
 ) -> LedgerEntry {
     let outcome = match ending.error {
@@ -219,12 +242,14 @@ fn ledger_entry(
         time: now_rfc3339(),
         request_id: context.id().to_owned(),
         key: context.key_label().to_owned(),
+        group,
         model: context.model_label().to_owned(),
         endpoint: context.endpoint_label(),
         upstream: context.upstream_label().to_owned(),
         status: ending.status.as_u16(),
         prompt_tokens: charge.prompt,
         completion_tokens: charge.completion,
+        cost: cost.map(Cost),
         source: charge.source(),
         duration_ms: context.start().elapsed().as_secs_f64() * 1000.0,
         ttft_ms: ttft.map(|t| t * 1000.0),

@@ -1,5 +1,6 @@
-//! `tollgate usage`: a usage report over the ledger (`[ledger] path`), grouped by key, model or
-//! UTC day.
+//! `tollgate usage`: a usage report over the ledger (`[ledger] path`), grouped by key, group,
+//! model or UTC day, with each row's cost summed exactly (in nano-units, read from each line's
+//! decimal text, never through a float) and printed with 9 decimals.
 //!
 //! The ledger is read once, line by line, into one reusable buffer; each line is deserialized
 //! into a struct that borrows its strings from that buffer, folded into its group's figures, and
@@ -31,6 +32,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use serde::ser::SerializeMap;
+
+use crate::accounting::cost;
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Longest ledger line read; a longer one is skipped as malformed (its bytes are never held).
@@ -41,6 +44,8 @@ pub(crate) const MAX_LINE: usize = 1 << 20;
 pub enum GroupBy {
     /// The client key's name.
     Key,
+    /// The key's group (`[groups.NAME]`); `(none)` for keys in no group.
+    Group,
     /// The model label.
     Model,
     /// The UTC date of the request's end (`YYYY-MM-DD`).
@@ -52,6 +57,7 @@ impl GroupBy {
     pub(crate) fn label(self) -> &'static str {
         match self {
             GroupBy::Key => "key",
+            GroupBy::Group => "group",
             GroupBy::Model => "model",
             GroupBy::Day => "day",
         }
@@ -87,11 +93,17 @@ struct Line<'a> {
     /// `Cow` so that a name with a JSON escape still parses (it is then the one allocation).
     #[serde(borrow)]
     key: Cow<'a, str>,
+    /// Absent on lines written before groups.
+    #[serde(borrow, default)]
+    group: Option<Cow<'a, str>>,
     #[serde(borrow)]
     model: Cow<'a, str>,
     status: u16,
     prompt_tokens: u64,
     completion_tokens: u64,
+    /// The number's own text, read exactly; absent (older lines) or `null` is no cost.
+    #[serde(borrow, default)]
+    cost: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow)]
     source: Cow<'a, str>,
     duration_ms: f64,
@@ -238,14 +250,17 @@ pub(crate) struct Stats {
     pub(crate) completion_tokens: u64,
     /// Prompt + completion tokens of lines whose source is `estimated`.
     pub(crate) estimated_tokens: u64,
+    /// Nano-units of currency.
+    pub(crate) cost: u128,
     pub(crate) duration: Histogram,
     /// Streams only (lines with a `ttft_ms`).
     pub(crate) ttft: Histogram,
 }
 
 impl Stats {
-    fn add(&mut self, line: &Line<'_>) {
+    fn add(&mut self, line: &Line<'_>, cost: u128) {
         self.requests += 1;
+        self.cost = self.cost.saturating_add(cost);
         if line.status >= 400 || line.outcome != "complete" {
             self.errors += 1;
         }
@@ -274,6 +289,7 @@ impl Stats {
                 self.completion_tokens,
                 self.estimated_tokens,
             ],
+            self.cost,
             [
                 self.duration.percentile_us(500),
                 self.duration.percentile_us(990),
@@ -295,10 +311,10 @@ pub(crate) fn as_histogram_reads(us: u64, max_us: u64) -> u64 {
 }
 
 impl Summary {
-    /// From the counts (requests, errors, prompt, completion, estimated tokens) and the
-    /// percentiles in microseconds (p50, p99, ttft p50, ttft p99): the one place both the file
-    /// and the PostgreSQL report make their figures.
-    pub(crate) fn new(counts: [u64; 5], percentiles_us: [Option<u64>; 4]) -> Summary {
+    /// From the counts (requests, errors, prompt, completion, estimated tokens), the cost in
+    /// nano-units and the percentiles in microseconds (p50, p99, ttft p50, ttft p99): the one
+    /// place both the file and the PostgreSQL report make their figures.
+    pub(crate) fn new(counts: [u64; 5], cost: u128, percentiles_us: [Option<u64>; 4]) -> Summary {
         let [requests, errors, prompt_tokens, completion_tokens, estimated_tokens] = counts;
         let tokens = prompt_tokens.saturating_add(completion_tokens);
         let ms = |us: Option<u64>| us.map(|us| us as f64 / 1000.0);
@@ -308,6 +324,7 @@ impl Summary {
             error_pct: (requests > 0).then(|| errors as f64 * 100.0 / requests as f64),
             prompt_tokens,
             completion_tokens,
+            cost,
             estimated_pct: (tokens > 0).then(|| estimated_tokens as f64 * 100.0 / tokens as f64),
             p50_ms: ms(percentiles_us[0]),
             p99_ms: ms(percentiles_us[1]),
@@ -325,6 +342,8 @@ pub(crate) struct Summary {
     pub(crate) error_pct: Option<f64>,
     pub(crate) prompt_tokens: u64,
     pub(crate) completion_tokens: u64,
+    /// Nano-units of currency.
+    pub(crate) cost: u128,
     pub(crate) estimated_pct: Option<f64>,
     pub(crate) p50_ms: Option<f64>,
     pub(crate) p99_ms: Option<f64>,
@@ -404,7 +423,7 @@ pub(crate) fn aggregate<R: BufRead>(mut reader: R, options: &Options) -> io::Res
     let mut report = Report {
         by: options.by,
         groups: Vec::new(),
-        total: Summary::new([0; 5], [None; 4]),
+        total: Summary::new([0; 5], 0, [None; 4]),
         lines: 0,
         skipped: 0,
         first_skipped: None,
@@ -422,7 +441,7 @@ pub(crate) fn aggregate<R: BufRead>(mut reader: R, options: &Options) -> io::Res
             Read::Line => parse(&buf),
         };
         report.lines += 1;
-        let Some((line, time)) = line else {
+        let Some((line, time, cost)) = line else {
             report.skipped += 1;
             report.first_skipped.get_or_insert(number);
             continue;
@@ -433,19 +452,20 @@ pub(crate) fn aggregate<R: BufRead>(mut reader: R, options: &Options) -> io::Res
         }
         let group: &str = match options.by {
             GroupBy::Key => &line.key,
+            GroupBy::Group => line.group.as_deref().unwrap_or(NO_GROUP),
             GroupBy::Model => &line.model,
             // parse_rfc3339 checked that the first 10 bytes are the date.
             GroupBy::Day => line.time.get(..10).unwrap_or(line.time),
         };
         match groups.get_mut(group) {
-            Some(stats) => stats.add(&line),
+            Some(stats) => stats.add(&line, cost),
             None => {
                 let mut stats = Stats::default();
-                stats.add(&line);
+                stats.add(&line, cost);
                 groups.insert(group.into(), stats);
             }
         }
-        total.add(&line);
+        total.add(&line, cost);
     }
     report.total = total.summary();
     let mut groups: Vec<(String, Summary)> = groups
@@ -457,11 +477,18 @@ pub(crate) fn aggregate<R: BufRead>(mut reader: R, options: &Options) -> io::Res
     Ok(report)
 }
 
-/// A well-formed line and its time, or `None`.
-fn parse(bytes: &[u8]) -> Option<(Line<'_>, SystemTime)> {
+/// The group column of lines whose key is in no group.
+pub(crate) const NO_GROUP: &str = "(none)";
+
+/// A well-formed line, its time and its cost in nano-units, or `None`.
+fn parse(bytes: &[u8]) -> Option<(Line<'_>, SystemTime, u128)> {
     let line: Line<'_> = serde_json::from_slice(bytes).ok()?;
     let time = humantime::parse_rfc3339(line.time).ok()?;
-    Some((line, time))
+    let cost = match line.cost.map(|raw| raw.get()) {
+        None | Some("null") => 0,
+        Some(text) => cost::parse(text)?,
+    };
+    Some((line, time, cost))
 }
 
 /// Writes `report` in `format`.
@@ -474,12 +501,13 @@ pub(crate) fn write(report: &Report, format: Format, out: &mut dyn Write) -> io:
 }
 
 /// The figure columns, after the group column, in every format.
-pub(crate) const COLUMNS: [&str; 10] = [
+pub(crate) const COLUMNS: [&str; 11] = [
     "requests",
     "errors",
     "error_pct",
     "prompt_tokens",
     "completion_tokens",
+    "cost",
     "estimated_pct",
     "p50_ms",
     "p99_ms",
@@ -491,6 +519,8 @@ pub(crate) const COLUMNS: [&str; 10] = [
 #[derive(Clone, Copy)]
 enum Figure {
     Count(u64),
+    /// Nano-units of currency, shown with 9 decimals (exact).
+    Cost(u128),
     /// A percentage, shown to one decimal in text and 0.01 in JSON.
     Pct(Option<f64>),
     /// A percentile in milliseconds: at most 3 significant digits of microseconds, so `{}` shows
@@ -499,14 +529,15 @@ enum Figure {
 }
 
 /// The figures of a row, in [`COLUMNS`] order: the one place that order is written.
-fn figures(s: &Summary) -> [Figure; 10] {
-    use Figure::{Count, Ms, Pct};
+fn figures(s: &Summary) -> [Figure; 11] {
+    use Figure::{Cost, Count, Ms, Pct};
     [
         Count(s.requests),
         Count(s.errors),
         Pct(s.error_pct),
         Count(s.prompt_tokens),
         Count(s.completion_tokens),
+        Cost(s.cost),
         Pct(s.estimated_pct),
         Ms(s.p50_ms),
         Ms(s.p99_ms),
@@ -516,9 +547,10 @@ fn figures(s: &Summary) -> [Figure; 10] {
 }
 
 /// The figures of a row as text; an undefined figure is `missing`.
-fn cells(summary: &Summary, missing: &str) -> [String; 10] {
+fn cells(summary: &Summary, missing: &str) -> [String; 11] {
     figures(summary).map(|figure| match figure {
         Figure::Count(n) => n.to_string(),
+        Figure::Cost(nano) => cost::fixed(nano),
         Figure::Pct(v) => v.map_or(missing.to_owned(), |v| format!("{v:.1}")),
         Figure::Ms(v) => v.map_or(missing.to_owned(), |v| format!("{v}")),
     })
@@ -602,6 +634,12 @@ impl Serialize for JsonRow<'_> {
         for (column, figure) in COLUMNS.iter().zip(figures(&self.summary)) {
             match figure {
                 Figure::Count(n) => map.serialize_entry(column, &n)?,
+                // A JSON number with 9 decimals, written from the integer.
+                Figure::Cost(nano) => {
+                    let raw = serde_json::value::RawValue::from_string(cost::fixed(nano))
+                        .map_err(serde::ser::Error::custom)?;
+                    map.serialize_entry(column, &raw)?
+                }
                 // Percentages to 0.01; the counts are there for exact sums.
                 Figure::Pct(v) => {
                     map.serialize_entry(column, &v.map(|v| (v * 100.0).round() / 100.0))?
@@ -856,7 +894,7 @@ mod tests {
         let rows: Vec<&str> = text.lines().collect();
         assert_eq!(rows.len(), 2, "a header and one row: {text}");
         assert!(
-            rows[1].starts_with(r#""a,""b""",1,0,0.0,10,5,0.0,10,10,,"#),
+            rows[1].starts_with(r#""a,""b""",1,0,0.0,10,5,0.000000000,0.0,10,10,,"#),
             "the name is quoted and its quote doubled: {text}"
         );
     }

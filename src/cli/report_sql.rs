@@ -10,13 +10,14 @@
 //!   above an integer; the shift is exact up to 10⁹ rows per group;
 //! - they are then read as the file report's histogram reads them ([`as_histogram_reads`]):
 //!   3 significant digits, or the group's maximum past 2.8 hours;
-//! - `--since` keeps rows at or after `now − since`, rounded up to PostgreSQL's microsecond.
+//! - `--since` keeps rows at or after `now − since`, rounded up to PostgreSQL's microsecond;
+//! - cost is summed as `numeric` (exact) and read as nano-units, as the file report adds them.
 
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Row;
 
-use super::report::{as_histogram_reads, GroupBy, Report, Summary};
+use super::report::{as_histogram_reads, GroupBy, Report, Summary, NO_GROUP};
 use crate::accounting::ledger::postgres::schema::{quoted, valid_table_name};
 use crate::accounting::ledger::postgres::{connect, describe, parse_url, tls};
 
@@ -60,7 +61,7 @@ pub(crate) async fn aggregate(
     let mut report = Report {
         by,
         groups: Vec::with_capacity(rows.len()),
-        total: Summary::new([0; 5], [None; 4]),
+        total: Summary::new([0; 5], 0, [None; 4]),
         lines: 0,
         skipped: 0,
         first_skipped: None,
@@ -98,8 +99,10 @@ fn cutoff_micros(now: SystemTime, since: Duration) -> SystemTime {
 
 /// The report's query for `table` grouped `by`, with `$1` the cutoff when `since`.
 fn query(table: &str, by: GroupBy, since: bool) -> String {
+    let no_group = format!("coalesce(\"group\", '{NO_GROUP}')");
     let group = match by {
         GroupBy::Key => "key",
+        GroupBy::Group => &no_group,
         GroupBy::Model => "model",
         GroupBy::Day => "to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     };
@@ -120,13 +123,14 @@ fn query(table: &str, by: GroupBy, since: bool) -> String {
     format!(
         "WITH r AS (
             SELECT {group} AS g, status, outcome, source, prompt_tokens, completion_tokens,
-                   {duration} AS us, {ttft} AS ttft_us
+                   cost, {duration} AS us, {ttft} AS ttft_us
             FROM {table} {filter}
         )
         SELECT g, grouping(g) AS is_total,
             count(*)::int8 AS requests,
             count(*) FILTER (WHERE status >= 400 OR outcome <> 'complete')::int8 AS errors,
             {prompt} AS prompt, {completion} AS completion, {estimated} AS estimated,
+            (coalesce(sum(cost), 0) * 1000000000)::numeric(40, 0)::text AS cost_nano,
             percentile_disc(0.5 - 1e-12) WITHIN GROUP (ORDER BY us) AS p50,
             percentile_disc(0.99 - 1e-12) WITHIN GROUP (ORDER BY us) AS p99,
             max(us) AS max,
@@ -170,6 +174,8 @@ fn summary(row: &Row) -> Summary {
             count("completion"),
             count("estimated"),
         ],
+        // The exact sum, in nano-units as the file report adds them (numeric(30,9) holds them).
+        row.get::<_, String>("cost_nano").parse().unwrap_or(0),
         [
             read(micros("p50"), max),
             read(micros("p99"), max),

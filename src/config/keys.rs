@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawKey, RawLimits, RawQuota, RawRate};
+use super::budgets::quota_windows;
+use super::raw::{RawKey, RawLimits, RawRate};
 use super::source::Source;
-use super::{ConfigError, KeyConfig, Limits, Quota, RateLimit};
+use super::{ConfigError, KeyConfig, Limits, RateLimit};
 use crate::observability::metrics::UNAUTHENTICATED;
 
 /// What every key `tollgate keygen` makes starts with, so that a leaked one is recognisable (and
@@ -146,6 +146,9 @@ fn merged_limits(
         })?,
         None => RawLimits::default(),
     };
+    if raw.group.is_some() {
+        merged.group = raw.group;
+    }
     if raw.quotas.is_some() {
         merged.quotas = raw.quotas;
     }
@@ -210,8 +213,20 @@ fn validate_limits(raw: &RawLimits, prefix: &str, src: &Source) -> Result<Limits
         .models
         .clone()
         .filter(|models| !models.iter().any(|m| m == "*"));
+    let group = match &raw.group {
+        Some(group) if !is_valid_key_name(group.get_ref()) => {
+            return Err(src.at(
+                group.span(),
+                &format!("{prefix}.group"),
+                format!("{:?} is not a group name", group.get_ref()),
+            ))
+        }
+        Some(group) => Some(Arc::from(group.get_ref().as_str())),
+        None => None,
+    };
     Ok(Limits {
         quotas,
+        group,
         models,
         max_tokens,
         max_n,
@@ -235,7 +250,7 @@ fn at_least_one(
     }
 }
 
-fn rate_limit(
+pub(super) fn rate_limit(
     spanned: &Spanned<RawRate>,
     key: &str,
     src: &Source,
@@ -256,37 +271,4 @@ fn rate_limit(
         per: rate.per,
         burst,
     })
-}
-
-/// Token quotas: each with tokens and a window of whole seconds, no two over the same window.
-fn quota_windows(
-    raw_quotas: &Spanned<Vec<RawQuota>>,
-    key: &str,
-    src: &Source,
-) -> Result<Vec<Quota>, ConfigError> {
-    let mut quotas: Vec<Quota> = Vec::new();
-    for quota in raw_quotas.get_ref() {
-        if quota.tokens == 0 || quota.per < Duration::from_secs(1) {
-            return Err(src.at(
-                raw_quotas.span(),
-                key,
-                "each quota needs tokens >= 1 and a window (per) of at least 1s".into(),
-            ));
-        }
-        if quota.per.subsec_nanos() != 0 {
-            return Err(src.at(raw_quotas.span(), key, "windows are whole seconds".into()));
-        }
-        if quotas.iter().any(|q| q.per == quota.per) {
-            return Err(src.at(
-                raw_quotas.span(),
-                key,
-                format!("two quotas over the same window ({:?})", quota.per),
-            ));
-        }
-        quotas.push(Quota {
-            tokens: quota.tokens,
-            per: quota.per,
-        });
-    }
-    Ok(quotas)
 }

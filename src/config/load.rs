@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::budgets::{check_keys, resolve_budgets};
 use super::keys::resolve_keys;
 use super::raw::{RawLedger, RawServer, RawState, RawTls, RawUpstream};
 use super::read::parse_raw;
@@ -41,6 +42,8 @@ impl Config {
         let upstreams = super::upstreams::pools(&mut raw, &src)?;
         let server = server(raw.server, &src)?;
         let keys = resolve_keys(&raw.policies, raw.keys, &src)?;
+        let budgets = resolve_budgets(raw.pricing, raw.groups, &src)?;
+        check_keys(&keys, &budgets, &src)?;
         let state = state(raw.state, &src)?;
         let ledger = match raw.ledger {
             Some(raw) => Some(ledger(raw, &state, &src)?),
@@ -50,6 +53,7 @@ impl Config {
             server,
             upstreams,
             keys,
+            budgets,
             state,
             ledger,
         })

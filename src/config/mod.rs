@@ -9,6 +9,7 @@
 //! - Secrets never live in the file: `upstream.api_key_env` names an environment variable and
 //!   `upstream.api_key_file` a file; the value is held in a [`Secret`] that never prints.
 
+mod budgets;
 mod keys;
 mod load;
 mod raw;
@@ -24,7 +25,7 @@ pub(crate) use self::upstreams::{Balance, EndpointUrl, PoolConfig};
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,8 @@ pub struct Config {
     /// pool named `default` for a config with `[upstream]`.
     pub upstreams: Vec<PoolConfig>,
     pub keys: Vec<KeyConfig>,
+    /// Prices and groups: applied by a reload, like keys.
+    pub budgets: Budgets,
     pub state: StateConfig,
     /// Where one JSON line per finished request goes; `None`: no ledger.
     pub ledger: Option<LedgerConfig>,
@@ -105,21 +108,91 @@ pub struct RedisConfig {
     pub(crate) lease: Duration,
 }
 
-/// A token budget over a fixed window aligned to UTC (see `state::local`).
+/// A budget over a window: tokens, or cost in nano-units (10^-9) of `[pricing] currency`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
-    pub tokens: u64,
-    pub per: Duration,
+    /// Tokens, or nano-units of currency.
+    pub limit: u64,
+    pub unit: Unit,
+    pub per: Period,
 }
 
 impl Quota {
-    pub(crate) fn per_secs(&self) -> u64 {
-        self.per.as_secs().max(1)
+    /// A token quota over a fixed window of `per` (whole seconds, at least 1).
+    pub fn tokens(limit: u64, per: Duration) -> Quota {
+        Quota {
+            limit,
+            unit: Unit::Tokens,
+            per: Period::fixed(per),
+        }
     }
 
-    /// The metric label of this window: its length as written in configs (`1m`, `1d`).
+    /// The metric label of this window: its length as written in configs (`1m`, `1d`, `month`).
     pub(crate) fn label(&self) -> String {
-        window_label(self.per)
+        self.per.label()
+    }
+}
+
+/// What a quota counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum Unit {
+    Tokens,
+    /// Nano-units (10^-9) of the pricing's currency.
+    Cost,
+}
+
+impl Unit {
+    pub(crate) fn label(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// A quota's window: fixed (aligned to multiples of its length since the epoch), an ISO week
+/// (from Monday 00:00 UTC) or a calendar month (from the 1st 00:00 UTC). See `state::window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Period {
+    Fixed(NonZeroU64),
+    Week,
+    Month,
+}
+
+impl Period {
+    /// A fixed window of `per`, in whole seconds (at least 1).
+    pub fn fixed(per: Duration) -> Period {
+        Period::Fixed(NonZeroU64::new(per.as_secs()).unwrap_or(NonZeroU64::MIN))
+    }
+
+    /// As written in configs and shown in headers, metrics and the admin API: `1m`, `1d`,
+    /// `week`, `month`.
+    pub(crate) fn label(self) -> String {
+        match self {
+            Period::Fixed(secs) => window_label(Duration::from_secs(secs.get())),
+            Period::Week => "week".to_owned(),
+            Period::Month => "month".to_owned(),
+        }
+    }
+
+    /// Its name in state keys and files: the length in seconds, `week` or `month`.
+    pub(crate) fn id(self) -> String {
+        match self {
+            Period::Fixed(secs) => secs.get().to_string(),
+            Period::Week => "week".to_owned(),
+            Period::Month => "month".to_owned(),
+        }
+    }
+
+    /// The window named `id` (as [`Period::id`] writes it).
+    pub(crate) fn from_id(id: &str) -> Option<Period> {
+        match id {
+            "week" => Some(Period::Week),
+            "month" => Some(Period::Month),
+            secs => secs
+                .parse()
+                .ok()
+                .and_then(NonZeroU64::new)
+                .map(Period::Fixed),
+        }
     }
 }
 
@@ -131,6 +204,70 @@ pub(crate) fn window_label(per: Duration) -> String {
         s if s % 60 == 0 => format!("{}m", s / 60),
         s => format!("{s}s"),
     }
+}
+
+/// `[pricing]` and `[groups.NAME]`: what requests cost, and the limits several keys share.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Budgets {
+    pub pricing: Pricing,
+    /// Sorted by name.
+    pub groups: Vec<GroupConfig>,
+}
+
+/// The price table: per model pattern, nano-units of currency per token (exact: a price per
+/// million tokens with at most 3 decimals is a whole number of nano-units per token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pricing {
+    /// A label (`USD`), shown in reports, refusals and the admin API.
+    pub currency: String,
+    /// First match in order wins.
+    pub models: Vec<Price>,
+}
+
+impl Default for Pricing {
+    fn default() -> Self {
+        Pricing {
+            currency: "USD".to_owned(),
+            models: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Price {
+    /// An exact model name, `prefix*`, or `*`.
+    pub model: String,
+    /// Nano-units per prompt token.
+    pub prompt: u64,
+    /// Nano-units per completion token.
+    pub completion: u64,
+}
+
+impl Pricing {
+    /// The price of `model`: the first entry that matches it.
+    pub(crate) fn price(&self, model: &str) -> Option<&Price> {
+        self.models.iter().find(|p| model_matches(&p.model, model))
+    }
+}
+
+/// Whether a model pattern, as keys' allow-lists, prices and pools' `models` write them, matches
+/// `model`: `*` matches everything, `prefix*` a prefix, anything else exactly.
+pub(crate) fn model_matches(pattern: &str, model: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => model.starts_with(prefix),
+        None => pattern == model,
+    }
+}
+
+/// Limits that several keys share (`[groups.NAME]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub name: Arc<str>,
+    pub quotas: Vec<Quota>,
+    /// Requests in flight across all the group's keys.
+    pub concurrency: Option<NonZeroU32>,
+    /// Request rate across all the group's keys.
+    pub rate: Option<RateLimit>,
 }
 
 /// One client key: who it is, and what it may do.
@@ -147,8 +284,10 @@ pub struct KeyConfig {
 /// A key's limits after its policy and its own overrides are merged. `None` is unlimited.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
-    /// Token budgets, each over its own window.
+    /// Token and cost budgets, each over its own window.
     pub quotas: Vec<Quota>,
+    /// The group whose limits the key shares (`[groups.NAME]`), at most one.
+    pub group: Option<Arc<str>>,
     /// Models the key may ask for: exact names, `prefix*` patterns, or `*`. `None`: any.
     pub models: Option<Vec<String>>,
     /// Cap on `max_tokens` / `max_completion_tokens` and the vendors' length fields.

@@ -27,6 +27,11 @@ pub(super) struct RawConfig {
     pub(super) policies: BTreeMap<String, RawLimits>,
     #[serde(default)]
     pub(super) keys: Vec<RawKey>,
+    /// What requests cost, for cost quotas, the ledger and reports.
+    pub(super) pricing: Option<RawPricing>,
+    /// Limits several keys share, by name.
+    #[serde(default)]
+    pub(super) groups: BTreeMap<String, RawGroup>,
     #[serde(default)]
     pub(super) state: RawState,
     pub(super) ledger: Option<RawLedger>,
@@ -79,18 +84,48 @@ pub(super) struct RawLedger {
     pub(super) replica: Option<Spanned<String>>,
 }
 
+/// `{ tokens = N, per = W }` or `{ cost = X, per = W }`; `per` a duration, `"week"` or
+/// `"month"`. The cost is kept with its place so that its decimal text can be read exactly.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawQuota {
-    pub(super) tokens: u64,
-    #[serde(with = "humantime_serde")]
-    pub(super) per: Duration,
+    pub(super) tokens: Option<u64>,
+    pub(super) cost: Option<Spanned<f64>>,
+    pub(super) per: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPricing {
+    #[serde(default = "defaults::currency")]
+    pub(super) currency: String,
+    #[serde(default)]
+    pub(super) models: Vec<RawPrice>,
+}
+
+/// A price per 1,000,000 tokens; the numbers keep their place so that their decimal text is read
+/// exactly, never through a float.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPrice {
+    pub(super) model: String,
+    pub(super) prompt: Spanned<f64>,
+    pub(super) completion: Spanned<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGroup {
+    pub(super) quotas: Option<Spanned<Vec<RawQuota>>>,
+    pub(super) concurrency: Option<Spanned<u32>>,
+    pub(super) rate: Option<Spanned<RawRate>>,
 }
 
 /// Limits a policy sets; a key may set the same fields to override its policy.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
+    pub(super) group: Option<Spanned<String>>,
     pub(super) quotas: Option<Spanned<Vec<RawQuota>>>,
     pub(super) models: Option<Vec<String>>,
     pub(super) max_tokens: Option<Spanned<u32>>,
@@ -134,6 +169,7 @@ pub(super) struct RawKey {
     pub(super) name: Spanned<String>,
     pub(super) sha256: Spanned<OneOrMany>,
     pub(super) policy: Option<Spanned<String>>,
+    pub(super) group: Option<Spanned<String>>,
     pub(super) quotas: Option<Spanned<Vec<RawQuota>>>,
     pub(super) models: Option<Vec<String>>,
     pub(super) max_tokens: Option<Spanned<u32>>,
@@ -307,6 +343,10 @@ pub(super) mod defaults {
     }
     pub(crate) fn postgres_table() -> Spanned<String> {
         Spanned::new(0..0, "tollgate_usage".to_owned())
+    }
+
+    pub(crate) fn currency() -> String {
+        "USD".to_owned()
     }
     pub(crate) fn lease() -> Duration {
         Duration::from_secs(30)

@@ -25,6 +25,11 @@ impl<'a> Source<'a> {
         ))
     }
 
+    /// The text at `span`, as the file writes it.
+    pub(super) fn text_at(&self, span: Range<usize>) -> &'a str {
+        self.text.get(span).unwrap_or("")
+    }
+
     /// An error without a line (a default, or a value serde does not place): `ORIGIN: msg`.
     pub(super) fn whole(&self, msg: &str) -> ConfigError {
         ConfigError(format!("{}: {msg}", self.origin))

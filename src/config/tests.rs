@@ -423,3 +423,123 @@ fn ledger_mistakes_are_named_without_showing_the_url() {
         );
     }
 }
+
+#[test]
+fn prices_groups_and_calendar_windows_are_read_exactly() {
+    let config = with_keys(&format!(
+        "[pricing]\ncurrency = \"EUR\"\nmodels = [\n  {{ model = \"poolside-malibu*\", prompt = 3.00, completion = 15.00 }},\n  {{ model = \"*\", prompt = 0.1, completion = 1.5 }},\n]\n\
+         [groups.team-a]\nquotas = [ {{ cost = 500.0, per = \"month\" }}, {{ tokens = 50000000, per = \"1d\" }} ]\n\
+         concurrency = 64\nrate = {{ requests = 6000, per = \"1m\" }}\n\
+         [policies.dev]\ngroup = \"team-a\"\n\
+         [[keys]]\nname = \"alice\"\nsha256 = \"{HASH_A}\"\ngroup = \"team-a\"\nmax_tokens = 10\n\
+         quotas = [ {{ cost = 20.1, per = \"month\" }}, {{ tokens = 100000, per = \"1h\" }}, {{ tokens = 5, per = \"week\" }} ]\n\
+         [[keys]]\nname = \"bob\"\nsha256 = \"{HASH_B}\"\npolicy = \"dev\"\nmax_tokens = 10\n"
+    ))
+    .expect("the issue's config");
+    let pricing = &config.budgets.pricing;
+    assert_eq!(pricing.currency, "EUR");
+    assert_eq!(
+        pricing
+            .price("poolside-malibu-2")
+            .map(|p| (p.prompt, p.completion)),
+        Some((3_000, 15_000))
+    );
+    assert_eq!(
+        pricing.price("m").map(|p| (p.prompt, p.completion)),
+        Some((100, 1_500)),
+        "0.1 per million is exactly 100 nano-units per token"
+    );
+    let alice = &config.keys[0].limits;
+    assert_eq!(alice.group.as_deref(), Some("team-a"));
+    assert_eq!(
+        alice.quotas,
+        [
+            Quota {
+                limit: 20_100_000_000,
+                unit: Unit::Cost,
+                per: Period::Month
+            },
+            Quota::tokens(100_000, Duration::from_secs(3600)),
+            Quota {
+                limit: 5,
+                unit: Unit::Tokens,
+                per: Period::Week
+            },
+        ]
+    );
+    assert_eq!(
+        config.keys[1].limits.group.as_deref(),
+        Some("team-a"),
+        "by policy"
+    );
+    let group = &config.budgets.groups[0];
+    assert_eq!(group.concurrency.map(|c| c.get()), Some(64));
+    assert_eq!(group.quotas[0].limit, 500_000_000_000);
+}
+
+#[test]
+fn budget_mistakes_are_refused_naming_what_is_wrong() {
+    let key = |extra: &str| {
+        format!("[[keys]]\nname = \"alice\"\nsha256 = \"{HASH_A}\"\nmax_tokens = 10\n{extra}\n")
+    };
+    let star = "[pricing]\nmodels = [ { model = \"*\", prompt = 1, completion = 1 } ]\n";
+    for (tail, expected) in [
+        (
+            "[pricing]\nmodels = [ { model = \"*\", prompt = 0.0005, completion = 1 } ]\n".to_owned(),
+            "test.toml:5: pricing.models[0].prompt: \"0.0005\" has more than 3 decimals",
+        ),
+        (
+            key("quotas = [ { cost = 1.0, per = \"month\" } ]"),
+            "keys[0] (alice) has a cost quota (its own or its group's) and may use any model",
+        ),
+        (
+            format!(
+                "[pricing]\nmodels = [ {{ model = \"gpt-4o*\", prompt = 1, completion = 1 }} ]\n{}",
+                key("models = [\"gpt-4o-mini\", \"llama*\"]\nquotas = [ { cost = 1.0, per = \"week\" } ]")
+            ),
+            "may use the model \"llama*\", which no [pricing] entry prices",
+        ),
+        (
+            format!("{star}[groups.g]\nquotas = [ {{ cost = 1.0, per = \"month\" }} ]\n{}", key("group = \"g\"\nmodels = [\"x\"]")),
+            "",
+        ),
+        (
+            key("group = \"nope\""),
+            "keys[0] (alice).group: no group named \"nope\"",
+        ),
+        (
+            format!("{star}{}", key("quotas = [ { cost = 1.0, tokens = 5, per = \"month\" } ]")),
+            "each quota is { tokens = N, per = W } or { cost = X, per = W }",
+        ),
+        (
+            format!("{star}{}", key("quotas = [ { cost = 1.0, per = \"fortnight\" } ]")),
+            "\"fortnight\": expected a duration (\"1h\", \"30d\"), \"week\" or \"month\"",
+        ),
+        (
+            format!("{star}{}", key("quotas = [ { cost = 1.0, per = \"month\" }, { cost = 2.0, per = \"month\" } ]")),
+            "two cost quotas over the same window (month)",
+        ),
+        (
+            "[groups.g]\nquotas = [ { tokens = 5, per = \"1h\" } ]\n[[keys]]\nname = \"a\"\nsha256 = \"a665a45920422f9d417e4867efdc4fb8a04a1f3fff1fa07e998e86f7f7a27ae3\"\ngroup = \"g\"\n".to_owned(),
+            "its group \"g\" has quotas, so the key needs max_tokens",
+        ),
+    ] {
+        let result = with_keys(&tail);
+        if expected.is_empty() {
+            result.expect("a group's cost quota with every model of the key priced");
+            continue;
+        }
+        let err = result.expect_err(expected);
+        assert!(err.to_string().contains(expected), "{expected:?} not in {err}");
+    }
+}
+
+#[test]
+fn model_patterns_are_exact_prefix_or_any() {
+    use crate::config::model_matches;
+    assert!(model_matches("mock-model", "mock-model"));
+    assert!(!model_matches("mock-model", "mock-model-2"));
+    assert!(model_matches("smollm2*", "smollm2-135m"));
+    assert!(!model_matches("smollm2*", "llama"));
+    assert!(model_matches("*", "anything"));
+}

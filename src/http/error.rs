@@ -77,20 +77,14 @@ pub enum GatewayError {
         limit: String,
         retry_after: Duration,
     },
-    #[error(
-        "token quota exceeded: the {window} window has {used} of {limit} tokens in use and this \
-         request may need {needed}; retry in {}s",
-        retry_after_secs(*.retry_after)
-    )]
-    QuotaExceeded {
-        window: String,
-        limit: u64,
-        used: u64,
-        needed: u64,
-        retry_after: Duration,
+    #[error("{0}")]
+    QuotaExceeded(Box<QuotaRefusal>),
+    #[error("too many requests in flight for {scope} (limit {limit}); retry when one finishes")]
+    ConcurrencyLimitExceeded {
+        /// `this key` or `the group team-a`.
+        scope: String,
+        limit: u32,
     },
-    #[error("too many requests in flight for this key (limit {limit}); retry when one finishes")]
-    ConcurrencyLimitExceeded { limit: u32 },
 
     // --- the upstream ---
     #[error("upstream unreachable")]
@@ -107,6 +101,27 @@ pub enum GatewayError {
     // --- the gateway itself ---
     #[error("internal error")]
     Internal(String),
+}
+
+/// A quota window without room for a request: whose it is, which, in what unit.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{unit} quota exceeded: the {window} window of {scope} has {used} of {limit} {units} in use \
+     and this request may need {needed}; retry in {}s",
+    retry_after_secs(*.retry_after)
+)]
+pub struct QuotaRefusal {
+    /// `token` or `cost`.
+    pub(crate) unit: &'static str,
+    pub(crate) window: String,
+    /// `key alice` or `group team-a`.
+    pub(crate) scope: String,
+    pub(crate) limit: String,
+    pub(crate) used: String,
+    pub(crate) needed: String,
+    /// `tokens`, or the pricing's currency.
+    pub(crate) units: String,
+    pub(crate) retry_after: Duration,
 }
 
 /// One problem in a request body, as the seeds' `ErrorDetail`.
@@ -310,9 +325,14 @@ impl GatewayError {
             | GatewayError::InvalidApiKey => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            GatewayError::RateLimitExceeded { retry_after, .. }
-            | GatewayError::QuotaExceeded { retry_after, .. } => {
+            GatewayError::RateLimitExceeded { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
+            }
+            GatewayError::QuotaExceeded(refusal) => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    retry_after_secs(refusal.retry_after).into(),
+                );
             }
             GatewayError::ConcurrencyLimitExceeded { .. } | GatewayError::StateUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

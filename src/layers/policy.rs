@@ -17,13 +17,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
-use crate::config::Limits;
+use crate::config::{model_matches, Limits};
 use crate::http::body::GatewayBody;
 use crate::http::context::{ParsedRequest, RequestContext};
 use crate::http::error::GatewayError;
 use crate::http::generation::{Generation, Named};
 use crate::observability::metrics::Metrics;
-use crate::proxy::routing::matches;
 
 pub(crate) fn policy_layer(metrics: Arc<Metrics>) -> ValidateRequestHeaderLayer<EnforcePolicy> {
     ValidateRequestHeaderLayer::custom(EnforcePolicy { metrics })
@@ -63,7 +62,10 @@ impl ValidateRequest<Bytes> for EnforcePolicy {
 
 fn check(limits: &Limits, parsed: &ParsedRequest) -> Result<(), GatewayError> {
     if let Some(models) = &limits.models {
-        if !models.iter().any(|pattern| matches(pattern, &parsed.model)) {
+        if !models
+            .iter()
+            .any(|pattern| model_matches(pattern, &parsed.model))
+        {
             return Err(GatewayError::ModelNotFound {
                 model: parsed.model.clone(),
             });
@@ -118,7 +120,6 @@ fn check_choices(limits: &Limits, generation: &Generation) -> Result<(), Gateway
     Ok(())
 }
 
-/// `*` matches everything, `prefix*` a prefix, anything else exactly.
 /// The model as a metric label, when the key's allow-list names it exactly.
 fn model_label<'a>(limits: &Limits, model: &'a str) -> Option<&'a str> {
     limits

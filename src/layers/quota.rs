@@ -3,9 +3,12 @@
 //! Before forwarding, the request's worst case — the prompt's upper bound (its text's UTF-8
 //! bytes plus the template allowances: see [`prompt_tokens`]) plus its `max_tokens` (or the
 //! key's cap when it names none) for each answer it asks for (`n`, `best_of`, each prompt of a
-//! completions list; see [`completion_bound`]) — is reserved in every window of the key's
-//! quotas; a window without room refuses it with 429, `Retry-After` at that window's reset, and
-//! the `x-ratelimit-*-tokens` headers. After the answer, the request's [`Settlement`] (run by its end
+//! completions list; see [`completion_bound`]), in tokens and in cost (each bound at its price,
+//! [`Rate`]) — is reserved in every window of the key's quotas and of its group's, all at once
+//! or none; a window without room refuses it with 429 naming the scope (key or group), the
+//! window and the unit, `Retry-After` at that window's reset, and the `x-ratelimit-*-tokens`
+//! headers of the tightest token window of key and group (every window, cost ones as
+//! `"cost-month"`, group ones as `"group-tokens-1d"`, in `RateLimit-Policy`). After the answer, the request's [`Settlement`] (run by its end
 //! hook) charges the reservation to what was really used, read from the answer by
 //! [`WatchedBody`]. Reserved tokens count as used while a request runs, so any number of
 //! concurrent requests can never together run past a quota (except an upstream that ignores
@@ -35,15 +38,16 @@ use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
+use crate::accounting::cost::{self, Rate};
 use crate::accounting::ledger::Ledger;
 use crate::accounting::recent::RecentRequests;
 use crate::accounting::usage::{prompt_tokens, PromptTokens};
 use crate::accounting::Accounting;
 use crate::accounting::{Settlement, UsageWatch, WatchedBody};
-use crate::config::window_label;
+use crate::config::Unit;
 use crate::http::body::GatewayBody;
 use crate::http::context::{ParsedRequest, RequestContext};
-use crate::http::error::{retry_after_secs, ErrorSource, GatewayError};
+use crate::http::error::{retry_after_secs, ErrorSource, GatewayError, QuotaRefusal};
 use crate::http::headers::{
     LIMIT_TOKENS, RATELIMIT, RATELIMIT_POLICY, REMAINING_TOKENS, RESET_TOKENS,
 };
@@ -51,7 +55,7 @@ use crate::http::request_edit::{edited_body, Edits};
 use crate::keys::KeyEntry;
 use crate::observability::labels::Rejection;
 use crate::observability::metrics::Metrics;
-use crate::state::{Backend, Held, QuotaDenied, WindowStatus};
+use crate::state::{Amounts, Backend, Held, QuotaDenied, Scope, WindowStatus};
 
 #[derive(Clone)]
 pub(crate) struct QuotaLayer {
@@ -148,7 +152,8 @@ impl Shared {
             return inner.call(request).await;
         };
         let prompt = prompt_tokens(&parsed.json);
-        let (held, headers) = match self.reserve(&key, &parsed, prompt).await {
+        let rate = key.pricing.price(&parsed.model).map(Rate::of);
+        let (held, headers) = match self.reserve(&key, &parsed, prompt, rate).await {
             Ok(reserved) => reserved,
             Err(refusal) => return Ok(refusal),
         };
@@ -174,6 +179,7 @@ impl Shared {
             recent: self.recent.clone(),
             metrics: self.metrics.clone(),
             held,
+            rate,
             prompt_estimate: prompt.estimate,
             watch: watch.clone(),
         });
@@ -187,32 +193,32 @@ impl Shared {
         Ok(Response::from_parts(parts, body))
     }
 
-    /// Reserves the request's worst case in every window of the key's quotas: what is held, and
-    /// the token headers for the answer; or the refusal to send.
+    /// Reserves the request's worst case in every window of the key's and its group's quotas:
+    /// what is held, and the token headers for the answer; or the refusal to send.
     async fn reserve(
         &self,
         key: &KeyEntry,
         parsed: &ParsedRequest,
         prompt: PromptTokens,
+        rate: Option<Rate>,
     ) -> Result<(Option<Held>, HeaderMap), Response<GatewayBody>> {
         let mut headers = HeaderMap::new();
-        if key.limits.quotas.is_empty() {
+        if key.windows.is_empty() {
             return Ok((None, headers));
         }
         let completion = parsed.generation.completion_bound(cap(key));
-        let need = prompt.bound.saturating_add(completion);
-        match self
-            .backend
-            .reserve(&key.name, &key.limits.quotas, need)
-            .await
-        {
+        let need = Amounts {
+            tokens: prompt.bound.saturating_add(completion),
+            cost: rate.map_or(0, |rate| rate.cost(prompt.bound, completion)),
+        };
+        match self.backend.reserve(&key.windows, need).await {
             Ok(Ok((held, windows))) => {
                 token_headers(&mut headers, &windows);
                 Ok((Some(held), headers))
             }
             Ok(Err(denied)) => {
                 self.metrics.rejection(&key.name, Rejection::Quota);
-                Err(refusal(denied))
+                Err(refusal(denied, &key.pricing.currency))
             }
             Err(unavailable) => {
                 self.metrics
@@ -224,22 +230,39 @@ impl Shared {
 }
 
 /// The 429 for a window without room, with its reset and token headers.
-fn refusal(denied: QuotaDenied) -> Response<GatewayBody> {
-    let mut response = GatewayError::QuotaExceeded {
-        window: window_label(denied.per),
-        limit: denied.limit,
-        used: denied.used,
-        needed: denied.needed,
+fn refusal(denied: QuotaDenied, currency: &str) -> Response<GatewayBody> {
+    let unit = denied.id.unit;
+    let amount = |n: u64| match unit {
+        Unit::Tokens => n.to_string(),
+        Unit::Cost => cost::decimal(u128::from(n)),
+    };
+    let mut response = GatewayError::QuotaExceeded(Box::new(QuotaRefusal {
+        unit: match unit {
+            Unit::Tokens => "token",
+            Unit::Cost => "cost",
+        },
+        window: denied.id.per.label(),
+        scope: format!("{} {}", denied.id.scope.label(), denied.id.name),
+        limit: amount(denied.limit),
+        used: amount(denied.used),
+        needed: amount(denied.needed),
+        units: match unit {
+            Unit::Tokens => "tokens".to_owned(),
+            Unit::Cost => currency.to_owned(),
+        },
         retry_after: denied.retry_after,
-    }
+    }))
     .into_response();
     let status = WindowStatus {
-        per: denied.per,
+        scope: denied.id.scope,
+        unit,
+        per: denied.id.per,
         limit: denied.limit,
         used: denied.used,
         reserved: None,
         remaining: denied.limit.saturating_sub(denied.used),
         reset_after: denied.retry_after,
+        length: denied.length,
     };
     token_headers(response.headers_mut(), &[status]);
     response
@@ -273,9 +296,29 @@ fn cap(key: &KeyEntry) -> Option<u64> {
     key.limits.max_tokens.map(|cap| u64::from(cap.get()))
 }
 
-/// OpenAI's `x-ratelimit-*-tokens` for the tightest window, and every window in the IETF fields.
+/// OpenAI's `x-ratelimit-*-tokens` for the tightest token window of key and group, and every
+/// window in the IETF fields (`"tokens-1h"`, `"cost-month"`, `"group-tokens-1d"`); a cost
+/// window's quota is in currency units (at most 3 decimals).
 fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
-    let Some(tightest) = windows.iter().min_by_key(|w| w.remaining) else {
+    for window in windows {
+        let quota = match window.unit {
+            Unit::Tokens => window.limit.to_string(),
+            // Structured-field decimals have at most 3 decimals: shown to the thousandth, down.
+            Unit::Cost => cost::decimal(u128::from(window.limit / 1_000_000 * 1_000_000)),
+        };
+        if let Ok(value) = HeaderValue::try_from(format!(
+            "\"{}\";q={quota};w={}",
+            policy_name(window),
+            window.length.as_secs()
+        )) {
+            headers.append(RATELIMIT_POLICY, value);
+        }
+    }
+    let tightest = windows
+        .iter()
+        .filter(|w| w.unit == Unit::Tokens)
+        .min_by_key(|w| w.remaining);
+    let Some(tightest) = tightest else {
         return;
     };
     headers.insert(LIMIT_TOKENS, tightest.limit.into());
@@ -285,22 +328,21 @@ fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
     {
         headers.insert(RESET_TOKENS, value);
     }
-    for window in windows {
-        if let Ok(value) = HeaderValue::try_from(format!(
-            "\"tokens-{}\";q={};w={}",
-            window_label(window.per),
-            window.limit,
-            window.per.as_secs()
-        )) {
-            headers.append(RATELIMIT_POLICY, value);
-        }
-    }
     if let Ok(value) = HeaderValue::try_from(format!(
-        "\"tokens-{}\";r={};t={}",
-        window_label(tightest.per),
+        "\"{}\";r={};t={}",
+        policy_name(tightest),
         tightest.remaining,
         retry_after_secs(tightest.reset_after)
     )) {
         headers.append(RATELIMIT, value);
     }
+}
+
+/// A window's name in `RateLimit-Policy`: `tokens-1h`, `cost-month`, `group-tokens-1d`.
+fn policy_name(window: &WindowStatus) -> String {
+    let scope = match window.scope {
+        Scope::Key => "",
+        Scope::Group => "group-",
+    };
+    format!("{scope}{}-{}", window.unit.label(), window.per.label())
 }

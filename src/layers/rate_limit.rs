@@ -1,6 +1,8 @@
 //! Per-key limits on the way in: requests in flight (concurrency) and request rate (GCRA: governor
 //! locally, a Lua script in Redis — see [`crate::state`]), each refused with its own 429 and
-//! `Retry-After`; 503 when the shared state is unreachable under `fail_closed`.
+//! `Retry-After`; 503 when the shared state is unreachable under `fail_closed`. A key in a group
+//! is held to its group's concurrency and rate as well, checked with its own; a refusal names
+//! whose limit it was.
 //!
 //! Edge cases:
 //! - The in-flight slot is taken first (cheap, and given back if the rate refuses), and held
@@ -29,7 +31,7 @@ use crate::http::headers::{
 use crate::keys::KeyEntry;
 use crate::observability::labels::Rejection;
 use crate::observability::metrics::Metrics;
-use crate::state::{Backend, Refusal, Slot};
+use crate::state::{Backend, Refusal, Scope, Slot};
 
 #[derive(Clone)]
 pub(crate) struct RateLimitLayer {
@@ -126,24 +128,40 @@ impl AtEnd for Release {
     }
 }
 
-/// The answer for a request the limits refused.
+/// The answer for a request the limits refused (the key's, or its group's).
 fn refuse(key: &KeyEntry, refusal: Refusal, metrics: &Metrics) -> Response<GatewayBody> {
+    let group = key.group.as_deref();
+    let limits = |scope: Scope| match (scope, group) {
+        (Scope::Group, Some(group)) => (
+            group.config.concurrency,
+            group.config.rate,
+            format!("the group {}", group.name),
+        ),
+        _ => (
+            key.limits.concurrency,
+            key.limits.rate,
+            "this key".to_owned(),
+        ),
+    };
     match refusal {
-        Refusal::Concurrency => {
+        Refusal::Concurrency { scope } => {
             metrics.rejection(&key.name, Rejection::Concurrency);
+            let (limit, _, scope) = limits(scope);
             GatewayError::ConcurrencyLimitExceeded {
-                limit: key.limits.concurrency.map_or(0, |l| l.get()),
+                scope,
+                limit: limit.map_or(0, |l| l.get()),
             }
             .into_response()
         }
-        Refusal::Rate { wait } => {
+        Refusal::Rate { wait, scope } => {
             metrics.rejection(&key.name, Rejection::Rate);
-            let Some(rate) = key.limits.rate else {
+            let (_, rate, who) = limits(scope);
+            let Some(rate) = rate else {
                 return GatewayError::Internal("rate refusal without a rate".into())
                     .into_response();
             };
             let mut response = GatewayError::RateLimitExceeded {
-                limit: describe(rate),
+                limit: format!("{} for {who}", describe(rate)),
                 retry_after: wait,
             }
             .into_response();

@@ -10,13 +10,18 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use strum::IntoEnumIterator;
 
 use super::labels::{LedgerErrorReason, Rejection, StateOp, TokenKind, UpstreamErrorKind};
 use super::timeline::Timeline;
+use crate::config::Unit;
+use crate::state::{Scope, WindowId};
+
+/// Nano-units per currency unit: cost figures are kept in nano-units, shown in units.
+pub(crate) const NANO: f64 = 1e9;
 
 /// The `key` label before (or without) authentication.
 pub(crate) const UNAUTHENTICATED: &str = "unauthenticated";
@@ -48,6 +53,11 @@ pub struct Metrics {
     pub(crate) tokens_total: IntCounterVec,
     pub(crate) time_to_first_token_seconds: HistogramVec,
     pub(crate) quota_used_tokens: IntGaugeVec,
+    pub(crate) quota_used_cost: GaugeVec,
+    pub(crate) group_quota_used_tokens: IntGaugeVec,
+    pub(crate) group_quota_used_cost: GaugeVec,
+    pub(crate) group_inflight_requests: IntGaugeVec,
+    pub(crate) cost_total: CounterVec,
     pub(crate) quota_overrun_tokens_total: IntCounterVec,
     pub(crate) usage_unreadable_counts_total: IntCounterVec,
     pub(crate) ledger_errors_total: IntCounterVec,
@@ -104,6 +114,31 @@ impl Metrics {
                 "tollgate_quota_used_tokens",
                 "Tokens used (settled plus reserved) in each key's current quota window.",
                 &["key", "window"],
+            ),
+            quota_used_cost: r.float_gauges(
+                "tollgate_quota_used_cost",
+                "Cost (currency units; settled plus reserved) in each key's current cost window.",
+                &["key", "window"],
+            ),
+            group_quota_used_tokens: r.gauges(
+                "tollgate_group_quota_used_tokens",
+                "Tokens used (settled plus reserved) in each group's current token window.",
+                &["group", "window"],
+            ),
+            group_quota_used_cost: r.float_gauges(
+                "tollgate_group_quota_used_cost",
+                "Cost (currency units; settled plus reserved) in each group's current cost window.",
+                &["group", "window"],
+            ),
+            group_inflight_requests: r.gauges(
+                "tollgate_group_inflight_requests",
+                "Requests in flight across each group's keys.",
+                &["group"],
+            ),
+            cost_total: r.float_counters(
+                "tollgate_cost_total",
+                "Cost charged (currency units of [pricing] currency), by key and model.",
+                &["key", "model"],
             ),
             quota_overrun_tokens_total: r.counters(
                 "tollgate_quota_overrun_tokens_total",
@@ -221,6 +256,36 @@ impl Metrics {
             .remove_label_values(&[upstream, endpoint]);
     }
 
+    /// Sets the used-in-window gauge of `window` (tokens, or nano-units of cost shown in units).
+    pub(crate) fn set_window_used(&self, window: &WindowId, label: &str, used: u64) {
+        let labels = [&*window.name, label];
+        let whole = i64::try_from(used).unwrap_or(i64::MAX);
+        match (window.scope, window.unit) {
+            (Scope::Key, Unit::Tokens) => {
+                self.quota_used_tokens.with_label_values(&labels).set(whole)
+            }
+            (Scope::Group, Unit::Tokens) => self
+                .group_quota_used_tokens
+                .with_label_values(&labels)
+                .set(whole),
+            (Scope::Key, Unit::Cost) => self
+                .quota_used_cost
+                .with_label_values(&labels)
+                .set(used as f64 / NANO),
+            (Scope::Group, Unit::Cost) => self
+                .group_quota_used_cost
+                .with_label_values(&labels)
+                .set(used as f64 / NANO),
+        }
+    }
+
+    /// Counts one request's cost (nano-units).
+    pub(crate) fn add_cost(&self, key: &str, model: &str, nano: u64) {
+        self.cost_total
+            .with_label_values(&[key, model])
+            .inc_by(nano as f64 / NANO);
+    }
+
     /// Counts one failed state-backend call.
     pub(crate) fn state_error(&self, op: StateOp) {
         self.state_errors_total
@@ -284,6 +349,14 @@ impl Registrar {
 
     fn gauge(&self, name: &str, help: &str) -> IntGauge {
         self.register(IntGauge::new(name, help))
+    }
+
+    fn float_gauges(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+        self.register(GaugeVec::new(Opts::new(name, help), labels))
+    }
+
+    fn float_counters(&self, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+        self.register(CounterVec::new(Opts::new(name, help), labels))
     }
 
     fn histograms(&self, name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {

@@ -39,7 +39,6 @@ pub(crate) mod endpoint;
 pub(crate) mod health;
 pub(crate) mod models;
 pub(crate) mod pool;
-pub(crate) mod routing;
 pub(crate) mod upstream_body;
 
 use std::convert::Infallible;

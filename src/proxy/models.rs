@@ -18,11 +18,11 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use crate::config::model_matches;
 use crate::http::body::GatewayBody;
 use crate::http::context::{RequestContext, UpstreamReached};
 use crate::http::error::GatewayError;
 use crate::proxy::pool::{Pool, Pools};
-use crate::proxy::routing::matches;
 
 /// How long one pool's list is reused.
 pub(crate) const CACHE_FOR: Duration = Duration::from_secs(10);
@@ -53,7 +53,7 @@ pub(crate) async fn answer(
             };
             let key_allows = allowed
                 .as_ref()
-                .is_none_or(|patterns| patterns.iter().any(|p| matches(p, id)));
+                .is_none_or(|patterns| patterns.iter().any(|p| model_matches(p, id)));
             let seen = data
                 .iter()
                 .any(|m| m.get("id").and_then(Value::as_str) == Some(id));

@@ -14,13 +14,13 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::time::Instant;
 
+use crate::config::model_matches;
 use crate::config::PoolConfig;
 use crate::http::body::BoxError;
 use crate::observability::metrics::Metrics;
 use crate::proxy::balance;
 use crate::proxy::client::Connector;
 use crate::proxy::endpoint::Endpoint;
-use crate::proxy::routing::matches;
 
 /// The pools in force; swapped whole by a reload.
 pub(crate) type SharedPools = Arc<ArcSwap<Pools>>;
@@ -137,7 +137,7 @@ impl Pool {
 
     /// Whether this pool's `models` patterns match `model`.
     pub(crate) fn serves(&self, model: &str) -> bool {
-        self.config.models.iter().any(|p| matches(p, model))
+        self.config.models.iter().any(|p| model_matches(p, model))
     }
 
     /// The endpoint for the next attempt of a request that already tried `tried`.

@@ -4,8 +4,10 @@
 //! its own bearer token (`server.admin_token_env`; without one configured the API and the console
 //! are off):
 //!
-//! - `GET /admin/keys`, `GET /admin/keys/{name}`: each key's limits, requests in flight and token
-//!   windows, never a secret;
+//! - `GET /admin/keys`, `GET /admin/keys/{name}`: each key's group, limits, requests in flight and
+//!   windows (each with its `unit`: `tokens`, or `cost` in currency units), never a secret;
+//! - `GET /admin/groups`, `GET /admin/groups/{name}`: each group's limits, member keys, requests
+//!   in flight and windows;
 //! - `GET /admin/sections`: which of the console's pages have data on this gateway, each with the
 //!   endpoint it reads — a page for a feature this gateway has not got is not listed;
 //! - `GET /admin/stats?seconds=N`: the last N (at most 900) seconds of requests, errors,
@@ -32,15 +34,16 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::accounting::recent::RecentRequests;
+use crate::config::{Pricing, Quota, RateLimit, Unit};
 use crate::http::body::GatewayBody;
 use crate::http::error::GatewayError;
 use crate::http::headers::bearer_token;
-use crate::keys::{hash_token, KeyEntry, SharedKeys};
-use crate::observability::metrics::Metrics;
+use crate::keys::{hash_token, GroupEntry, KeyEntry, SharedKeys};
+use crate::observability::metrics::{Metrics, NANO};
 use crate::observability::timeline;
 use crate::proxy::pool::{Pool, SharedPools};
 use crate::server::console;
-use crate::state::Backend;
+use crate::state::{Backend, Window};
 
 /// How long `/readyz` waits for the upstream to accept a connection.
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -207,7 +210,11 @@ impl Admin {
     async fn api(&self, path: &str, query: Option<&str>) -> Response<GatewayBody> {
         match path {
             "/admin/keys" => self.all_keys().await,
-            "/admin/sections" => json_response(StatusCode::OK, sections()),
+            "/admin/groups" => self.all_groups().await,
+            "/admin/sections" => {
+                let groups = self.keys.load().groups().next().is_some();
+                json_response(StatusCode::OK, sections(groups))
+            }
             "/admin/upstreams" => self.upstreams(),
             "/admin/stats" => {
                 let seconds = query_value(query, "seconds")
@@ -219,13 +226,18 @@ impl Admin {
                 StatusCode::OK,
                 json!({ "requests": self.recent.newest_first() }),
             ),
-            path => match path.strip_prefix("/admin/keys/") {
-                Some(name) => self.one_key(name).await,
-                None => GatewayError::NotFound {
-                    path: path.to_owned(),
+            path => {
+                if let Some(name) = path.strip_prefix("/admin/keys/") {
+                    self.one_key(name).await
+                } else if let Some(name) = path.strip_prefix("/admin/groups/") {
+                    self.one_group(name).await
+                } else {
+                    GatewayError::NotFound {
+                        path: path.to_owned(),
+                    }
+                    .into_response()
                 }
-                .into_response(),
-            },
+            }
         }
     }
 
@@ -272,59 +284,136 @@ impl Admin {
         }
     }
 
-    /// One key as the admin API shows it: name, limits, in flight, windows. Never its hash.
+    /// One key as the admin API shows it: name, group, limits, in flight, its own windows.
+    /// Never its hash.
     async fn describe(&self, key: &KeyEntry) -> serde_json::Value {
         let limits = &key.limits;
-        let quotas = &limits.quotas;
-        let windows = match self.backend.status(&key.name, quotas).await {
-            Ok(windows) => json!(quotas
-                .iter()
-                .zip(windows)
-                .map(|(quota, w)| json!({
-                    "window": quota.label(),
-                    "limit": w.limit,
-                    "used": w.used,
-                    "reserved": w.reserved,
-                    "remaining": w.remaining,
-                    "reset_seconds": w.reset_after.as_secs(),
-                }))
-                .collect::<Vec<_>>()),
-            Err(error) => json!({ "error": error.to_string() }),
-        };
+        let windows = self.windows(key.own_windows()).await;
         json!({
             "name": &*key.name,
+            "group": key.group.as_ref().map(|g| &*g.name),
             "limits": {
                 "models": limits.models.clone().unwrap_or_else(|| vec!["*".to_owned()]),
                 "max_tokens": limits.max_tokens.map(|m| m.get()),
                 "max_n": limits.max_n.map(|m| m.get()),
                 "concurrency": limits.concurrency.map(|c| c.get()),
-                "rate": limits.rate.map(|r| json!({
-                    "requests": r.requests.get(),
-                    "per_seconds": r.per.as_secs_f64(),
-                    "burst": r.burst.get(),
-                })),
-                "quotas": quotas.iter().map(|q| json!({"tokens": q.tokens, "window": q.label()})).collect::<Vec<_>>(),
+                "rate": limits.rate.map(rate_json),
+                "quotas": quotas_json(&limits.quotas),
             },
             "inflight": key.inflight.current(),
             "windows": windows,
         })
     }
+
+    /// Each window now: `{window, unit, limit, used, reserved, remaining, reset_seconds}`, cost
+    /// in currency units; or the state backend's error.
+    async fn windows(&self, windows: &[Window]) -> serde_json::Value {
+        match self.backend.status(windows).await {
+            Ok(status) => json!(status
+                .iter()
+                .map(|w| json!({
+                    "window": w.per.label(),
+                    "unit": w.unit.label(),
+                    "limit": amount(w.unit, w.limit),
+                    "used": amount(w.unit, w.used),
+                    "reserved": w.reserved.map(|r| amount(w.unit, r)),
+                    "remaining": amount(w.unit, w.remaining),
+                    "reset_seconds": w.reset_after.as_secs(),
+                }))
+                .collect::<Vec<_>>()),
+            Err(error) => json!({ "error": error.to_string() }),
+        }
+    }
+
+    async fn all_groups(&self) -> Response<GatewayBody> {
+        let store = self.keys.load();
+        let mut groups: Vec<_> = store.groups().cloned().collect();
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Vec::with_capacity(groups.len());
+        for group in groups {
+            out.push(self.describe_group(&group, store.pricing()).await);
+        }
+        json_response(StatusCode::OK, json!({ "groups": out }))
+    }
+
+    async fn one_group(&self, name: &str) -> Response<GatewayBody> {
+        let store = self.keys.load();
+        match store.group(name) {
+            Some(group) => json_response(
+                StatusCode::OK,
+                self.describe_group(group, store.pricing()).await,
+            ),
+            None => GatewayError::NotFound {
+                path: format!("/admin/groups/{name}"),
+            }
+            .into_response(),
+        }
+    }
+
+    /// One group: name, limits, member keys, in flight, windows (`used` counts settled plus
+    /// reserved, as for keys).
+    async fn describe_group(&self, group: &GroupEntry, pricing: &Pricing) -> serde_json::Value {
+        let config = &group.config;
+        json!({
+            "name": &*group.name,
+            "limits": {
+                "concurrency": config.concurrency.map(|c| c.get()),
+                "rate": config.rate.map(rate_json),
+                "quotas": quotas_json(&config.quotas),
+                "currency": &pricing.currency,
+            },
+            "members": group.members.iter().map(|m| &**m).collect::<Vec<_>>(),
+            "inflight": group.inflight.current(),
+            "windows": self.windows(&group.windows).await,
+        })
+    }
+}
+
+/// A quota's figure as JSON: tokens as an integer, cost as currency units (a float whose shortest
+/// form is the exact decimal of the nano-units for any sum below 10^6 units).
+fn amount(unit: Unit, value: u64) -> serde_json::Value {
+    match unit {
+        Unit::Tokens => json!(value),
+        Unit::Cost => json!(value as f64 / NANO),
+    }
+}
+
+fn quotas_json(quotas: &[Quota]) -> Vec<serde_json::Value> {
+    quotas
+        .iter()
+        .map(|q| match q.unit {
+            Unit::Tokens => json!({"tokens": q.limit, "window": q.label()}),
+            Unit::Cost => json!({"cost": amount(q.unit, q.limit), "window": q.label()}),
+        })
+        .collect()
+}
+
+fn rate_json(rate: RateLimit) -> serde_json::Value {
+    json!({
+        "requests": rate.requests.get(),
+        "per_seconds": rate.per.as_secs_f64(),
+        "burst": rate.burst.get(),
+    })
 }
 
 /// The console's pages that have data on this gateway, in the order the console shows them,
 /// each with the endpoint it reads. A page is listed only when its feature exists, so a console
-/// never shows an empty page: groups (`/admin/groups`) when `[groups]` are configured,
-/// upstreams (`/admin/upstreams`) when pools are, and the keys page's `actions` (`create`,
-/// `rotate`, `revoke`) when keys can be managed at run time.
-fn sections() -> serde_json::Value {
+/// never shows an empty page: groups (`/admin/groups`) when `[groups]` are configured, and the
+/// keys page's `actions` (`create`, `rotate`, `revoke`) when keys can be managed at run time.
+/// Upstreams (`/admin/upstreams`) are always there: every gateway has at least one pool.
+fn sections(groups: bool) -> serde_json::Value {
+    let mut sections = vec![
+        json!({"id": "overview", "title": "Overview", "api": "/admin/stats"}),
+        json!({"id": "keys", "title": "Keys", "api": "/admin/keys", "actions": []}),
+    ];
+    if groups {
+        sections.push(json!({"id": "groups", "title": "Groups", "api": "/admin/groups"}));
+    }
+    sections.push(json!({"id": "upstreams", "title": "Upstreams", "api": "/admin/upstreams"}));
+    sections.push(json!({"id": "requests", "title": "Recent requests", "api": "/admin/requests"}));
     json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "sections": [
-            {"id": "overview", "title": "Overview", "api": "/admin/stats"},
-            {"id": "keys", "title": "Keys", "api": "/admin/keys", "actions": []},
-            {"id": "upstreams", "title": "Upstreams", "api": "/admin/upstreams"},
-            {"id": "requests", "title": "Recent requests", "api": "/admin/requests"},
-        ],
+        "sections": sections,
     })
 }
 

@@ -102,7 +102,13 @@ impl Server {
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.server.admin_listen))?;
         let metrics = Arc::new(Metrics::new());
-        let store = KeyStore::build(&config.keys, None, &options.clock, &metrics);
+        let store = KeyStore::build_with(
+            &config.keys,
+            &config.budgets,
+            None,
+            &options.clock,
+            &metrics,
+        );
         let keys: SharedKeys = Arc::new(ArcSwap::from_pointee(store));
         // Every endpoint has one idle-connection slot per worker, and one for background calls
         // (health checks).
@@ -193,8 +199,10 @@ impl Server {
         let background = self.spawn_background();
         // Every quota window's gauge, at its value in the state, before the first request.
         let backend = self.accounting.backend.clone();
-        let keys: Vec<_> = self.keys.load().entries().cloned().collect();
-        tokio::spawn(async move { backend.publish_windows(keys).await });
+        let store = self.keys.load();
+        let keys: Vec<_> = store.entries().cloned().collect();
+        let groups: Vec<_> = store.groups().cloned().collect();
+        tokio::spawn(async move { backend.publish_windows(keys, groups).await });
         let admin = self.admin();
         let admin_task = tokio::spawn(serve_admin(self.admin_listener, admin, admin_tls));
 

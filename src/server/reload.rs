@@ -1,12 +1,14 @@
 //! Reloading the config without a restart: on SIGHUP, and when the config file changes.
 //!
-//! What a reload changes: the keys and their limits, for new requests (in-flight requests and
-//! streams run on undisturbed); the upstream pools — pools and endpoints added or removed, their
-//! models, balance, ejection, health checks and client settings — for new requests (a request in
-//! flight on a removed endpoint finishes there; an endpoint that stays keeps its state and its
-//! connections); and the certificates of both listeners, for new handshakes. A key
-//! removed is refused from the next request; a key whose name and rate are unchanged keeps its
-//! limiter state. Every other setting is read only at start: each one that changed is logged,
+//! What a reload changes: the keys and their limits, prices and groups, for new requests
+//! (in-flight requests and streams run on undisturbed, and settle at the prices they reserved
+//! at); the upstream pools — pools and endpoints added or removed, their models, balance,
+//! ejection, health checks and client settings — for new requests (a request in flight on a
+//! removed endpoint finishes there; an endpoint that stays keeps its state and its connections);
+//! and the certificates of both listeners, for new handshakes. A key removed is refused from the
+//! next request; a key (or group) whose name and rate are unchanged keeps its limiter state;
+//! a quota window keeps its usage when its limit changes (the usage is counted by window, not by
+//! limit). Every other setting is read only at start: each one that changed is logged,
 //! one warning naming it, and left as it was ([`super::restart_only`]). An invalid new config is
 //! refused with its reason logged, and the running config stays in force.
 //!
@@ -109,8 +111,9 @@ impl Reloader {
             tracing::warn!("config reload: {setting} changed but is read only at start; not applied until a restart");
         }
         let old_store = self.keys.load();
-        let store = KeyStore::build(
+        let store = KeyStore::build_with(
             &new.keys,
+            &new.budgets,
             Some(&old_store),
             old_store.clock(),
             &self.metrics,
@@ -138,14 +141,17 @@ impl Reloader {
             .iter()
             .filter_map(|name| store.get(name).cloned())
             .collect();
+        // Every group's gauges: a group added, or whose quotas changed, has new series.
+        let groups = store.groups().cloned().collect();
         self.keys.store(Arc::new(store));
         // A reload is run from the runtime (SIGHUP, the file watcher) or from a test's.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let backend = self.backend.clone();
-            runtime.spawn(async move { backend.publish_windows(added).await });
+            runtime.spawn(async move { backend.publish_windows(added, groups).await });
         }
         current.keys = new.keys;
         current.upstreams = new.upstreams;
+        current.budgets = new.budgets;
         Ok(summary)
     }
 

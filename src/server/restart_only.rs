@@ -2,10 +2,10 @@
 //! connection limits, state, ledger, workers, the admin token), named
 //! by their config key so that a reload can log each one that changed and was left as it was.
 //!
-//! What a reload does apply, and so is not listed: keys and policies, the upstream pools (their
-//! models, endpoints, balance, ejection, health checks and client settings; requests in flight
-//! on a removed endpoint finish there), and the certificate files of a listener that already has
-//! TLS.
+//! What a reload does apply, and so is not listed: keys and policies, prices and groups, the
+//! upstream pools (their models, endpoints, balance, ejection, health checks and client settings;
+//! requests in flight on a removed endpoint finish there), and the certificate files of a
+//! listener that already has TLS.
 //!
 //! Every field of the runtime config is destructured here without `..`: a new setting does not
 //! compile until it says whether a reload applies it.
@@ -21,6 +21,8 @@ pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
         server,
         upstreams: _,
         keys: _,
+        // Prices and groups apply to new requests, like keys.
+        budgets: _,
         state,
         ledger,
     } = current;

@@ -35,7 +35,7 @@ impl Clock {
     }
 
     /// A manual clock whose wall time starts at `wall`.
-    pub(crate) fn manual_at(wall: SystemTime) -> Clock {
+    pub fn manual_at(wall: SystemTime) -> Clock {
         Clock {
             origin: Instant::now(),
             wall_origin: wall,

@@ -14,9 +14,11 @@
 //! - A corrupt or unreadable state file stops the start with a clear error ([`LocalStateError`],
 //!   which callers put in context); it is never silently replaced by zero usage.
 //!
-//! Windows are fixed and aligned to multiples of their length since the Unix epoch, in UTC: `1m`
+//! Fixed windows are aligned to multiples of their length since the Unix epoch, in UTC: `1m`
 //! resets on the minute, `1h` on the hour, `1d` at 00:00 UTC, `30d` every 30 days counted from
-//! 1970-01-01 (so not on the 1st of a month).
+//! 1970-01-01 (so not on the 1st of a month); `week` resets on Monday 00:00 UTC and `month` on the
+//! 1st at 00:00 UTC (see [`super::window`]). A key's windows and its group's are reserved in under
+//! the one lock, all of them or none.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -27,15 +29,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{QuotaDenied, Reservation, WindowStatus};
-use crate::config::Quota;
+use super::{window, Amounts, QuotaDenied, Reservation, Scope, Window, WindowId, WindowStatus};
+use crate::config::{Period, Unit};
 use crate::state::clock::Clock;
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct WindowKey {
-    key: Arc<str>,
-    per_secs: u64,
-}
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Counter {
@@ -46,7 +42,7 @@ struct Counter {
 }
 
 pub struct LocalState {
-    windows: Mutex<HashMap<WindowKey, Counter>>,
+    windows: Mutex<HashMap<WindowId, Counter>>,
     clock: Clock,
     path: Option<PathBuf>,
     dirty: AtomicBool,
@@ -58,12 +54,63 @@ struct Snapshot {
     windows: Vec<SnapshotWindow>,
 }
 
+/// One window in the file. Version 1 files (before groups, cost and calendar windows) have only
+/// `key`, `per_secs`, `start` and `used`: the other fields default to a key's token window.
 #[derive(Serialize, Deserialize)]
 struct SnapshotWindow {
+    /// The key's or the group's name.
     key: String,
+    /// The length of a fixed window; 0 for a calendar one (`period`).
     per_secs: u64,
     start: u64,
     used: u64,
+    #[serde(default, skip_serializing_if = "is_key")]
+    group: bool,
+    #[serde(default, skip_serializing_if = "is_tokens")]
+    cost: bool,
+    /// `week` or `month`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    period: Option<String>,
+}
+
+fn is_key(group: &bool) -> bool {
+    !group
+}
+
+fn is_tokens(cost: &bool) -> bool {
+    !cost
+}
+
+impl SnapshotWindow {
+    fn new(id: &WindowId, counter: &Counter) -> SnapshotWindow {
+        let (per_secs, period) = match id.per {
+            Period::Fixed(secs) => (secs.get(), None),
+            calendar => (0, Some(calendar.id())),
+        };
+        SnapshotWindow {
+            key: id.name.to_string(),
+            per_secs,
+            start: counter.start,
+            used: counter.used,
+            group: id.scope == Scope::Group,
+            cost: id.unit == Unit::Cost,
+            period,
+        }
+    }
+
+    /// Its window, or `None` for one this version cannot place (skipped).
+    fn id(&self) -> Option<WindowId> {
+        let per = match &self.period {
+            Some(period) => Period::from_id(period)?,
+            None => Period::from_id(&self.per_secs.to_string())?,
+        };
+        Some(WindowId {
+            scope: if self.group { Scope::Group } else { Scope::Key },
+            name: Arc::from(self.key.as_str()),
+            unit: if self.cost { Unit::Cost } else { Unit::Tokens },
+            per,
+        })
+    }
 }
 
 const SNAPSHOT_VERSION: u32 = 1;
@@ -107,11 +154,6 @@ pub enum LocalStateError {
     Encode(serde_json::Error),
 }
 
-/// The start of the window of length `per_secs` that contains `now`.
-fn window_start(now: u64, per_secs: u64) -> u64 {
-    now - now % per_secs
-}
-
 impl LocalState {
     /// Opens the state at `path` (or keeps it in memory only when `None`), loading what an earlier
     /// run saved.
@@ -139,14 +181,11 @@ impl LocalState {
                         });
                     }
                     for w in snapshot.windows {
-                        if w.per_secs == 0 {
+                        let Some(id) = w.id() else {
                             continue;
-                        }
+                        };
                         windows.insert(
-                            WindowKey {
-                                key: Arc::from(w.key),
-                                per_secs: w.per_secs,
-                            },
+                            id,
                             Counter {
                                 start: w.start,
                                 used: w.used,
@@ -174,30 +213,31 @@ impl LocalState {
         })
     }
 
-    /// Reserves `amount` tokens in every window of `quotas`, or refuses with the window that is
-    /// too full. All windows or none.
+    /// Reserves `need` in every window of `windows` (each in its unit), or refuses with the
+    /// window that is too full (of several, the one that resets last). All windows or none.
     pub(crate) fn reserve(
         &self,
-        key: &Arc<str>,
-        quotas: &[Quota],
-        amount: u64,
+        windows: &[Window],
+        need: Amounts,
     ) -> Result<(Reservation, Vec<WindowStatus>), QuotaDenied> {
         let now = self.clock.unix_secs();
-        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counters = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
         let mut denied: Option<QuotaDenied> = None;
-        for quota in quotas {
-            let counter = current(&mut windows, key, quota, now);
+        for window in windows {
+            let (counter, (start, end)) = current(&mut counters, &window.id, now);
             let taken = counter.used.saturating_add(counter.reserved);
-            if taken.saturating_add(amount) > quota.tokens {
-                let retry_after = Duration::from_secs(counter.start + quota.per_secs() - now);
+            let amount = need.of(window.id.unit);
+            if taken.saturating_add(amount) > window.limit {
+                let retry_after = Duration::from_secs(end - now);
                 let worse = denied.as_ref().is_none_or(|d| retry_after > d.retry_after);
                 if worse {
                     denied = Some(QuotaDenied {
-                        per: quota.per,
-                        limit: quota.tokens,
+                        id: window.id.clone(),
+                        limit: window.limit,
                         used: taken,
                         needed: amount,
                         retry_after,
+                        length: Duration::from_secs(end - start),
                     });
                 }
             }
@@ -205,57 +245,62 @@ impl LocalState {
         if let Some(denied) = denied {
             return Err(denied);
         }
-        let mut starts = Vec::with_capacity(quotas.len());
-        let mut status = Vec::with_capacity(quotas.len());
-        for quota in quotas {
-            let counter = current(&mut windows, key, quota, now);
-            counter.reserved = counter.reserved.saturating_add(amount);
-            starts.push((quota.per_secs(), counter.start));
-            status.push(status_of(quota, counter, now));
+        let mut starts = Vec::with_capacity(windows.len());
+        let mut status = Vec::with_capacity(windows.len());
+        for window in windows {
+            let (counter, bounds) = current(&mut counters, &window.id, now);
+            counter.reserved = counter.reserved.saturating_add(need.of(window.id.unit));
+            starts.push((window.id.clone(), counter.start));
+            status.push(status_of(window, counter, bounds, now));
         }
         Ok((
             Reservation {
-                key: key.clone(),
                 windows: starts,
-                amount,
+                amounts: need,
             },
             status,
         ))
     }
 
-    /// Replaces a reservation by what the request really used. A window that rolled over since
+    /// Replaces a reservation by what the request really used, and returns each window's used
+    /// (settled + reserved) after it, in the reservation's order. A window that rolled over since
     /// the reservation simply forgets it; the usage lands in the window current now.
-    pub(crate) fn settle(&self, reservation: Reservation, used: u64) {
+    pub(crate) fn settle(&self, reservation: Reservation, used: Amounts) -> Vec<u64> {
         let now = self.clock.unix_secs();
-        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        for (per_secs, start) in &reservation.windows {
-            let id = WindowKey {
-                key: reservation.key.clone(),
-                per_secs: *per_secs,
-            };
-            let counter = windows.entry(id).or_default();
-            if counter.start == *start {
-                counter.reserved = counter.reserved.saturating_sub(reservation.amount);
+        let mut counters = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut totals = Vec::with_capacity(reservation.windows.len());
+        for (id, start) in reservation.windows {
+            let unit = id.unit;
+            let (current_start, _) = window::bounds(id.per, now);
+            let counter = counters.entry(id).or_default();
+            if counter.start == start {
+                counter.reserved = counter
+                    .reserved
+                    .saturating_sub(reservation.amounts.of(unit));
             }
-            let current_start = window_start(now, *per_secs);
             if counter.start != current_start {
                 *counter = Counter {
                     start: current_start,
                     ..Counter::default()
                 };
             }
-            counter.used = counter.used.saturating_add(used);
+            counter.used = counter.used.saturating_add(used.of(unit));
+            totals.push(counter.used.saturating_add(counter.reserved));
         }
         self.dirty.store(true, Ordering::Release);
+        totals
     }
 
-    /// Used (settled + reserved) and remaining tokens of each of `quotas` for `key`, now.
-    pub(crate) fn status(&self, key: &Arc<str>, quotas: &[Quota]) -> Vec<WindowStatus> {
+    /// Used (settled + reserved) and remaining of each of `windows`, now.
+    pub(crate) fn status(&self, windows: &[Window]) -> Vec<WindowStatus> {
         let now = self.clock.unix_secs();
-        let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
-        quotas
+        let mut counters = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        windows
             .iter()
-            .map(|quota| status_of(quota, current(&mut windows, key, quota, now), now))
+            .map(|window| {
+                let (counter, bounds) = current(&mut counters, &window.id, now);
+                status_of(window, counter, bounds, now)
+            })
             .collect()
     }
 
@@ -274,12 +319,7 @@ impl LocalState {
                 windows: windows
                     .iter()
                     .filter(|(_, c)| c.used > 0)
-                    .map(|(id, c)| SnapshotWindow {
-                        key: id.key.to_string(),
-                        per_secs: id.per_secs,
-                        start: c.start,
-                        used: c.used,
-                    })
+                    .map(|(id, c)| SnapshotWindow::new(id, c))
                     .collect(),
             }
         };
@@ -314,24 +354,19 @@ impl LocalState {
     }
 }
 
-/// The counter of `key`'s window for `quota` as of `now`, rolled over if its window has passed.
+/// The counter of window `id` as of `now`, rolled over if its window has passed, and the bounds
+/// of the window current now.
 fn current<'a>(
-    windows: &'a mut HashMap<WindowKey, Counter>,
-    key: &Arc<str>,
-    quota: &Quota,
+    counters: &'a mut HashMap<WindowId, Counter>,
+    id: &WindowId,
     now: u64,
-) -> &'a mut Counter {
-    let per_secs = quota.per_secs();
-    let start = window_start(now, per_secs);
-    let counter = windows
-        .entry(WindowKey {
-            key: key.clone(),
-            per_secs,
-        })
-        .or_insert(Counter {
-            start,
-            ..Counter::default()
-        });
+) -> (&'a mut Counter, (u64, u64)) {
+    let bounds = window::bounds(id.per, now);
+    let start = bounds.0;
+    let counter = counters.entry(id.clone()).or_insert(Counter {
+        start,
+        ..Counter::default()
+    });
     if counter.start != start {
         // A new window: what was used is forgotten; reservations of requests still running
         // belonged to the old window and are released there by `settle`.
@@ -340,19 +375,12 @@ fn current<'a>(
             ..Counter::default()
         };
     }
-    counter
+    (counter, bounds)
 }
 
-fn status_of(quota: &Quota, counter: &Counter, now: u64) -> WindowStatus {
+fn status_of(window: &Window, counter: &Counter, bounds: (u64, u64), now: u64) -> WindowStatus {
     let taken = counter.used.saturating_add(counter.reserved);
-    WindowStatus {
-        per: quota.per,
-        limit: quota.tokens,
-        used: taken,
-        reserved: Some(counter.reserved),
-        remaining: quota.tokens.saturating_sub(taken),
-        reset_after: Duration::from_secs(counter.start + quota.per_secs() - now),
-    }
+    WindowStatus::new(window, taken, Some(counter.reserved), bounds, now)
 }
 
 fn probe_writable(path: &Path) -> Result<(), LocalStateError> {
@@ -391,11 +419,19 @@ mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
 
+    use crate::config::Quota;
+
     fn quota(tokens: u64, per_secs: u64) -> Quota {
-        Quota {
-            tokens,
-            per: Duration::from_secs(per_secs),
-        }
+        Quota::tokens(tokens, Duration::from_secs(per_secs))
+    }
+
+    /// Key `k`'s windows of `quotas`.
+    fn windows(quotas: &[Quota]) -> Vec<Window> {
+        Window::of(Scope::Key, &Arc::from("k"), quotas)
+    }
+
+    fn tokens(tokens: u64) -> Amounts {
+        Amounts { tokens, cost: 0 }
     }
 
     /// A manual clock at a whole minute, so windows line up with the test's arithmetic.
@@ -406,15 +442,16 @@ mod tests {
     #[test]
     fn reservations_count_until_settled_and_never_overrun() {
         let state = LocalState::open(None, clock()).expect("memory state");
-        let key: Arc<str> = Arc::from("k");
-        let quotas = [quota(100, 60)];
-        let (a, _) = state.reserve(&key, &quotas, 60).expect("60 of 100");
+        let quotas = windows(&[quota(100, 60)]);
+        let (a, _) = state.reserve(&quotas, tokens(60)).expect("60 of 100");
         let denied = state
-            .reserve(&key, &quotas, 60)
+            .reserve(&quotas, tokens(60))
             .expect_err("120 > 100 while a is in flight");
         assert_eq!((denied.used, denied.limit), (60, 100));
-        state.settle(a, 10);
-        let (_, status) = state.reserve(&key, &quotas, 60).expect("10 used + 60 fits");
+        state.settle(a, tokens(10));
+        let (_, status) = state
+            .reserve(&quotas, tokens(60))
+            .expect("10 used + 60 fits");
         assert_eq!(status[0].used, 70, "settled usage plus the new reservation");
     }
 
@@ -422,13 +459,12 @@ mod tests {
     fn every_window_must_have_room_and_retry_after_is_the_latest_reset() {
         let clock = clock();
         let state = LocalState::open(None, clock.clone()).expect("memory state");
-        let key: Arc<str> = Arc::from("k");
-        let quotas = [quota(100, 60), quota(150, 3600)];
+        let quotas = windows(&[quota(100, 60), quota(150, 3600)]);
         clock.advance(Duration::from_secs(15));
-        let (r, _) = state.reserve(&key, &quotas, 100).expect("fits both");
-        state.settle(r, 100);
+        let (r, _) = state.reserve(&quotas, tokens(100)).expect("fits both");
+        state.settle(r, tokens(100));
         let denied = state
-            .reserve(&key, &quotas, 1)
+            .reserve(&quotas, tokens(1))
             .expect_err("minute window full");
         assert_eq!(
             denied.retry_after,
@@ -437,11 +473,11 @@ mod tests {
         );
         clock.advance(Duration::from_secs(45));
         let (r, _) = state
-            .reserve(&key, &quotas, 50)
+            .reserve(&quotas, tokens(50))
             .expect("new minute, hour has 50 left");
-        state.settle(r, 50);
+        state.settle(r, tokens(50));
         let denied = state
-            .reserve(&key, &quotas, 1)
+            .reserve(&quotas, tokens(1))
             .expect_err("hour window full");
         assert_eq!(
             denied.retry_after,
@@ -455,17 +491,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state").join("tollgate.db");
         let clock = clock();
-        let key: Arc<str> = Arc::from("k");
-        let quotas = [quota(1000, 86_400)];
+        let quotas = windows(&[quota(1000, 86_400)]);
         {
             let state = LocalState::open(Some(path.clone()), clock.clone()).expect("open");
-            let (r, _) = state.reserve(&key, &quotas, 300).expect("reserve");
-            state.settle(r, 123);
+            let (r, _) = state.reserve(&quotas, tokens(300)).expect("reserve");
+            state.settle(r, tokens(123));
             state.flush().expect("flush");
         }
         let state = LocalState::open(Some(path.clone()), clock.clone()).expect("reopen");
         assert_eq!(
-            state.status(&key, &quotas)[0].used,
+            state.status(&quotas)[0].used,
             123,
             "usage survived the restart"
         );
@@ -479,5 +514,82 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("is corrupt"), "{err}");
+    }
+
+    #[test]
+    fn a_key_and_its_group_are_reserved_in_together_or_not_at_all() {
+        let state = LocalState::open(None, clock()).expect("memory state");
+        let group: Arc<str> = Arc::from("team");
+        let cost = |limit| Quota {
+            limit,
+            unit: Unit::Cost,
+            per: Period::Month,
+        };
+        let mut a = windows(&[quota(1000, 3600)]);
+        a.extend(Window::of(Scope::Group, &group, &[cost(500)]));
+        let mut b = Window::of(Scope::Key, &Arc::from("b"), &[cost(10_000)]);
+        b.extend(Window::of(Scope::Group, &group, &[cost(500)]));
+        let need = |tokens, cost| Amounts { tokens, cost };
+        let (held, status) = state.reserve(&a, need(100, 300)).expect("room in both");
+        assert_eq!((status[0].used, status[1].used), (100, 300));
+        let denied = state
+            .reserve(&b, need(1, 300))
+            .expect_err("the group is full");
+        assert_eq!(
+            (denied.id.scope, denied.id.unit),
+            (Scope::Group, Unit::Cost)
+        );
+        assert_eq!(
+            state.status(&b)[0].used,
+            0,
+            "b's own window took nothing from the refused reservation"
+        );
+        state.settle(held, need(40, 120));
+        let status = state.status(&a);
+        assert_eq!((status[0].used, status[1].used), (40, 120), "both settled");
+        let (_, status) = state.reserve(&b, need(1, 300)).expect("room again");
+        assert_eq!(status[1].used, 420, "the group counts both keys");
+    }
+
+    #[test]
+    fn calendar_and_group_windows_survive_a_restart_and_roll_over_on_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let wall = humantime::parse_rfc3339("2024-02-29T23:59:50Z").expect("time");
+        let clock = Clock::manual_at(wall);
+        let mut all = Window::of(
+            Scope::Group,
+            &Arc::from("team"),
+            &[Quota {
+                limit: 1_000,
+                unit: Unit::Cost,
+                per: Period::Month,
+            }],
+        );
+        all.extend(windows(&[Quota {
+            limit: 1_000,
+            unit: Unit::Tokens,
+            per: Period::Week,
+        }]));
+        {
+            let state = LocalState::open(Some(path.clone()), clock.clone()).expect("open");
+            let (held, status) = state
+                .reserve(&all, Amounts { tokens: 5, cost: 7 })
+                .expect("fits");
+            assert_eq!(status[0].reset_after, Duration::from_secs(10), "March 1st");
+            state.settle(held, Amounts { tokens: 3, cost: 6 });
+            state.flush().expect("flush");
+        }
+        let state = LocalState::open(Some(path), clock.clone()).expect("reopen");
+        let status = state.status(&all);
+        assert_eq!((status[0].used, status[1].used), (6, 3), "both kept");
+        clock.advance(Duration::from_secs(10));
+        let status = state.status(&all);
+        assert_eq!(status[0].used, 0, "a new month");
+        assert_eq!(status[0].length, Duration::from_secs(31 * 86_400));
+        assert_eq!(
+            status[1].used, 3,
+            "the same ISO week (Monday 26 Feb to 3 Mar)"
+        );
     }
 }

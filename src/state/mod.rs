@@ -11,6 +11,7 @@
 pub mod clock;
 pub mod local;
 pub mod redis;
+pub mod window;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,36 +21,109 @@ use governor::clock::Clock as _;
 
 use self::local::LocalState;
 use self::redis::{Admit, Lease, RedisState, Reserved, Unavailable};
-use crate::config::{OnError, Quota};
-use crate::keys::{InflightGuard, KeyEntry};
+use crate::config::{OnError, Period, Quota, Unit};
+use crate::keys::{GroupEntry, InflightGuard, KeyEntry, Limiter};
 use crate::observability::metrics::Metrics;
 use crate::state::clock::Clock;
 
-/// Tokens held for one request in each of its key's windows, until settled.
+/// Whose limit a window or a refusal is: the key's own, or its group's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    Key,
+    Group,
+}
+
+impl Scope {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Scope::Key => "key",
+            Scope::Group => "group",
+        }
+    }
+}
+
+/// One counter of usage: a key's or a group's, of tokens or cost, over one window.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WindowId {
+    pub(crate) scope: Scope,
+    /// The key's or the group's name.
+    pub(crate) name: Arc<str>,
+    pub(crate) unit: Unit,
+    pub(crate) per: Period,
+}
+
+/// A counter and its limit: what a reservation must find room in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub(crate) id: WindowId,
+    pub(crate) limit: u64,
+    /// `id.per`'s label (`1h`, `month`), made once: the gauges are set on every request.
+    pub(crate) label: Arc<str>,
+}
+
+impl Window {
+    /// The windows of `quotas` held by `name` in `scope`.
+    pub fn of(scope: Scope, name: &Arc<str>, quotas: &[Quota]) -> Vec<Window> {
+        quotas
+            .iter()
+            .map(|quota| Window {
+                id: WindowId {
+                    scope,
+                    name: name.clone(),
+                    unit: quota.unit,
+                    per: quota.per,
+                },
+                limit: quota.limit,
+                label: Arc::from(quota.per.label()),
+            })
+            .collect()
+    }
+}
+
+/// What a request holds or used, in each unit: tokens, and nano-units of cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amounts {
+    pub tokens: u64,
+    pub cost: u64,
+}
+
+impl Amounts {
+    pub(crate) fn of(self, unit: Unit) -> u64 {
+        match unit {
+            Unit::Tokens => self.tokens,
+            Unit::Cost => self.cost,
+        }
+    }
+}
+
+/// What one request holds in each of its windows (its key's and its group's), until settled.
 #[derive(Debug)]
 pub struct Reservation {
-    pub(crate) key: Arc<str>,
-    /// `(window length in seconds, window start)` for each window reserved in.
-    pub(crate) windows: Vec<(u64, u64)>,
-    pub(crate) amount: u64,
+    /// Each window reserved in, with the start of the window it was reserved in.
+    pub(crate) windows: Vec<(WindowId, u64)>,
+    pub(crate) amounts: Amounts,
 }
 
 /// Why a reservation was refused: the window that had no room.
 #[derive(Debug, Clone)]
 pub struct QuotaDenied {
-    pub(crate) per: Duration,
+    pub(crate) id: WindowId,
     pub(crate) limit: u64,
     /// Settled plus reserved, before this request.
     pub(crate) used: u64,
     /// What this request needed.
     pub(crate) needed: u64,
     pub(crate) retry_after: Duration,
+    /// The window's length now (a month's is 28 to 31 days).
+    pub(crate) length: Duration,
 }
 
-/// One window of a key, now.
+/// One window of a key or a group, now.
 #[derive(Debug, Clone)]
 pub struct WindowStatus {
-    pub(crate) per: Duration,
+    pub(crate) scope: Scope,
+    pub(crate) unit: Unit,
+    pub(crate) per: Period,
     pub(crate) limit: u64,
     /// Settled plus reserved.
     pub(crate) used: u64,
@@ -58,23 +132,49 @@ pub struct WindowStatus {
     pub(crate) reserved: Option<u64>,
     pub(crate) remaining: u64,
     pub(crate) reset_after: Duration,
+    /// The window's length now (a month's is 28 to 31 days).
+    pub(crate) length: Duration,
 }
 
-/// A request's place among its key's requests in flight: a local count always (the
-/// `tollgate_inflight_requests` gauge), and a Redis lease when the limit is shared.
+impl WindowStatus {
+    /// The status of `window` with `used` (settled + reserved) in the window `[start, end)`.
+    pub(crate) fn new(
+        window: &Window,
+        used: u64,
+        reserved: Option<u64>,
+        (start, end): (u64, u64),
+        now: u64,
+    ) -> WindowStatus {
+        WindowStatus {
+            scope: window.id.scope,
+            unit: window.id.unit,
+            per: window.id.per,
+            limit: window.limit,
+            used,
+            reserved,
+            remaining: window.limit.saturating_sub(used),
+            reset_after: Duration::from_secs(end.saturating_sub(now)),
+            length: Duration::from_secs(end - start),
+        }
+    }
+}
+
+/// A request's place among its key's (and its group's) requests in flight: local counts always
+/// (the in-flight gauges), and a Redis lease when a limit is shared.
 pub(crate) struct Slot {
     _local: InflightGuard,
+    _group: Option<InflightGuard>,
     _lease: Option<Lease>,
 }
 
-/// Why a request was not admitted.
+/// Why a request was not admitted, and whose limit refused it.
 pub(crate) enum Refusal {
-    Concurrency,
-    Rate { wait: Duration },
+    Concurrency { scope: Scope },
+    Rate { wait: Duration, scope: Scope },
     Unavailable(Unavailable),
 }
 
-/// A request admitted: its slot, and `(remaining, reset)` of its rate when it has one.
+/// A request admitted: its slot, and `(remaining, reset)` of its key's rate when it has one.
 pub(crate) struct Admission {
     pub(crate) slot: Slot,
     pub(crate) rate: Option<(u32, Duration)>,
@@ -98,8 +198,8 @@ impl Held {
         }
     }
 
-    pub(crate) fn amount(&self) -> u64 {
-        self.reservation.amount
+    pub(crate) fn amounts(&self) -> Amounts {
+        self.reservation.amounts
     }
 }
 
@@ -130,27 +230,35 @@ impl Backend {
         }
     }
 
-    /// Takes a slot and a rate cell for `key`.
+    /// Takes a slot and a rate cell for `key`, and for its group when it has one: both or none.
     pub(crate) async fn admit(&self, key: &KeyEntry) -> Result<Admission, Refusal> {
-        let shared = key.limits.concurrency.is_some() || key.limits.rate.is_some();
+        let group = key.group.as_deref();
+        let shared = key.limits.concurrency.is_some()
+            || key.limits.rate.is_some()
+            || group.is_some_and(|g| g.config.concurrency.is_some() || g.config.rate.is_some());
         if let (Store::Redis { redis, .. }, true) = (&self.store, shared) {
-            let concurrency = key.limits.concurrency.map(|c| c.get());
-            match redis.admit(&key.name, concurrency, key.limits.rate).await {
+            match redis.admit(key).await {
                 Ok(Admit::Admitted { lease, rate }) => {
-                    return key
-                        .inflight
-                        .try_acquire(None)
-                        .map(|local| Admission {
-                            slot: Slot {
-                                _local: local,
-                                _lease: lease,
-                            },
-                            rate,
-                        })
-                        .ok_or(Refusal::Concurrency);
+                    let local = key.inflight.try_acquire(None);
+                    let group_local = group.map(|g| g.inflight.try_acquire(None));
+                    return match (local, group_local) {
+                        (Some(local), None) => Ok((local, None)),
+                        (Some(local), Some(Some(group))) => Ok((local, Some(group))),
+                        _ => Err(Refusal::Concurrency { scope: Scope::Key }),
+                    }
+                    .map(|(local, group)| Admission {
+                        slot: Slot {
+                            _local: local,
+                            _group: group,
+                            _lease: lease,
+                        },
+                        rate,
+                    });
                 }
-                Ok(Admit::ConcurrencyFull) => return Err(Refusal::Concurrency),
-                Ok(Admit::RateLimited { wait }) => return Err(Refusal::Rate { wait }),
+                Ok(Admit::ConcurrencyFull { scope }) => return Err(Refusal::Concurrency { scope }),
+                Ok(Admit::RateLimited { wait, scope }) => {
+                    return Err(Refusal::Rate { wait, scope })
+                }
                 Err(unavailable) if redis.on_error() == OnError::FailClosed => {
                     return Err(Refusal::Unavailable(unavailable))
                 }
@@ -161,49 +269,72 @@ impl Backend {
         self.admit_locally(key)
     }
 
+    /// The key's slot, then its group's; the key's rate, then its group's. A request the group's
+    /// rate refuses has spent one of its key's cells (governor cannot give one back): the error
+    /// is on the side of admitting less, and falls on the key that asked, never on its group.
     fn admit_locally(&self, key: &KeyEntry) -> Result<Admission, Refusal> {
         let local = key
             .inflight
             .try_acquire(key.limits.concurrency)
-            .ok_or(Refusal::Concurrency)?;
+            .ok_or(Refusal::Concurrency { scope: Scope::Key })?;
+        let group = match key.group.as_deref() {
+            Some(group) => Some(group.inflight.try_acquire(group.config.concurrency).ok_or(
+                Refusal::Concurrency {
+                    scope: Scope::Group,
+                },
+            )?),
+            None => None,
+        };
         let rate = match (&key.limiter, key.limits.rate) {
-            (Some(limiter), Some(rate)) => match limiter.check() {
-                Ok(snapshot) => {
-                    let remaining = snapshot.remaining_burst_capacity();
-                    let used = rate.burst.get().saturating_sub(remaining);
-                    Some((remaining, rate.per / rate.requests.get() * used))
-                }
-                Err(not_until) => {
-                    return Err(Refusal::Rate {
-                        wait: not_until.wait_time_from(self.clock.now()),
-                    })
-                }
-            },
+            (Some(limiter), Some(rate)) => {
+                let remaining = self.check_rate(limiter, Scope::Key)?;
+                let used = rate.burst.get().saturating_sub(remaining);
+                Some((remaining, rate.per / rate.requests.get() * used))
+            }
             _ => None,
         };
+        if let Some(limiter) = key
+            .group
+            .as_deref()
+            .and_then(|g: &GroupEntry| g.limiter.as_ref())
+        {
+            self.check_rate(limiter, Scope::Group)?;
+        }
         Ok(Admission {
             slot: Slot {
                 _local: local,
+                _group: group,
                 _lease: None,
             },
             rate,
         })
     }
 
-    /// Reserves `amount` tokens in every window of `quotas`, or says which window has no room.
+    /// One cell of `limiter`: the burst capacity left, or the wait.
+    fn check_rate(&self, limiter: &Limiter, scope: Scope) -> Result<u32, Refusal> {
+        match limiter.check() {
+            Ok(snapshot) => Ok(snapshot.remaining_burst_capacity()),
+            Err(not_until) => Err(Refusal::Rate {
+                wait: not_until.wait_time_from(self.clock.now()),
+                scope,
+            }),
+        }
+    }
+
+    /// Reserves `need` in every window of `windows` (a key's and its group's, tokens and cost),
+    /// or says which window has no room: all of them or none.
     pub async fn reserve(
         &self,
-        key: &Arc<str>,
-        quotas: &[Quota],
-        amount: u64,
+        windows: &[Window],
+        need: Amounts,
     ) -> Result<Result<(Held, Vec<WindowStatus>), QuotaDenied>, Unavailable> {
         let in_process = |state: &LocalState| {
-            let result = state.reserve(key, quotas, amount);
+            let result = state.reserve(windows, need);
             result.map(|(reservation, status)| (Held::new(reservation, true, None), status))
         };
         let result = match &self.store {
             Store::Local(local) => in_process(local),
-            Store::Redis { redis, fallback } => match redis.reserve(key, quotas, amount).await {
+            Store::Redis { redis, fallback } => match redis.reserve(windows, need).await {
                 Ok(result) => result
                     .map(|r: Reserved| (Held::new(r.reservation, false, Some(r.lease)), r.status)),
                 Err(unavailable) if redis.on_error() == OnError::FailClosed => {
@@ -213,35 +344,32 @@ impl Backend {
             },
         };
         if let Ok((_, status)) = &result {
-            self.set_gauges(key, quotas, status.iter().map(|s| s.used));
+            self.set_gauges(windows, status.iter().map(|s| s.used));
         }
         Ok(result)
     }
 
     /// Replaces a reservation by what the request used. Never waits: a Redis settlement runs in
     /// the background (and is kept for later if Redis is away).
-    pub(crate) fn settle(&self, held: Held, used: u64, quotas: &[Quota]) {
-        let key = held.reservation.key.clone();
+    pub fn settle(&self, held: Held, used: Amounts, windows: &[Window]) {
         match &self.store {
             Store::Local(local) => {
-                local.settle(held.reservation, used);
-                let status = local.status(&key, quotas);
-                self.set_gauges(&key, quotas, status.iter().map(|s| s.used));
+                let totals = local.settle(held.reservation, used);
+                self.set_gauges(windows, totals.into_iter());
             }
             Store::Redis { redis, fallback } => {
                 let redis = redis.clone();
                 let metrics = self.metrics.clone();
-                let quotas = quotas.to_vec();
+                let windows = windows.to_vec();
                 let member = held.lease.map(Lease::into_settled);
                 let reservation = if held.local {
                     // Charged locally while Redis was away: settle here, and add the usage to
                     // Redis (now if it is back, or when it returns).
-                    let windows = held.reservation.windows.clone();
+                    let reserved = held.reservation.windows.clone();
                     fallback.settle(held.reservation, used);
                     Reservation {
-                        key: key.clone(),
-                        windows,
-                        amount: 0,
+                        windows: reserved,
+                        amounts: Amounts::default(),
                     }
                 } else {
                     held.reservation
@@ -252,7 +380,7 @@ impl Backend {
                     runtime.spawn(async move {
                         let settled = redis.settle(&reservation, member.as_deref(), used).await;
                         if let Ok(totals) = settled {
-                            set_gauges(&metrics, &reservation.key, &quotas, totals.into_iter());
+                            set_gauges(&metrics, &windows, totals.into_iter());
                         }
                         settling.fetch_sub(1, Ordering::AcqRel);
                     });
@@ -263,34 +391,42 @@ impl Backend {
         }
     }
 
-    fn set_gauges(&self, key: &str, quotas: &[Quota], used: impl Iterator<Item = u64>) {
-        set_gauges(&self.metrics, key, quotas, used);
+    fn set_gauges(&self, windows: &[Window], used: impl Iterator<Item = u64>) {
+        set_gauges(&self.metrics, windows, used);
     }
 
-    /// Each window of `quotas` for `key`, now (for the admin API).
+    /// Each window of `windows`, now (for the admin API).
     pub(crate) async fn status(
         &self,
-        key: &Arc<str>,
-        quotas: &[Quota],
+        windows: &[Window],
     ) -> Result<Vec<WindowStatus>, Unavailable> {
         match &self.store {
-            Store::Local(local) => Ok(local.status(key, quotas)),
-            Store::Redis { redis, .. } => redis.status(key, quotas).await,
+            Store::Local(local) => Ok(local.status(windows)),
+            Store::Redis { redis, .. } => redis.status(windows).await,
         }
     }
 
-    /// Sets `tollgate_quota_used_tokens` for every window of `keys` from the state, so that each
-    /// series exists, at its true value, before the key's first request (a restart with usage in
-    /// the state file must not show 0). A window the state cannot tell now is left to the key's
-    /// first request.
-    pub(crate) async fn publish_windows(&self, keys: Vec<Arc<KeyEntry>>) {
-        for key in keys {
-            let quotas = &key.limits.quotas;
-            if quotas.is_empty() {
+    /// Sets the used-in-window gauges of every window of `keys` and of `groups` from the state,
+    /// so that each series exists, at its true value, before the first request (a restart with
+    /// usage in the state file must not show 0). A window the state cannot tell now is left to
+    /// the first request.
+    pub(crate) async fn publish_windows(
+        &self,
+        keys: Vec<Arc<KeyEntry>>,
+        groups: Vec<Arc<GroupEntry>>,
+    ) {
+        let own = keys
+            .iter()
+            .map(|key| Window::of(Scope::Key, &key.name, &key.limits.quotas));
+        let shared = groups
+            .iter()
+            .map(|group| Window::of(Scope::Group, &group.name, &group.config.quotas));
+        for windows in own.chain(shared) {
+            if windows.is_empty() {
                 continue;
             }
-            if let Ok(windows) = self.status(&key.name, quotas).await {
-                self.set_gauges(&key.name, quotas, windows.iter().map(|w| w.used));
+            if let Ok(status) = self.status(&windows).await {
+                self.set_gauges(&windows, status.iter().map(|w| w.used));
             }
         }
     }
@@ -340,12 +476,11 @@ impl Backend {
     }
 }
 
-/// Sets `tollgate_quota_used_tokens` for each of a key's windows.
-fn set_gauges(metrics: &Metrics, key: &str, quotas: &[Quota], used: impl Iterator<Item = u64>) {
-    for (quota, used) in quotas.iter().zip(used) {
-        metrics
-            .quota_used_tokens
-            .with_label_values(&[key, quota.label().as_str()])
-            .set(i64::try_from(used).unwrap_or(i64::MAX));
+/// Sets each window's used-in-window gauge: `tollgate_quota_used_tokens`,
+/// `tollgate_quota_used_cost`, `tollgate_group_quota_used_tokens` or
+/// `tollgate_group_quota_used_cost`.
+fn set_gauges(metrics: &Metrics, windows: &[Window], used: impl Iterator<Item = u64>) {
+    for (window, used) in windows.iter().zip(used) {
+        metrics.set_window_used(&window.id, &window.label, used);
     }
 }

@@ -645,15 +645,29 @@ async fn mixed_workload(upstream: &MockUpstream) -> Export {
             "tg-o",
             "max_tokens = 100\nquotas = [{ tokens = 100000, per = \"1d\" }]",
         ),
+        // A key in a group, with a cost window of its own: the budgets' series.
+        key_entry(
+            "b",
+            "tg-b",
+            "group = \"team\"\nmax_tokens = 50\nquotas = [{ cost = 5.0, per = \"month\" }]",
+        ),
     ]
     .concat();
+    let budgets = "[pricing]\nmodels = [{ model = \"*\", prompt = 1.0, completion = 2.0 }]\n\
+                   [groups.team]\nconcurrency = 4\n\
+                   quotas = [{ cost = 50.0, per = \"month\" }, { tokens = 100000, per = \"week\" }]\n";
     // /dev/full takes the open and fails every write: lost ledger lines.
     let ledger = if std::path::Path::new("/dev/full").exists() {
         "[ledger]\npath = \"/dev/full\"\n"
     } else {
         ""
     };
-    let toml = common::config_toml(&upstream.url(), "", "", &format!("{keys}\n{ledger}"));
+    let toml = common::config_toml(
+        &upstream.url(),
+        "",
+        "",
+        &format!("{budgets}\n{keys}\n{ledger}"),
+    );
     let gateway = TestGateway::start_toml(&toml).await;
     let base = gateway.url();
     let bearer = |token: &'static str| ("authorization", token);
@@ -691,12 +705,13 @@ async fn mixed_workload(upstream: &MockUpstream) -> Export {
             vec![bearer("Bearer tg-o"), ("x-mock-chunks", "60")],
             200,
         ),
+        (CHAT, chat(5, true), vec![bearer("Bearer tg-b")], 200),
     ];
     for (path, body, headers, expected) in cases {
         let status = send(&base, path, body.clone(), &headers).await;
         assert_eq!(status, expected, "{path} {body} {headers:?}");
     }
-    for key in ["test", "q", "o"] {
+    for key in ["test", "q", "o", "b"] {
         let idle = format!("tollgate_inflight_requests{{key=\"{key}\"}} 0");
         assert!(
             gateway

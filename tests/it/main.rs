@@ -5,6 +5,7 @@ mod common;
 
 mod accounting;
 mod binary;
+mod budgets;
 mod connections;
 mod console;
 mod dashboard;

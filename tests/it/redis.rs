@@ -785,6 +785,7 @@ async fn a_client_leaving_during_a_slow_admission_leaves_no_slot_taken() {
 async fn a_reservation_is_given_back_once_whether_it_lapsed_settled_or_was_dropped() {
     use std::sync::Arc;
     use tollgate::state::redis::RedisState;
+    use tollgate::state::{Amounts, Scope, Window};
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -806,14 +807,13 @@ async fn a_reservation_is_given_back_once_whether_it_lapsed_settled_or_was_dropp
     let metrics = Arc::new(tollgate::observability::metrics::Metrics::new());
     // No renewer runs: every lease lapses after 1 s, as a dead replica's would.
     let state = Arc::new(RedisState::connect(redis_config, metrics).expect("client"));
-    let quotas = &config.keys[0].limits.quotas;
     let name: Arc<str> = Arc::from("l");
-    let reserve = |amount| {
+    let windows = &Window::of(Scope::Key, &name, &config.keys[0].limits.quotas);
+    let reserve = |tokens| {
         let state = state.clone();
-        let name = name.clone();
         async move {
             state
-                .reserve(&name, quotas, amount)
+                .reserve(windows, Amounts { tokens, cost: 0 })
                 .await
                 .expect("Redis answers")
         }
@@ -830,7 +830,14 @@ async fn a_reservation_is_given_back_once_whether_it_lapsed_settled_or_was_dropp
     // Settling the lapsed one charges its usage and gives back nothing more.
     let member = lapsed.lease.into_settled();
     state
-        .settle(&lapsed.reservation, Some(&member), 50)
+        .settle(
+            &lapsed.reservation,
+            Some(&member),
+            Amounts {
+                tokens: 50,
+                cost: 0,
+            },
+        )
         .await
         .expect("settled");
     assert_eq!(hget(&redis, window, "used"), 50, "its usage is charged");

@@ -57,13 +57,28 @@ fn write_ledger(path: &Path) -> String {
                 When::Recent => recent.clone(),
                 When::At(time) => time.to_owned(),
             };
-            json!({
-                "time": time, "request_id": format!("r{i}"), "key": e.1, "model": e.2,
-                "endpoint": "chat_completions", "status": e.3, "prompt_tokens": e.4,
-                "completion_tokens": e.5, "source": e.6, "duration_ms": e.7, "ttft_ms": e.8,
-                "outcome": e.9,
+            // Groups as a config would give them; costs at 1 and 2 per million tokens, written
+            // as the gateway writes them (an exact decimal); carol's line predates both fields.
+            let group = if e.1 == "carol" { None } else { Some("team-a") };
+            let mut line = json!({
+                "time": time, "request_id": format!("r{i}"), "key": e.1, "group": group,
+                "model": e.2, "endpoint": "chat_completions", "status": e.3,
+                "prompt_tokens": e.4, "completion_tokens": e.5, "source": e.6,
+                "duration_ms": e.7, "ttft_ms": e.8, "outcome": e.9,
             })
-            .to_string()
+            .to_string();
+            if e.1 != "carol" {
+                line = line.replace(
+                    "\"endpoint\"",
+                    &format!(
+                        "\"cost\":{},\"endpoint\"",
+                        nano_text(e.4 * 1000 + e.5 * 2000)
+                    ),
+                );
+            } else {
+                line = line.replace("\"group\":null,", "");
+            }
+            line
         })
         .collect();
     let malformed = [
@@ -81,6 +96,17 @@ fn write_ledger(path: &Path) -> String {
     }
     std::fs::write(path, lines.join("\n") + "\n").expect("write the ledger");
     recent[..10].to_owned()
+}
+
+/// Nano-units as the ledger writes them: an exact decimal without trailing zeros.
+fn nano_text(nano: u64) -> String {
+    let fraction = format!("{:09}", nano % 1_000_000_000);
+    let fraction = fraction.trim_end_matches('0');
+    if fraction.is_empty() {
+        (nano / 1_000_000_000).to_string()
+    } else {
+        format!("{}.{fraction}", nano / 1_000_000_000)
+    }
 }
 
 /// Runs `tollgate usage --ledger PATH ARGS…`: (success, stdout, stderr).
@@ -112,15 +138,16 @@ fn the_table_by_key_has_exact_figures_a_total_row_and_counts_malformed_lines() {
     let (ok, stdout, stderr) = usage(&path, &[]);
     assert!(ok, "{stderr}");
     // alice: durations 60, 120, 250, 900 → p50 120, p99 900; 1 error of 4; 40 of 1990 tokens
-    // estimated. total: 3 errors of 7; 80 of 2130 tokens estimated.
+    // estimated; 1310 × 1000 + 680 × 2000 nano-units. total: 3 errors of 7; 80 of 2130 tokens
+    // estimated; carol's line has no cost.
     let expected = "\
-key    requests  errors  error_pct  prompt_tokens  completion_tokens  estimated_pct  p50_ms  p99_ms  ttft_p50_ms  ttft_p99_ms
------  --------  ------  ---------  -------------  -----------------  -------------  ------  ------  -----------  -----------
-alice         4       1       25.0           1310                680            2.0     120     900           35           40
-bob           2       2      100.0             20                 20          100.0      15    1500          300          300
-carol         1       0        0.0             40                 60            0.0    2340    2340         1230         1230
------  --------  ------  ---------  -------------  -----------------  -------------  ------  ------  -----------  -----------
-total         7       3       42.9           1370                760            3.8     250    2340           40         1230
+key    requests  errors  error_pct  prompt_tokens  completion_tokens         cost  estimated_pct  p50_ms  p99_ms  ttft_p50_ms  ttft_p99_ms
+-----  --------  ------  ---------  -------------  -----------------  -----------  -------------  ------  ------  -----------  -----------
+alice         4       1       25.0           1310                680  0.002670000            2.0     120     900           35           40
+bob           2       2      100.0             20                 20  0.000060000          100.0      15    1500          300          300
+carol         1       0        0.0             40                 60  0.000000000            0.0    2340    2340         1230         1230
+-----  --------  ------  ---------  -------------  -----------------  -----------  -------------  ------  ------  -----------  -----------
+total         7       3       42.9           1370                760  0.002730000            3.8     250    2340           40         1230
 ";
     assert_eq!(stdout, expected);
     assert!(
@@ -136,12 +163,12 @@ fn since_leaves_out_older_lines() {
     assert!(ok, "{stderr}");
     // alice: 120, 250, 900; 40 of 490 tokens estimated. total: 15, 120, 250, 900, 1500.
     let expected = "\
-key    requests  errors  error_pct  prompt_tokens  completion_tokens  estimated_pct  p50_ms  p99_ms  ttft_p50_ms  ttft_p99_ms
------  --------  ------  ---------  -------------  -----------------  -------------  ------  ------  -----------  -----------
-alice         3       1       33.3            310                180            8.2     250     900           35           40
-bob           2       2      100.0             20                 20          100.0      15    1500          300          300
------  --------  ------  ---------  -------------  -----------------  -------------  ------  ------  -----------  -----------
-total         5       3       60.0            330                200           15.1     250    1500           40          300
+key    requests  errors  error_pct  prompt_tokens  completion_tokens         cost  estimated_pct  p50_ms  p99_ms  ttft_p50_ms  ttft_p99_ms
+-----  --------  ------  ---------  -------------  -----------------  -----------  -------------  ------  ------  -----------  -----------
+alice         3       1       33.3            310                180  0.000670000            8.2     250     900           35           40
+bob           2       2      100.0             20                 20  0.000060000          100.0      15    1500          300          300
+-----  --------  ------  ---------  -------------  -----------------  -----------  -------------  ------  ------  -----------  -----------
+total         5       3       60.0            330                200  0.000730000           15.1     250    1500           40          300
 ";
     assert_eq!(stdout, expected);
 }
@@ -155,7 +182,7 @@ fn csv_by_day_parses_with_a_header_and_empty_fields_for_missing_figures() {
     let header: Vec<&str> = lines.next().expect("a header row").split(',').collect();
     assert_eq!(
         header.join(","),
-        "day,requests,errors,error_pct,prompt_tokens,completion_tokens,estimated_pct,\
+        "day,requests,errors,error_pct,prompt_tokens,completion_tokens,cost,estimated_pct,\
          p50_ms,p99_ms,ttft_p50_ms,ttft_p99_ms"
     );
     let records: Vec<HashMap<&str, &str>> = lines
@@ -177,15 +204,15 @@ fn csv_by_day_parses_with_a_header_and_empty_fields_for_missing_figures() {
     // No stream on 2024-01-15: empty time-to-first-token fields.
     assert_eq!(
         figures(&records[0]).join(","),
-        "1,0,0.0,1000,500,0.0,60,60,,"
+        "1,0,0.0,1000,500,0.002000000,0.0,60,60,,"
     );
     assert_eq!(
         figures(&records[1]).join(","),
-        "1,0,0.0,40,60,0.0,2340,2340,1230,1230"
+        "1,0,0.0,40,60,0.000000000,0.0,2340,2340,1230,1230"
     );
     assert_eq!(
         figures(&records[2]).join(","),
-        "5,3,60.0,330,200,15.1,250,1500,40,300"
+        "5,3,60.0,330,200,0.000730000,15.1,250,1500,40,300"
     );
 }
 
@@ -200,12 +227,12 @@ fn json_by_model_is_an_array_of_objects() {
         json!([
             {
                 "model": "m1", "requests": 4, "errors": 1, "error_pct": 25.0,
-                "prompt_tokens": 1300, "completion_tokens": 650, "estimated_pct": 0.0,
+                "prompt_tokens": 1300, "completion_tokens": 650, "cost": 0.0026, "estimated_pct": 0.0,
                 "p50_ms": 60.0, "p99_ms": 250.0, "ttft_p50_ms": 40.0, "ttft_p99_ms": 40.0
             },
             {
                 "model": "m2", "requests": 3, "errors": 2, "error_pct": 66.67,
-                "prompt_tokens": 70, "completion_tokens": 110, "estimated_pct": 44.44,
+                "prompt_tokens": 70, "completion_tokens": 110, "cost": 0.00013, "estimated_pct": 44.44,
                 "p50_ms": 1500.0, "p99_ms": 2340.0, "ttft_p50_ms": 300.0, "ttft_p99_ms": 1230.0
             }
         ])
@@ -237,8 +264,24 @@ fn the_ledger_can_come_on_stdin() {
     assert_eq!(
         stdout.lines().skip(1).collect::<Vec<_>>(),
         [
-            "alice,3,1,33.3,310,180,8.2,250,900,35,40",
-            "bob,2,2,100.0,20,20,100.0,15,1500,300,300"
+            "alice,3,1,33.3,310,180,0.000670000,8.2,250,900,35,40",
+            "bob,2,2,100.0,20,20,0.000060000,100.0,15,1500,300,300"
+        ]
+    );
+}
+
+#[test]
+fn by_group_sums_each_teams_cost_exactly_and_puts_keys_without_one_under_none() {
+    let (_dir, path, _) = ledger();
+    let (ok, stdout, stderr) = usage(&path, &["--by", "group", "--format", "csv"]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        rows,
+        [
+            "group,requests,errors,error_pct,prompt_tokens,completion_tokens,cost,estimated_pct,p50_ms,p99_ms,ttft_p50_ms,ttft_p99_ms",
+            "(none),1,0,0.0,40,60,0.000000000,0.0,2340,2340,1230,1230",
+            "team-a,6,3,50.0,1330,700,0.002730000,3.9,120,1500,40,300",
         ]
     );
 }

@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::accounting::cost::Cost;
+
 /// One finished request.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct LedgerEntry {
@@ -14,6 +16,8 @@ pub(crate) struct LedgerEntry {
     pub(crate) time: String,
     pub(crate) request_id: String,
     pub(crate) key: String,
+    /// The key's group (`null` without one).
+    pub(crate) group: Option<String>,
     pub(crate) model: String,
     pub(crate) endpoint: &'static str,
     /// The upstream pool's name (`none` for a request no pool served).
@@ -21,6 +25,9 @@ pub(crate) struct LedgerEntry {
     pub(crate) status: u16,
     pub(crate) prompt_tokens: u64,
     pub(crate) completion_tokens: u64,
+    /// prompt × prompt price + completion × completion price, in currency units, printed exactly
+    /// from nano-units (`0.000135`); `null` when the price table has no price for the model.
+    pub(crate) cost: Option<Cost>,
     /// `reported` by the upstream, or `estimated` by the gateway.
     pub(crate) source: &'static str,
     pub(crate) duration_ms: f64,
@@ -56,12 +63,14 @@ pub(crate) fn sample_entry(n: u64) -> LedgerEntry {
         time: now_rfc3339(),
         request_id: format!("r{n}"),
         key: "k".into(),
+        group: None,
         model: "m".into(),
         endpoint: "chat_completions",
         upstream: "default".into(),
         status: 200,
         prompt_tokens: n,
         completion_tokens: 1,
+        cost: None,
         source: "reported",
         duration_ms: 1.0,
         ttft_ms: None,

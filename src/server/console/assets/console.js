@@ -16,6 +16,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const PAGES = {
   overview: drawOverview,
   keys: drawKeys,
+  groups: drawGroups,
   upstreams: drawUpstreams,
   requests: drawRequests,
 };
@@ -51,6 +52,11 @@ function svg(tag, attrs) {
 
 function number(n) {
   return n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US", { maximumFractionDigits: 2 });
+}
+
+// A cost in currency units: up to 6 decimals (the API has the exact figure).
+function money(n) {
+  return n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US", { maximumFractionDigits: 6 });
 }
 
 function milliseconds(ms) {
@@ -289,23 +295,55 @@ function keyCard(key) {
     el("header", {}, el("h2", {}, key.name), el("span", { class: "inflight" }, inflight)),
     el("dl", {}, rows.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])),
     windows.length ? windows.map((w) => quotaBar(key.name, w)) : el("p", { class: "muted" },
-      key.windows && key.windows.error ? "Quota state unavailable: " + key.windows.error : "No token quota."));
+      key.windows && key.windows.error ? "Quota state unavailable: " + key.windows.error : "No quota of its own."));
 }
 
 function quotaBar(name, w) {
+  const cost = w.unit === "cost";
+  const figure = cost ? money : number;
+  const units = cost ? "" : " tokens";
   const reserved = w.reserved || 0;
   const settled = Math.max(0, w.used - reserved);
   const share = (n) => (w.limit > 0 ? Math.min(100, (n / w.limit) * 100) : 0);
   const bar = svg("svg", { class: "bar", viewBox: "0 0 100 10", preserveAspectRatio: "none", role: "meter",
     "aria-valuemin": "0", "aria-valuemax": String(w.limit), "aria-valuenow": String(w.used),
-    "aria-label": w.window + " window: " + number(w.used) + " of " + number(w.limit) + " tokens" });
+    "aria-label": w.window + " " + (w.unit || "tokens") + " window: " + figure(w.used) + " of " + figure(w.limit) + units });
   bar.append(svg("rect", { class: "used", x: "0", y: "0", height: "10", width: share(settled).toFixed(2) }));
   bar.append(svg("rect", { class: "reserved", x: share(settled).toFixed(2), y: "0", height: "10", width: share(reserved).toFixed(2) }));
-  return el("div", { class: "window", "data-window": w.window, "data-used": w.used, "data-reserved": reserved, "data-limit": w.limit },
+  return el("div", { class: "window", "data-window": w.window, "data-unit": w.unit || "tokens", "data-used": w.used, "data-reserved": reserved, "data-limit": w.limit },
     el("div", { class: "line" },
-      el("span", {}, el("strong", {}, w.window), " · " + number(settled) + " used" + (reserved ? " + " + number(reserved) + " reserved" : "") + " of " + number(w.limit)),
+      el("span", {}, el("strong", {}, w.window + (cost ? " cost" : "")), " · " + figure(settled) + " used" + (reserved ? " + " + figure(reserved) + " reserved" : "") + " of " + figure(w.limit) + units),
       el("span", { class: "muted" }, "resets in " + duration(w.reset_seconds))),
     bar);
+}
+
+// === Groups ===
+
+function drawGroups(page, data) {
+  const groups = data.groups || [];
+  page.replaceChildren(
+    el("h1", {}, "Groups ", el("span", { class: "muted" }, "· limits their keys share")),
+    groups.length === 0 ? el("p", { class: "muted" }, "No group configured.") :
+      el("div", { class: "cards" }, groups.map(groupCard)));
+}
+
+function groupCard(group) {
+  const limits = group.limits || {};
+  const rate = limits.rate ? number(limits.rate.requests) + " per " + duration(limits.rate.per_seconds) + ", burst " + number(limits.rate.burst) : "none";
+  const inflight = number(group.inflight) + (limits.concurrency ? " of " + number(limits.concurrency) : "") + " in flight";
+  const members = group.members || [];
+  const rows = [
+    ["Keys", members.length ? members.join(", ") : "none"],
+    ["Rate", rate],
+    ["Concurrency", limits.concurrency ? number(limits.concurrency) : "no limit"],
+    ["Currency", limits.currency || "–"],
+  ];
+  const windows = Array.isArray(group.windows) ? group.windows : [];
+  return el("article", { class: "card", "data-group": group.name },
+    el("header", {}, el("h2", {}, group.name), el("span", { class: "inflight" }, inflight)),
+    el("dl", {}, rows.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])),
+    windows.length ? windows.map((w) => quotaBar(group.name, w)) : el("p", { class: "muted" },
+      group.windows && group.windows.error ? "Quota state unavailable: " + group.windows.error : "No quota."));
 }
 
 // === Upstreams ===
@@ -337,16 +375,18 @@ function drawUpstreams(page, data) {
 
 function drawRequests(page, data) {
   const requests = data.requests || [];
-  const columns = ["Time", "Key", "Model", "Endpoint", "Status", "Prompt", "Completion", "Tokens from", "Duration", "First token", "Outcome", "Request id"];
-  const numeric = new Set(["Status", "Prompt", "Completion", "Duration", "First token"]);
+  const columns = ["Time", "Key", "Group", "Model", "Endpoint", "Status", "Prompt", "Completion", "Cost", "Tokens from", "Duration", "First token", "Outcome", "Request id"];
+  const numeric = new Set(["Status", "Prompt", "Completion", "Cost", "Duration", "First token"]);
   const row = (r) => el("tr", {},
     el("td", {}, clock(new Date(r.time))),
     el("td", {}, r.key),
+    el("td", {}, r.group || "–"),
     el("td", {}, r.model),
     el("td", {}, r.endpoint),
     el("td", { class: "num" }, r.status),
     el("td", { class: "num" }, number(r.prompt_tokens)),
     el("td", { class: "num" }, number(r.completion_tokens)),
+    el("td", { class: "num" }, money(r.cost)),
     el("td", {}, r.source),
     el("td", { class: "num" }, milliseconds(r.duration_ms)),
     el("td", { class: "num" }, milliseconds(r.ttft_ms)),

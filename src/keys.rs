@@ -7,6 +7,13 @@
 //! counted against the new limits. The counts live in a registry that every table hands on to
 //! the next and that holds them only weakly: a key removed while its requests still run, then
 //! added back, finds the count they hold; a count nothing holds any more is forgotten.
+//!
+//! Keys come from the config file and from the admin API ([`registry`], which puts both into
+//! one table); a token of a key being rotated may carry the Unix second at which it stops
+//! working, checked at every lookup so that the grace ends on time without a rebuild.
+
+pub(crate) mod follow;
+pub(crate) mod registry;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -41,9 +48,20 @@ pub(crate) fn generate_token() -> Result<String, ring::error::Unspecified> {
 
 pub(crate) type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
+/// Where a key is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum KeyOrigin {
+    /// The config file: read-only through the admin API.
+    Config,
+    /// The admin API (stored where the state lives).
+    Api,
+}
+
 /// One configured key, as the request layers see it.
 pub struct KeyEntry {
     pub name: Arc<str>,
+    pub(crate) origin: KeyOrigin,
     pub(crate) limits: Limits,
     /// Present when the key has a rate limit.
     pub(crate) limiter: Option<Arc<Limiter>>,
@@ -52,7 +70,7 @@ pub struct KeyEntry {
 
 /// The table the auth layer reads; replaced whole on reload.
 pub struct KeyStore {
-    by_hash: HashMap<[u8; 32], Arc<KeyEntry>>,
+    by_hash: HashMap<[u8; 32], Token>,
     by_name: HashMap<Arc<str>, Arc<KeyEntry>>,
     inflight: Arc<InflightRegistry>,
     clock: Clock,
@@ -89,6 +107,23 @@ impl InflightRegistry {
 
 pub(crate) type SharedKeys = Arc<ArcSwap<KeyStore>>;
 
+/// One token of a key, by its hash.
+struct Token {
+    key: Arc<KeyEntry>,
+    /// The Unix second from which it is refused (the end of a rotation's grace); `u64::MAX`:
+    /// never.
+    until: u64,
+}
+
+/// A key as a table is built from it: its config, where it is defined, and for each of its
+/// hashes (in the order of `config.sha256`) the Unix second it stops working, where it does.
+pub(crate) struct KeySpec<'a> {
+    pub(crate) config: &'a KeyConfig,
+    pub(crate) origin: KeyOrigin,
+    /// Empty: every hash works until the key is removed.
+    pub(crate) until: &'a [Option<u64>],
+}
+
 impl KeyStore {
     /// Builds the table for `keys`, carrying over limiter state from `previous` where a key of
     /// the same name is in both, and in-flight counts from every earlier table (see the module
@@ -99,11 +134,27 @@ impl KeyStore {
         clock: &Clock,
         metrics: &Metrics,
     ) -> KeyStore {
+        let specs = keys.iter().map(|config| KeySpec {
+            config,
+            origin: KeyOrigin::Config,
+            until: &[],
+        });
+        KeyStore::assemble(specs, previous, clock, metrics)
+    }
+
+    /// [`KeyStore::build`] for keys of any origin.
+    pub(crate) fn assemble<'a>(
+        keys: impl ExactSizeIterator<Item = KeySpec<'a>>,
+        previous: Option<&KeyStore>,
+        clock: &Clock,
+        metrics: &Metrics,
+    ) -> KeyStore {
         let mut by_hash = HashMap::with_capacity(keys.len());
         let mut by_name = HashMap::with_capacity(keys.len());
         let registry = previous.map_or_else(Arc::default, |store| store.inflight.clone());
         registry.prune();
-        for key in keys {
+        for spec in keys {
+            let key = spec.config;
             let old = previous.and_then(|store| store.by_name.get(&key.name));
             let limiter = match (key.limits.rate, old) {
                 (None, _) => None,
@@ -114,12 +165,18 @@ impl KeyStore {
             let inflight = registry.get(&key.name, metrics);
             let entry = Arc::new(KeyEntry {
                 name: key.name.clone(),
+                origin: spec.origin,
                 limits: key.limits.clone(),
                 limiter,
                 inflight,
             });
-            for digest in &key.sha256 {
-                by_hash.insert(*digest, entry.clone());
+            for (i, digest) in key.sha256.iter().enumerate() {
+                let until = spec.until.get(i).copied().flatten().unwrap_or(u64::MAX);
+                let token = Token {
+                    key: entry.clone(),
+                    until,
+                };
+                by_hash.insert(*digest, token);
             }
             by_name.insert(key.name.clone(), entry);
         }
@@ -138,7 +195,10 @@ impl KeyStore {
 
     /// The key a bearer token belongs to.
     pub(crate) fn lookup(&self, token: &[u8]) -> Option<&Arc<KeyEntry>> {
-        self.by_hash.get(&hash_token(token))
+        let found = self.by_hash.get(&hash_token(token))?;
+        // Only a token in a rotation's grace reads the clock.
+        let valid = found.until == u64::MAX || self.clock.unix_secs() < found.until;
+        valid.then_some(&found.key)
     }
 
     pub(crate) fn clock(&self) -> &Clock {

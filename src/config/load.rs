@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::keys::resolve_keys;
+use super::keys::{resolve_keys, Policies};
 use super::raw::{RawServer, RawState, RawTls, RawUpstream};
 use super::read::parse_raw;
 use super::source::Source;
@@ -46,6 +46,7 @@ impl Config {
             server,
             upstream,
             keys,
+            policies: Policies::new(raw.policies),
             state,
             ledger: raw.ledger.map(|l| l.path),
         })

@@ -18,7 +18,7 @@ mod source;
 mod tests;
 pub(crate) mod tls;
 
-pub(crate) use self::keys::{is_valid_key_name, TOKEN_PREFIX};
+pub(crate) use self::keys::{is_valid_key_name, Policies, TOKEN_PREFIX};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -51,6 +51,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub keys: Vec<KeyConfig>,
+    /// The policies the keys were resolved from, kept for the keys made through the admin API.
+    pub(crate) policies: Policies,
     pub state: StateConfig,
     /// Where one JSON line per finished request goes; `None`: no ledger.
     pub ledger: Option<PathBuf>,

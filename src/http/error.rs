@@ -61,6 +61,11 @@ pub enum GatewayError {
     )]
     UnboundedField { field: &'static str },
 
+    /// The admin API: the change conflicts with what exists (`code`: `defined-in-config`,
+    /// `key-exists`, `key-busy`).
+    #[error("{detail}")]
+    Conflict { code: &'static str, detail: String },
+
     // --- authentication and limits ---
     #[error("missing API key: send `Authorization: Bearer <key>`")]
     MissingApiKey,
@@ -150,6 +155,7 @@ impl GatewayError {
             | GatewayError::HeaderFieldsTooLarge { .. }
             | GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
+            | GatewayError::Conflict { .. }
             | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout
             | GatewayError::UpstreamBroken(_)
@@ -172,6 +178,7 @@ impl GatewayError {
             | GatewayError::MaxTokensExceeded { .. }
             | GatewayError::TooManyChoices { .. }
             | GatewayError::UnboundedField { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::Conflict { .. } => StatusCode::CONFLICT,
             GatewayError::MissingApiKey
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
@@ -200,7 +207,8 @@ impl GatewayError {
             | GatewayError::ModelNotFound { .. }
             | GatewayError::MaxTokensExceeded { .. }
             | GatewayError::TooManyChoices { .. }
-            | GatewayError::UnboundedField { .. } => "invalid_request_error",
+            | GatewayError::UnboundedField { .. }
+            | GatewayError::Conflict { .. } => "invalid_request_error",
             GatewayError::MissingApiKey
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => "authentication_error",
@@ -235,6 +243,7 @@ impl GatewayError {
         match self {
             GatewayError::ModelNotFound { .. } => Some("model-not-found"),
             GatewayError::MaxTokensExceeded { .. } => Some("max-tokens-exceeded"),
+            GatewayError::Conflict { code, .. } => Some(code),
             _ => None,
         }
     }

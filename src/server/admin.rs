@@ -5,7 +5,10 @@
 //! are off):
 //!
 //! - `GET /admin/keys`, `GET /admin/keys/{name}`: each key's limits, requests in flight and token
-//!   windows, never a secret;
+//!   windows, and where it is defined (`source`: `config` or `api`), never a secret;
+//! - `POST /admin/keys`, `PATCH /admin/keys/{name}`, `POST /admin/keys/{name}/rotate`,
+//!   `DELETE /admin/keys/{name}`: keys made, changed, rotated and revoked at run time
+//!   ([`keys`]);
 //! - `GET /admin/sections`: which of the console's pages have data on this gateway, each with the
 //!   endpoint it reads — a page for a feature this gateway has not got is not listed;
 //! - `GET /admin/stats?seconds=N`: the last N (at most 900) seconds of requests, errors,
@@ -19,7 +22,10 @@
 //!
 //! [`Timeline`]: crate::observability::timeline::Timeline
 
+mod keys;
+
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +38,8 @@ use crate::config::UpstreamConfig;
 use crate::http::body::GatewayBody;
 use crate::http::error::GatewayError;
 use crate::http::headers::bearer_token;
-use crate::keys::{hash_token, KeyEntry, SharedKeys};
+use crate::keys::registry::KeyRegistry;
+use crate::keys::{hash_token, KeyEntry, KeyOrigin, SharedKeys};
 use crate::observability::metrics::Metrics;
 use crate::observability::timeline;
 use crate::server::console;
@@ -49,19 +56,36 @@ pub(crate) struct Admin {
     /// The last ledger lines, for `/admin/requests`.
     pub(crate) recent: Arc<RecentRequests>,
     pub(crate) keys: SharedKeys,
+    /// The file's keys and the managed ones, for the changes of the admin API.
+    pub(crate) registry: Arc<KeyRegistry>,
     /// SHA-256 of the admin token; `None`: the admin API is off.
     pub(crate) token_digest: Option<[u8; 32]>,
 }
 
 impl Admin {
+    /// One request from `peer` (named in the audit line of a key change).
     pub(crate) async fn handle(
         self,
         request: Request<Incoming>,
+        peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, Infallible> {
+        let path = request.uri().path().to_owned();
+        if path.starts_with("/admin/") {
+            let mut response = match self.authorize(request.headers()) {
+                Ok(()) if keys::is_keys_path(&path) => keys::route(&self, request, peer).await,
+                Ok(()) if request.method() != Method::GET => {
+                    GatewayError::MethodNotAllowed { allow: "GET" }.into_response()
+                }
+                Ok(()) => self.api(&path, request.uri().query()).await,
+                Err(response) => *response,
+            };
+            console::protect(&mut response);
+            return Ok(response);
+        }
         if request.method() != Method::GET {
             return Ok(GatewayError::MethodNotAllowed { allow: "GET" }.into_response());
         }
-        Ok(match request.uri().path() {
+        Ok(match path.as_str() {
             "/metrics" => {
                 let mut response = Response::new(crate::http::body::full(self.metrics.render()));
                 response.headers_mut().insert(
@@ -76,14 +100,6 @@ impl Admin {
                 let mut response = match self.token_digest {
                     Some(_) => console::asset(path),
                     None => admin_off(),
-                };
-                console::protect(&mut response);
-                response
-            }
-            path if path.starts_with("/admin/") => {
-                let mut response = match self.authorize(request.headers()) {
-                    Ok(()) => self.api(path, request.uri().query()).await,
-                    Err(response) => *response,
                 };
                 console::protect(&mut response);
                 response
@@ -136,7 +152,6 @@ impl Admin {
     /// An admin API call, once authorized.
     async fn api(&self, path: &str, query: Option<&str>) -> Response<GatewayBody> {
         match path {
-            "/admin/keys" => self.all_keys().await,
             "/admin/sections" => json_response(StatusCode::OK, sections()),
             "/admin/stats" => {
                 let seconds = query_value(query, "seconds")
@@ -148,13 +163,10 @@ impl Admin {
                 StatusCode::OK,
                 json!({ "requests": self.recent.newest_first() }),
             ),
-            path => match path.strip_prefix("/admin/keys/") {
-                Some(name) => self.one_key(name).await,
-                None => GatewayError::NotFound {
-                    path: path.to_owned(),
-                }
-                .into_response(),
-            },
+            path => GatewayError::NotFound {
+                path: path.to_owned(),
+            }
+            .into_response(),
         }
     }
 
@@ -201,7 +213,8 @@ impl Admin {
         }
     }
 
-    /// One key as the admin API shows it: name, limits, in flight, windows. Never its hash.
+    /// One key as the admin API shows it: name, where it is defined, limits, in flight, windows;
+    /// for a managed key also what it was given and when. Never a token or a hash.
     async fn describe(&self, key: &KeyEntry) -> serde_json::Value {
         let limits = &key.limits;
         let quotas = &limits.quotas;
@@ -220,8 +233,9 @@ impl Admin {
                 .collect::<Vec<_>>()),
             Err(error) => json!({ "error": error.to_string() }),
         };
-        json!({
+        let mut described = json!({
             "name": &*key.name,
+            "source": <&'static str>::from(key.origin),
             "limits": {
                 "models": limits.models.clone().unwrap_or_else(|| vec!["*".to_owned()]),
                 "max_tokens": limits.max_tokens.map(|m| m.get()),
@@ -236,7 +250,13 @@ impl Admin {
             },
             "inflight": key.inflight.current(),
             "windows": windows,
-        })
+        });
+        if key.origin == KeyOrigin::Api {
+            if let Some(managed) = self.registry.managed(&key.name) {
+                keys::describe_managed(&mut described, &managed, self.registry.now());
+            }
+        }
+        described
     }
 }
 
@@ -250,7 +270,7 @@ fn sections() -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "sections": [
             {"id": "overview", "title": "Overview", "api": "/admin/stats"},
-            {"id": "keys", "title": "Keys", "api": "/admin/keys", "actions": []},
+            {"id": "keys", "title": "Keys", "api": "/admin/keys", "actions": ["create", "rotate", "revoke"]},
             {"id": "requests", "title": "Recent requests", "api": "/admin/requests"},
         ],
     })
@@ -272,7 +292,7 @@ fn admin_off() -> Response<GatewayBody> {
     )
 }
 
-fn json_response(status: StatusCode, value: serde_json::Value) -> Response<GatewayBody> {
+pub(super) fn json_response(status: StatusCode, value: serde_json::Value) -> Response<GatewayBody> {
     let mut response = Response::new(crate::http::body::full(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(

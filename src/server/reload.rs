@@ -1,9 +1,11 @@
 //! Reloading the config without a restart: on SIGHUP, and when the config file changes.
 //!
-//! What a reload changes: the keys and their limits, for new requests (in-flight requests and
+//! What a reload changes: the keys and their limits (those of the managed keys too, resolved
+//! against the new policies), for new requests (in-flight requests and
 //! streams run on undisturbed), and the certificates of both listeners, for new handshakes. A key
 //! removed is refused from the next request; a key whose name and rate are unchanged keeps its
-//! limiter state. Every other setting is read only at start: each one that changed is logged,
+//! limiter state. A reload that would break a managed key (a policy it uses removed, its name
+//! taken by a file key) is refused. Every other setting is read only at start: each one that changed is logged,
 //! one warning naming it, and left as it was ([`super::restart_only`]). An invalid new config is
 //! refused with its reason logged, and the running config stays in force.
 //!
@@ -16,8 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, ConfigError};
-use crate::keys::{KeyStore, SharedKeys};
-use crate::observability::metrics::Metrics;
+use crate::keys::registry::KeyRegistry;
 use crate::server::restart_only;
 use crate::server::tls::CertResolver;
 use crate::state::Backend;
@@ -36,10 +37,10 @@ pub struct ReloadSummary {
 
 pub struct Reloader {
     path: PathBuf,
-    keys: SharedKeys,
+    /// The file's keys and the managed ones, put together into the live table.
+    registry: Arc<KeyRegistry>,
     /// The certificates of the client and the admin listener, re-read on every reload.
     tls: [Option<Arc<CertResolver>>; 2],
-    metrics: Arc<Metrics>,
     /// Where the windows of keys a reload adds are read, for their gauges.
     backend: Arc<Backend>,
     /// The config in force, to tell what a new one changes.
@@ -49,17 +50,15 @@ pub struct Reloader {
 impl Reloader {
     pub(crate) fn new(
         path: PathBuf,
-        keys: SharedKeys,
+        registry: Arc<KeyRegistry>,
         tls: [Option<Arc<CertResolver>>; 2],
-        metrics: Arc<Metrics>,
         backend: Arc<Backend>,
         current: Config,
     ) -> Self {
         Reloader {
             path,
-            keys,
+            registry,
             tls,
-            metrics,
             backend,
             current: Mutex::new(current),
         }
@@ -89,13 +88,9 @@ impl Reloader {
         for setting in &not_applied {
             tracing::warn!("config reload: {setting} changed but is read only at start; not applied until a restart");
         }
-        let old_store = self.keys.load();
-        let store = KeyStore::build(
-            &new.keys,
-            Some(&old_store),
-            old_store.clock(),
-            &self.metrics,
-        );
+        let (old_store, store) = self
+            .registry
+            .set_config(new.keys.clone(), new.policies.clone())?;
         let mut summary = ReloadSummary {
             keys: store.key_count(),
             added: store
@@ -117,7 +112,6 @@ impl Reloader {
             .iter()
             .filter_map(|name| store.get(name).cloned())
             .collect();
-        self.keys.store(Arc::new(store));
         // A reload is run from the runtime (SIGHUP, the file watcher) or from a test's.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let backend = self.backend.clone();

@@ -18,6 +18,7 @@ pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
         server,
         upstream,
         keys: _,
+        policies: _,
         state,
         ledger,
     } = current;

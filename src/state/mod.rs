@@ -10,6 +10,7 @@
 
 pub mod clock;
 pub mod local;
+pub(crate) mod managed_keys;
 pub mod redis;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -318,6 +318,31 @@ mod tests {
     }
 
     #[test]
+    fn a_token_in_its_grace_works_until_the_second_it_ends() {
+        let metrics = Metrics::new();
+        let clock = Clock::manual();
+        let config = KeyConfig {
+            name: Arc::from("a"),
+            sha256: vec![hash_token(b"tg-new"), hash_token(b"tg-old")],
+            limits: Limits::default(),
+        };
+        let until = [None, Some(clock.unix_secs() + 2)];
+        let spec = KeySpec {
+            config: &config,
+            origin: KeyOrigin::Api,
+            until: &until,
+        };
+        let store = KeyStore::assemble([spec].into_iter(), None, &clock, &metrics);
+        assert!(store.lookup(b"tg-old").is_some(), "in its grace");
+        clock.advance(Duration::from_secs(1));
+        assert!(store.lookup(b"tg-old").is_some(), "still");
+        clock.advance(Duration::from_secs(1));
+        assert!(store.lookup(b"tg-old").is_none(), "the grace has ended");
+        let new = store.lookup(b"tg-new").expect("the new token works on");
+        assert_eq!(new.origin, KeyOrigin::Api);
+    }
+
+    #[test]
     fn gcra_admits_the_burst_then_the_steady_rate() {
         let metrics = Metrics::new();
         let clock = Clock::manual();

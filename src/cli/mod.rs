@@ -1,7 +1,8 @@
 //! The `tollgate` subcommands, each behind one `run` function that `main` dispatches to after
 //! parsing the arguments: [`demo`] (the gateway on a demo config, in front of a built-in model
 //! server), [`serve`] (the gateway), [`check`] (validate a config and print what it would
-//! enforce), [`keygen`] (a new key and its `[[keys]]` entry), [`report`] (`tollgate usage`, the
+//! enforce), [`keygen`] (a new key and its `[[keys]]` entry), [`keys`] (the managed keys of a
+//! running gateway, through its admin API), [`report`] (`tollgate usage`, the
 //! usage report over the ledger).
 //!
 //! Each prints its own errors (`tollgate: …` on stderr) and returns the process's exit code.
@@ -9,6 +10,7 @@
 pub mod check;
 pub mod demo;
 pub mod keygen;
+pub mod keys;
 pub mod report;
 pub mod serve;
 

@@ -299,9 +299,14 @@ impl Config {
     /// Problems that do not stop the gateway but that an operator should hear about.
     pub(crate) fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if self.keys.is_empty() {
+        if self.keys.is_empty() && self.server.admin_token.is_none() {
             warnings.push(
                 "no [[keys]] configured: every request is refused with 401; make one with `tollgate keygen --name NAME`"
+                    .to_owned(),
+            );
+        } else if self.keys.is_empty() {
+            warnings.push(
+                "no [[keys]] in the config file: only keys made through the admin API are accepted (`tollgate keys create NAME`)"
                     .to_owned(),
             );
         }

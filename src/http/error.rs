@@ -61,6 +61,9 @@ pub enum GatewayError {
     )]
     UnboundedField { field: &'static str },
 
+    /// The admin API: no key of that name.
+    #[error("no key named {name:?}")]
+    UnknownKey { name: String },
     /// The admin API: the change conflicts with what exists (`code`: `defined-in-config`,
     /// `key-exists`, `key-busy`).
     #[error("{detail}")]
@@ -156,6 +159,7 @@ impl GatewayError {
             | GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
             | GatewayError::Conflict { .. }
+            | GatewayError::UnknownKey { .. }
             | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout
             | GatewayError::UpstreamBroken(_)
@@ -165,7 +169,9 @@ impl GatewayError {
 
     fn status(&self) -> StatusCode {
         match self {
-            GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
+            GatewayError::NotFound { .. } | GatewayError::UnknownKey { .. } => {
+                StatusCode::NOT_FOUND
+            }
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -197,7 +203,7 @@ impl GatewayError {
     /// OpenAI's `error.type` for this class of error.
     fn openai_type(&self) -> &'static str {
         match self {
-            GatewayError::NotFound { .. } => "not_found_error",
+            GatewayError::NotFound { .. } | GatewayError::UnknownKey { .. } => "not_found_error",
             GatewayError::MethodNotAllowed { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::RequestTimeout
@@ -244,6 +250,7 @@ impl GatewayError {
             GatewayError::ModelNotFound { .. } => Some("model-not-found"),
             GatewayError::MaxTokensExceeded { .. } => Some("max-tokens-exceeded"),
             GatewayError::Conflict { code, .. } => Some(code),
+            GatewayError::UnknownKey { .. } => Some("key-not-found"),
             _ => None,
         }
     }

@@ -138,6 +138,22 @@ pub(crate) fn connector(upstream: &UpstreamConfig) -> Result<Connector, BoxError
     http.set_connect_timeout(Some(upstream.connect_timeout));
     http.set_keepalive(Some(std::time::Duration::from_secs(60)));
 
+    let tls = client_tls(upstream.ca_file.as_deref(), "upstream.ca_file")?;
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http))
+}
+
+/// TLS for a client of this process (the upstream, or `tollgate keys` calling the admin API):
+/// the webpki roots, the system's, and the PEM certificates in `ca_file` (`setting` names it in
+/// errors).
+pub(crate) fn client_tls(
+    ca_file: Option<&std::path::Path>,
+    setting: &str,
+) -> Result<rustls::ClientConfig, BoxError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     // System roots where the machine has them: a private CA installed there is trusted too.
@@ -145,28 +161,22 @@ pub(crate) fn connector(upstream: &UpstreamConfig) -> Result<Connector, BoxError
         // A malformed system certificate is skipped, not fatal.
         let _ = roots.add(cert);
     }
-    if let Some(path) = &upstream.ca_file {
+    if let Some(path) = ca_file {
         use rustls_pki_types::pem::PemObject;
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+        let failed = |e: &dyn std::fmt::Display| format!("{setting} {}: {e}", path.display());
+        let certs =
+            rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| failed(&e))?;
         for cert in certs {
-            let cert = cert.map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
             roots
-                .add(cert)
-                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+                .add(cert.map_err(|e| failed(&e))?)
+                .map_err(|e| failed(&e))?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http))
+        .with_no_client_auth())
 }
 
 impl Service<Request<Bytes>> for Proxy {

@@ -206,8 +206,8 @@ impl Admin {
         let entry = self.keys.load().get(name).cloned();
         match entry {
             Some(entry) => json_response(StatusCode::OK, self.describe(&entry).await),
-            None => GatewayError::NotFound {
-                path: format!("/admin/keys/{name}"),
+            None => GatewayError::UnknownKey {
+                name: name.to_owned(),
             }
             .into_response(),
         }

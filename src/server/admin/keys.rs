@@ -258,8 +258,8 @@ fn refusal(error: KeyError, name: &str) -> GatewayError {
             code: "key-busy",
             detail,
         },
-        KeyError::NotFound(_) => GatewayError::NotFound {
-            path: format!("/admin/keys/{name}"),
+        KeyError::NotFound(_) => GatewayError::UnknownKey {
+            name: name.to_owned(),
         },
         KeyError::Invalid(message) => GatewayError::BadRequest(message),
         KeyError::Unavailable(why) => {

@@ -161,7 +161,11 @@ impl KeyStore {
                 (Some(rate), Some(old)) if old.limits.rate == Some(rate) => old.limiter.clone(),
                 (Some(rate), _) => Some(Arc::new(new_limiter(rate, clock))),
             };
-            metrics.add_key(&key.name);
+            if old.is_none() {
+                // A key of the previous table has its series already: a change to one of 10 000
+                // managed keys does not look up 10 000 keys' series again.
+                metrics.add_key(&key.name);
+            }
             let inflight = registry.get(&key.name, metrics);
             let entry = Arc::new(KeyEntry {
                 name: key.name.clone(),

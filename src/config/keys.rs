@@ -114,7 +114,9 @@ impl Policies {
         table.insert("name".into(), toml::Value::String(name.to_owned()));
         let hashes = sha256.iter().map(|h| toml::Value::String(hex::encode(h)));
         table.insert("sha256".into(), toml::Value::Array(hashes.collect()));
-        for (field, value) in fields {
+        // `name` and `sha256` are the record's own, never a field's.
+        let own = |field: &str| field == "name" || field == "sha256";
+        for (field, value) in fields.iter().filter(|(field, _)| !own(field)) {
             if let Some(value) =
                 toml_value(value).map_err(|msg| ConfigError(format!("{field}: {msg}")))?
             {

@@ -67,10 +67,12 @@ async fn on_notice(registry: &KeyRegistry, redis: &RedisKeys, version: u64, name
 
 /// Reads every record again when the store's change number is not this table's.
 pub(crate) async fn resync(registry: &KeyRegistry, redis: &RedisKeys) {
+    // This table's number first: read after Redis's, a change made here meanwhile would look
+    // like a Redis that went back.
+    let seen = registry.version();
     let Ok(version) = redis.version().await else {
         return;
     };
-    let seen = registry.version();
     if version == seen {
         return;
     }

@@ -102,6 +102,10 @@ impl KeyRegistry {
     /// Takes every managed key from `snapshot` (the store read whole) in place of those known.
     pub(crate) fn replace_all(&self, snapshot: Snapshot) {
         let mut inner = self.lock();
+        if snapshot.version < inner.version {
+            // Read before a change this replica has applied since: the next resync reads again.
+            return;
+        }
         let mut managed = BTreeMap::new();
         for stored in snapshot.keys {
             let name = stored.key.name.clone();

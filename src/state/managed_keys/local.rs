@@ -24,7 +24,9 @@ pub(crate) struct KeyFile {
 }
 
 struct Inner {
-    keys: BTreeMap<String, Stored>,
+    /// Each record as stored, by name: the text only (the registry holds them read), so that
+    /// 10 000 keys are not held twice.
+    keys: BTreeMap<String, String>,
     /// Changes made since the start: the number of the last one.
     version: u64,
 }
@@ -62,7 +64,7 @@ impl KeyFile {
                 contents
                     .keys
                     .into_iter()
-                    .map(|key| (key.name.clone(), Stored::new(key)))
+                    .map(|key| (key.name.clone(), Stored::new(key).raw))
                     .collect()
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
@@ -77,13 +79,18 @@ impl KeyFile {
     pub(crate) async fn snapshot(&self) -> Snapshot {
         let inner = self.inner.lock().await;
         Snapshot {
-            keys: inner.keys.values().cloned().collect(),
+            keys: inner.keys.values().filter_map(|raw| read(raw)).collect(),
             version: inner.version,
         }
     }
 
     pub(crate) async fn get(&self, name: &str) -> Option<Stored> {
-        self.inner.lock().await.keys.get(name).cloned()
+        self.inner
+            .lock()
+            .await
+            .keys
+            .get(name)
+            .and_then(|raw| read(raw))
     }
 
     /// See [`super::Vault::swap`]. The file is written before the change counts: a change that
@@ -95,13 +102,13 @@ impl KeyFile {
         new: Option<&Stored>,
     ) -> Result<u64, VaultError> {
         let mut inner = self.inner.lock().await;
-        let current = inner.keys.get(name).map(|stored| stored.raw.as_str());
+        let current = inner.keys.get(name).map(String::as_str);
         if current != expected {
             return Err(VaultError::Changed);
         }
         let mut keys = inner.keys.clone();
         match new {
-            Some(stored) => keys.insert(name.to_owned(), stored.clone()),
+            Some(stored) => keys.insert(name.to_owned(), stored.raw.clone()),
             None => keys.remove(name),
         };
         let bytes = encode(&keys);
@@ -123,14 +130,19 @@ impl KeyFile {
     }
 }
 
+/// A record this file wrote (and so can read).
+fn read(raw: &str) -> Option<Stored> {
+    Stored::parse(raw.to_owned()).ok()
+}
+
 /// The file's text: each record as stored, in name order.
-fn encode(keys: &BTreeMap<String, Stored>) -> Vec<u8> {
+fn encode(keys: &BTreeMap<String, String>) -> Vec<u8> {
     let mut out = format!("{{\"version\":{FILE_VERSION},\"keys\":[\n").into_bytes();
-    for (i, stored) in keys.values().enumerate() {
+    for (i, raw) in keys.values().enumerate() {
         if i > 0 {
             out.extend_from_slice(b",\n");
         }
-        out.extend_from_slice(stored.raw.as_bytes());
+        out.extend_from_slice(raw.as_bytes());
     }
     out.extend_from_slice(b"\n]}\n");
     out

@@ -7,6 +7,13 @@
 //! counted against the new limits. The counts live in a registry that every table hands on to
 //! the next and that holds them only weakly: a key removed while its requests still run, then
 //! added back, finds the count they hold; a count nothing holds any more is forgotten.
+//!
+//! Keys come from the config file and from the admin API ([`registry`], which puts both into
+//! one table); a token of a key being rotated may carry the Unix second at which it stops
+//! working, checked at every lookup so that the grace ends on time without a rebuild.
+
+pub(crate) mod follow;
+pub(crate) mod registry;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -42,9 +49,20 @@ pub(crate) fn generate_token() -> Result<String, ring::error::Unspecified> {
 
 pub(crate) type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
+/// Where a key is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum KeyOrigin {
+    /// The config file: read-only through the admin API.
+    Config,
+    /// The admin API (stored where the state lives).
+    Api,
+}
+
 /// One configured key, as the request layers see it.
 pub struct KeyEntry {
     pub name: Arc<str>,
+    pub(crate) origin: KeyOrigin,
     pub(crate) limits: Limits,
     /// Present when the key has a rate limit.
     pub(crate) limiter: Option<Arc<Limiter>>,
@@ -81,7 +99,7 @@ pub struct GroupEntry {
 
 /// The table the auth layer reads; replaced whole on reload.
 pub struct KeyStore {
-    by_hash: HashMap<[u8; 32], Arc<KeyEntry>>,
+    by_hash: HashMap<[u8; 32], Token>,
     by_name: HashMap<Arc<str>, Arc<KeyEntry>>,
     groups: HashMap<Arc<str>, Arc<GroupEntry>>,
     inflight: Arc<InflightRegistry>,
@@ -122,6 +140,23 @@ impl InflightRegistry {
 
 pub(crate) type SharedKeys = Arc<ArcSwap<KeyStore>>;
 
+/// One token of a key, by its hash.
+struct Token {
+    key: Arc<KeyEntry>,
+    /// The Unix second from which it is refused (the end of a rotation's grace); `u64::MAX`:
+    /// never.
+    until: u64,
+}
+
+/// A key as a table is built from it: its config, where it is defined, and for each of its
+/// hashes (in the order of `config.sha256`) the Unix second it stops working, where it does.
+pub(crate) struct KeySpec<'a> {
+    pub(crate) config: &'a KeyConfig,
+    pub(crate) origin: KeyOrigin,
+    /// Empty: every hash works until the key is removed.
+    pub(crate) until: &'a [Option<u64>],
+}
+
 impl KeyStore {
     /// Builds the table for `keys` (without prices or groups): see [`KeyStore::build_with`].
     pub fn build(
@@ -133,11 +168,31 @@ impl KeyStore {
         KeyStore::build_with(keys, &Budgets::default(), previous, clock, metrics)
     }
 
-    /// Builds the table for `keys` and the groups and prices of `budgets`, carrying over limiter
-    /// state from `previous` where a key (or group) of the same name and rate is in both, and
-    /// in-flight counts from every earlier table (see the module doc).
+    /// Builds the table for the file's `keys` and the groups and prices of `budgets`: see
+    /// [`KeyStore::assemble`].
     pub fn build_with(
         keys: &[KeyConfig],
+        budgets: &Budgets,
+        previous: Option<&KeyStore>,
+        clock: &Clock,
+        metrics: &Metrics,
+    ) -> KeyStore {
+        let specs: Vec<KeySpec<'_>> = keys
+            .iter()
+            .map(|config| KeySpec {
+                config,
+                origin: KeyOrigin::Config,
+                until: &[],
+            })
+            .collect();
+        KeyStore::assemble(&specs, budgets, previous, clock, metrics)
+    }
+
+    /// Builds the table for keys of any origin and the groups and prices of `budgets`, carrying
+    /// over limiter state from `previous` where a key (or group) of the same name and rate is in
+    /// both, and in-flight counts from every earlier table (see the module doc).
+    pub(crate) fn assemble(
+        keys: &[KeySpec<'_>],
         budgets: &Budgets,
         previous: Option<&KeyStore>,
         clock: &Clock,
@@ -151,15 +206,21 @@ impl KeyStore {
             previous.map_or_else(Arc::default, |store| store.group_inflight.clone());
         group_registry.prune();
         let pricing = Arc::new(budgets.pricing.clone());
-        let groups = build_groups(keys, budgets, previous, &group_registry, clock, metrics);
-        for key in keys {
+        let configs = keys.iter().map(|spec| spec.config);
+        let groups = build_groups(configs, budgets, previous, &group_registry, clock, metrics);
+        for spec in keys {
+            let key = spec.config;
             let old = previous.and_then(|store| store.by_name.get(&key.name));
             let limiter = carried_limiter(
                 key.limits.rate,
                 old.map(|o| (o.limits.rate, &o.limiter)),
                 clock,
             );
-            metrics.add_key(&key.name);
+            if old.is_none() {
+                // A key of the previous table has its series already: a change to one of 10 000
+                // managed keys does not look up 10 000 keys' series again.
+                metrics.add_key(&key.name);
+            }
             let inflight = registry.get(&key.name, || {
                 metrics.inflight_requests.with_label_values(&[&*key.name])
             });
@@ -176,6 +237,7 @@ impl KeyStore {
             }
             let entry = Arc::new(KeyEntry {
                 name: key.name.clone(),
+                origin: spec.origin,
                 limits: key.limits.clone(),
                 limiter,
                 inflight,
@@ -184,8 +246,13 @@ impl KeyStore {
                 own_windows,
                 pricing: pricing.clone(),
             });
-            for digest in &key.sha256 {
-                by_hash.insert(*digest, entry.clone());
+            for (i, digest) in key.sha256.iter().enumerate() {
+                let until = spec.until.get(i).copied().flatten().unwrap_or(u64::MAX);
+                let token = Token {
+                    key: entry.clone(),
+                    until,
+                };
+                by_hash.insert(*digest, token);
             }
             by_name.insert(key.name.clone(), entry);
         }
@@ -222,7 +289,10 @@ impl KeyStore {
 
     /// The key a bearer token belongs to.
     pub(crate) fn lookup(&self, token: &[u8]) -> Option<&Arc<KeyEntry>> {
-        self.by_hash.get(&hash_token(token))
+        let found = self.by_hash.get(&hash_token(token))?;
+        // Only a token in a rotation's grace reads the clock.
+        let valid = found.until == u64::MAX || self.clock.unix_secs() < found.until;
+        valid.then_some(&found.key)
     }
 
     pub(crate) fn clock(&self) -> &Clock {
@@ -245,8 +315,8 @@ impl KeyStore {
 }
 
 /// Each group of `budgets`, with the names of the keys in it.
-fn build_groups(
-    keys: &[KeyConfig],
+fn build_groups<'a>(
+    keys: impl Iterator<Item = &'a KeyConfig> + Clone,
     budgets: &Budgets,
     previous: Option<&KeyStore>,
     registry: &InflightRegistry,
@@ -258,7 +328,7 @@ fn build_groups(
         let old = previous.and_then(|store| store.groups.get(&config.name));
         let limiter = carried_limiter(config.rate, old.map(|o| (o.config.rate, &o.limiter)), clock);
         let mut members: Vec<Arc<str>> = keys
-            .iter()
+            .clone()
             .filter(|k| k.limits.group.as_ref() == Some(&config.name))
             .map(|k| k.name.clone())
             .collect();
@@ -391,6 +461,31 @@ mod tests {
         assert_eq!(store.lookup(b"tg-a").map(|k| &*k.name), Some("a"));
         assert!(store.lookup(b"tg-b").is_none(), "unknown token");
         assert!(store.lookup(b"a").is_none(), "a name is not a token");
+    }
+
+    #[test]
+    fn a_token_in_its_grace_works_until_the_second_it_ends() {
+        let metrics = Metrics::new();
+        let clock = Clock::manual();
+        let config = KeyConfig {
+            name: Arc::from("a"),
+            sha256: vec![hash_token(b"tg-new"), hash_token(b"tg-old")],
+            limits: Limits::default(),
+        };
+        let until = [None, Some(clock.unix_secs() + 2)];
+        let spec = KeySpec {
+            config: &config,
+            origin: KeyOrigin::Api,
+            until: &until,
+        };
+        let store = KeyStore::assemble(&[spec], &Budgets::default(), None, &clock, &metrics);
+        assert!(store.lookup(b"tg-old").is_some(), "in its grace");
+        clock.advance(Duration::from_secs(1));
+        assert!(store.lookup(b"tg-old").is_some(), "still");
+        clock.advance(Duration::from_secs(1));
+        assert!(store.lookup(b"tg-old").is_none(), "the grace has ended");
+        let new = store.lookup(b"tg-new").expect("the new token works on");
+        assert_eq!(new.origin, KeyOrigin::Api);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate::cli::demo::{self, DemoOptions};
 use tollgate::cli::report::{self, GroupBy};
-use tollgate::cli::{check, keygen, serve};
+use tollgate::cli::{check, keygen, keys, serve};
 use tollgate::observability::{init_tracing, LogFormat};
 
 #[derive(Parser)]
@@ -68,6 +68,9 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Make, change, rotate and revoke keys of a running gateway, through its admin API (the
+    /// admin token from TOLLGATE_ADMIN_TOKEN).
+    Keys(keys::KeysArgs),
     /// Report usage from the ledger: requests, tokens, cost, errors and latency per key, group,
     /// model or day.
     Usage {
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve::run(config),
         Command::Check { config } => check::run(&config),
         Command::Keygen { name } => keygen::run(&name),
+        Command::Keys(args) => keys::run(args),
         Command::Usage {
             ledger,
             postgres_url_env,

@@ -1,14 +1,16 @@
 //! The `tollgate` subcommands, each behind one `run` function that `main` dispatches to after
 //! parsing the arguments: [`demo`] (the gateway on a demo config, in front of a built-in model
 //! server), [`serve`] (the gateway), [`check`] (validate a config and print what it would
-//! enforce), [`keygen`] (a new key and its `[[keys]]` entry), [`report`] (`tollgate usage`, the
-//! usage report over the ledger file, or over its PostgreSQL table with `report_sql`).
+//! enforce), [`keygen`] (a new key and its `[[keys]]` entry), [`keys`] (the managed keys of a
+//! running gateway, through its admin API), [`report`] (`tollgate usage`, the usage report over
+//! the ledger file, or over its PostgreSQL table with `report_sql`).
 //!
 //! Each prints its own errors (`tollgate: …` on stderr) and returns the process's exit code.
 
 pub mod check;
 pub mod demo;
 pub mod keygen;
+pub mod keys;
 pub mod report;
 mod report_sql;
 pub mod serve;

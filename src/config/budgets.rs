@@ -100,39 +100,60 @@ pub(super) fn check_keys(
     src: &Source,
 ) -> Result<(), ConfigError> {
     for (i, key) in keys.iter().enumerate() {
-        let at = format!("keys[{i}] ({})", key.name);
-        let group = match &key.limits.group {
+        check_key(key, &format!("keys[{i}] ({})", key.name), budgets, src)?;
+    }
+    Ok(())
+}
+
+/// [`check_keys`] for one key; `at` names it in messages (empty for a key of the admin API,
+/// whose messages name the field alone).
+pub(super) fn check_key(
+    key: &KeyConfig,
+    at: &str,
+    budgets: &Budgets,
+    src: &Source,
+) -> Result<(), ConfigError> {
+    let field = |name: &str| {
+        if at.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{at}.{name}")
+        }
+    };
+    let whole = if at.is_empty() { "the key" } else { at };
+    let group =
+        match &key.limits.group {
             Some(name) => Some(budgets.groups.iter().find(|g| g.name == *name).ok_or_else(
                 || {
                     let known: Vec<&str> = budgets.groups.iter().map(|g| &*g.name).collect();
                     src.whole(&format!(
-                        "{at}.group: no group named {name:?} (defined: {known:?})"
+                        "{}: no group named {name:?} (defined: {known:?})",
+                        field("group")
                     ))
                 },
             )?),
             None => None,
         };
-        let group_quotas = group.map_or(&[][..], |g| &g.quotas[..]);
-        if !group_quotas.is_empty() && key.limits.max_tokens.is_none() {
+    let group_quotas = group.map_or(&[][..], |g| &g.quotas[..]);
+    if !group_quotas.is_empty() && key.limits.max_tokens.is_none() {
+        return Err(src.whole(&format!(
+            "{whole}: its group {:?} has quotas, so the key needs max_tokens: a request that \
+             names no max_tokens reserves the key's cap, so the worst case must be bounded",
+            key.limits.group.as_deref().unwrap_or("")
+        )));
+    }
+    let costs = key
+        .limits
+        .quotas
+        .iter()
+        .chain(group_quotas)
+        .any(|q| q.unit == Unit::Cost);
+    if costs {
+        if let Some(gap) = unpriced(&budgets.pricing, key.limits.models.as_deref()) {
             return Err(src.whole(&format!(
-                "{at}: its group {:?} has quotas, so the key needs max_tokens: a request that \
-                 names no max_tokens reserves the key's cap, so the worst case must be bounded",
-                key.limits.group.as_deref().unwrap_or("")
+                "{whole} has a cost quota (its own or its group's) and may use {gap}, which \
+                 no [pricing] entry prices: add an entry for it or a {{ model = \"*\", … }} one"
             )));
-        }
-        let costs = key
-            .limits
-            .quotas
-            .iter()
-            .chain(group_quotas)
-            .any(|q| q.unit == Unit::Cost);
-        if costs {
-            if let Some(gap) = unpriced(&budgets.pricing, key.limits.models.as_deref()) {
-                return Err(src.whole(&format!(
-                    "{at} has a cost quota (its own or its group's) and may use {gap}, which \
-                     no [pricing] entry prices: add an entry for it or a {{ model = \"*\", … }} one"
-                )));
-            }
         }
     }
     Ok(())

@@ -14,7 +14,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::budgets::{check_keys, resolve_budgets};
-use super::keys::resolve_keys;
+use super::keys::{resolve_keys, Policies};
 use super::raw::{RawLedger, RawServer, RawState, RawTls, RawUpstream};
 use super::read::parse_raw;
 use super::source::Source;
@@ -53,6 +53,7 @@ impl Config {
             server,
             upstreams,
             keys,
+            policies: Policies::new(raw.policies, budgets.clone()),
             budgets,
             state,
             ledger,

@@ -20,7 +20,7 @@ mod tests;
 pub(crate) mod tls;
 mod upstreams;
 
-pub(crate) use self::keys::{is_valid_key_name, TOKEN_PREFIX};
+pub(crate) use self::keys::{is_valid_key_name, Policies, TOKEN_PREFIX};
 pub(crate) use self::upstreams::{Balance, EndpointUrl, PoolConfig};
 
 use std::fmt;
@@ -58,6 +58,8 @@ pub struct Config {
     pub keys: Vec<KeyConfig>,
     /// Prices and groups: applied by a reload, like keys.
     pub budgets: Budgets,
+    /// The policies the keys were resolved from, kept for the keys made through the admin API.
+    pub(crate) policies: Policies,
     pub state: StateConfig,
     /// Where one JSON line per finished request goes; `None`: no ledger.
     pub ledger: Option<LedgerConfig>,
@@ -451,9 +453,14 @@ impl Config {
     /// Problems that do not stop the gateway but that an operator should hear about.
     pub(crate) fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if self.keys.is_empty() {
+        if self.keys.is_empty() && self.server.admin_token.is_none() {
             warnings.push(
                 "no [[keys]] configured: every request is refused with 401; make one with `tollgate keygen --name NAME`"
+                    .to_owned(),
+            );
+        } else if self.keys.is_empty() {
+            warnings.push(
+                "no [[keys]] in the config file: only keys made through the admin API are accepted (`tollgate keys create NAME`)"
                     .to_owned(),
             );
         }

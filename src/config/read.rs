@@ -10,9 +10,10 @@
 
 use std::fmt::Write;
 
+use serde::de::DeserializeOwned;
 use serde_path_to_error::{Path, Segment};
 
-use super::raw::RawConfig;
+use super::raw::{RawConfig, RawKey};
 use super::source::line_of;
 use super::ConfigError;
 
@@ -20,20 +21,31 @@ use super::ConfigError;
 const SPANNED_FIELD_PREFIX: &str = "$__serde_spanned_private_";
 
 pub(super) fn parse_raw(source: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+    deserialize(source, Some(origin))
+}
+
+/// One `[[keys]]` entry's fields on their own (a key made through the admin API), with the
+/// config's messages but no file or line: `max_tokens: expected an integer, found the string "4"`.
+pub(super) fn parse_key(source: &str) -> Result<RawKey, ConfigError> {
+    deserialize(source, None)
+}
+
+fn deserialize<T: DeserializeOwned>(source: &str, origin: Option<&str>) -> Result<T, ConfigError> {
     let deserializer = toml::Deserializer::new(source);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = key_path(err.path());
         let inner = err.into_inner();
         let line = inner.span().map(|span| line_of(source, span.start));
         let message = plain_message(inner.message());
-        let place = match line {
-            Some(line) => format!("{origin}:{line}"),
-            None => origin.to_owned(),
+        let place = match (origin, line) {
+            (Some(origin), Some(line)) => format!("{origin}:{line}: "),
+            (Some(origin), None) => format!("{origin}: "),
+            (None, _) => String::new(),
         };
         if path.is_empty() {
-            ConfigError(format!("{place}: {message}"))
+            ConfigError(format!("{place}{message}"))
         } else {
-            ConfigError(format!("{place}: {path}: {message}"))
+            ConfigError(format!("{place}{path}: {message}"))
         }
     })
 }

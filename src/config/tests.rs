@@ -543,3 +543,70 @@ fn model_patterns_are_exact_prefix_or_any() {
     assert!(!model_matches("smollm2*", "llama"));
     assert!(model_matches("*", "anything"));
 }
+
+/// A key of the admin API is refused in the file's words, without the file's place: the
+/// message of a `[[keys]]` entry with the same fields, less `test.toml:LINE: keys[0].`.
+#[test]
+fn api_key_fields_get_the_messages_the_file_gets() {
+    let head = "[server]\n[upstream]\nurl = \"http://a\"\n[policies.small]\nmax_tokens = 100\n";
+    let policies = parse(head).expect("policies parse").policies;
+    let hash = "ab".repeat(32);
+    for (toml, json) in [
+        ("max_tokens = 0", serde_json::json!({"max_tokens": 0})),
+        ("max_tokens = \"4\"", serde_json::json!({"max_tokens": "4"})),
+        ("max_tokens = -1", serde_json::json!({"max_tokens": -1})),
+        ("concurrency = 1.5", serde_json::json!({"concurrency": 1.5})),
+        ("policy = \"big\"", serde_json::json!({"policy": "big"})),
+        ("group = \"team\"", serde_json::json!({"group": "team"})),
+        ("models = \"gpt\"", serde_json::json!({"models": "gpt"})),
+        (
+            "rate = { requests = 0, per = \"1m\" }",
+            serde_json::json!({"rate": {"requests": 0, "per": "1m"}}),
+        ),
+        (
+            "rate = { requests = 5, per = \"soon\" }",
+            serde_json::json!({"rate": {"requests": 5, "per": "soon"}}),
+        ),
+        (
+            "quotas = [{ tokens = 10, per = \"1d\" }]",
+            serde_json::json!({"quotas": [{"tokens": 10, "per": "1d"}]}),
+        ),
+        (
+            "quotas = [{ tokens = 10, per = \"1d\", extra = 1 }]\nmax_tokens = 5",
+            serde_json::json!({"quotas": [{"tokens": 10, "per": "1d", "extra": 1}], "max_tokens": 5}),
+        ),
+    ] {
+        let file = format!("{head}[[keys]]\nname = \"k\"\nsha256 = \"{hash}\"\n{toml}\n");
+        let from_file = parse(&file).expect_err(toml).to_string();
+        let fields = json.as_object().expect("object").clone();
+        let from_api = policies
+            .resolve("k", &fields, &[[0xab; 32]])
+            .expect_err(toml)
+            .to_string();
+        let (_, tail) = from_file
+            .split_once("keys[0].")
+            .unwrap_or_else(|| panic!("{toml}: {from_file}"));
+        assert_eq!(from_api, tail, "{toml}: the file says {from_file:?}");
+    }
+    let bad_name = policies
+        .resolve("two words", &serde_json::Map::new(), &[[1; 32]])
+        .expect_err("a name the file refuses");
+    assert_eq!(
+        bad_name.to_string(),
+        "name: \"two words\": use 1-64 letters, digits, '-', '_' or '.'"
+    );
+    let fine = serde_json::json!({"policy": "small", "concurrency": 2, "max_tokens": null});
+    let key = policies
+        .resolve("k", fine.as_object().expect("object"), &[[1; 32]])
+        .expect("valid fields resolve");
+    assert_eq!(
+        key.limits.max_tokens.map(|m| m.get()),
+        Some(100),
+        "the policy's"
+    );
+    assert_eq!(
+        key.limits.concurrency.map(|c| c.get()),
+        Some(2),
+        "the key's own"
+    );
+}

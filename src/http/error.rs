@@ -65,6 +65,14 @@ pub enum GatewayError {
     )]
     UnboundedField { field: &'static str },
 
+    /// The admin API: no key of that name.
+    #[error("no key named {name:?}")]
+    UnknownKey { name: String },
+    /// The admin API: the change conflicts with what exists (`code`: `defined-in-config`,
+    /// `key-exists`, `key-busy`).
+    #[error("{detail}")]
+    Conflict { code: &'static str, detail: String },
+
     // --- authentication and limits ---
     #[error("missing API key: send `Authorization: Bearer <key>`")]
     MissingApiKey,
@@ -171,6 +179,8 @@ impl GatewayError {
             | GatewayError::HeaderFieldsTooLarge { .. }
             | GatewayError::BadRequest(_)
             | GatewayError::InvalidBody { .. }
+            | GatewayError::Conflict { .. }
+            | GatewayError::UnknownKey { .. }
             | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout
             | GatewayError::UpstreamBroken(_)
@@ -180,7 +190,9 @@ impl GatewayError {
 
     fn status(&self) -> StatusCode {
         match self {
-            GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
+            GatewayError::NotFound { .. } | GatewayError::UnknownKey { .. } => {
+                StatusCode::NOT_FOUND
+            }
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -194,6 +206,7 @@ impl GatewayError {
             | GatewayError::MaxTokensExceeded { .. }
             | GatewayError::TooManyChoices { .. }
             | GatewayError::UnboundedField { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::Conflict { .. } => StatusCode::CONFLICT,
             GatewayError::MissingApiKey
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
@@ -212,7 +225,7 @@ impl GatewayError {
     /// OpenAI's `error.type` for this class of error.
     fn openai_type(&self) -> &'static str {
         match self {
-            GatewayError::NotFound { .. } => "not_found_error",
+            GatewayError::NotFound { .. } | GatewayError::UnknownKey { .. } => "not_found_error",
             GatewayError::MethodNotAllowed { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::RequestTimeout
@@ -223,7 +236,8 @@ impl GatewayError {
             | GatewayError::ModelNotServed { .. }
             | GatewayError::MaxTokensExceeded { .. }
             | GatewayError::TooManyChoices { .. }
-            | GatewayError::UnboundedField { .. } => "invalid_request_error",
+            | GatewayError::UnboundedField { .. }
+            | GatewayError::Conflict { .. } => "invalid_request_error",
             GatewayError::MissingApiKey
             | GatewayError::MalformedApiKey
             | GatewayError::InvalidApiKey => "authentication_error",
@@ -260,6 +274,8 @@ impl GatewayError {
                 Some("model-not-found")
             }
             GatewayError::MaxTokensExceeded { .. } => Some("max-tokens-exceeded"),
+            GatewayError::Conflict { code, .. } => Some(code),
+            GatewayError::UnknownKey { .. } => Some("key-not-found"),
             _ => None,
         }
     }

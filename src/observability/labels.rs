@@ -54,6 +54,8 @@ pub(crate) enum StateOp {
     Status,
     Renew,
     Release,
+    /// Reading, changing or following the keys made through the admin API.
+    ManagedKeys,
 }
 
 /// `tollgate_usage_unreadable_counts_total{kind}`: which count of a usage object.

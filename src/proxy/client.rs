@@ -257,9 +257,21 @@ where
     Ok(Sender::H1(sender))
 }
 
-/// The TLS client config of a pool: the webpki roots, the system's, and `ca_file`; ALPN offers
-/// HTTP/2 and HTTP/1.1.
+/// The TLS client config of a pool: [`client_tls`] with `upstream.ca_file`; ALPN offers HTTP/2
+/// and HTTP/1.1.
 fn tls_config(upstream: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, BoxError> {
+    let mut tls = client_tls(upstream.ca_file.as_deref(), "upstream.ca_file")?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// TLS for a client of this process (an upstream, or `tollgate keys` calling the admin API): the
+/// webpki roots, the system's, and the PEM certificates in `ca_file` (`setting` names it in
+/// errors).
+pub(crate) fn client_tls(
+    ca_file: Option<&std::path::Path>,
+    setting: &str,
+) -> Result<rustls::ClientConfig, BoxError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     // System roots where the machine has them: a private CA installed there is trusted too.
@@ -267,22 +279,20 @@ fn tls_config(upstream: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, Bo
         // A malformed system certificate is skipped, not fatal.
         let _ = roots.add(cert);
     }
-    if let Some(path) = &upstream.ca_file {
+    if let Some(path) = ca_file {
         use rustls_pki_types::pem::PemObject;
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+        let failed = |e: &dyn std::fmt::Display| format!("{setting} {}: {e}", path.display());
+        let certs =
+            rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| failed(&e))?;
         for cert in certs {
-            let cert = cert.map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
             roots
-                .add(cert)
-                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+                .add(cert.map_err(|e| failed(&e))?)
+                .map_err(|e| failed(&e))?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(tls))
+        .with_no_client_auth())
 }

@@ -5,7 +5,11 @@
 //! are off):
 //!
 //! - `GET /admin/keys`, `GET /admin/keys/{name}`: each key's group, limits, requests in flight and
-//!   windows (each with its `unit`: `tokens`, or `cost` in currency units), never a secret;
+//!   windows (each with its `unit`: `tokens`, or `cost` in currency units), and where it is
+//!   defined (`source`: `config` or `api`), never a secret;
+//! - `POST /admin/keys`, `PATCH /admin/keys/{name}`, `POST /admin/keys/{name}/rotate`,
+//!   `DELETE /admin/keys/{name}`: keys made, changed, rotated and revoked at run time
+//!   ([`keys`]);
 //! - `GET /admin/groups`, `GET /admin/groups/{name}`: each group's limits, member keys, requests
 //!   in flight and windows;
 //! - `GET /admin/sections`: which of the console's pages have data on this gateway, each with the
@@ -25,7 +29,10 @@
 //!
 //! [`Timeline`]: crate::observability::timeline::Timeline
 
+mod keys;
+
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +45,8 @@ use crate::config::{Pricing, Quota, RateLimit, Unit};
 use crate::http::body::GatewayBody;
 use crate::http::error::GatewayError;
 use crate::http::headers::bearer_token;
-use crate::keys::{hash_token, GroupEntry, KeyEntry, SharedKeys};
+use crate::keys::registry::KeyRegistry;
+use crate::keys::{hash_token, GroupEntry, KeyEntry, KeyOrigin, SharedKeys};
 use crate::observability::metrics::{Metrics, NANO};
 use crate::observability::timeline;
 use crate::proxy::pool::{Pool, SharedPools};
@@ -56,19 +64,36 @@ pub(crate) struct Admin {
     /// The last ledger lines, for `/admin/requests`.
     pub(crate) recent: Arc<RecentRequests>,
     pub(crate) keys: SharedKeys,
+    /// The file's keys and the managed ones, for the changes of the admin API.
+    pub(crate) registry: Arc<KeyRegistry>,
     /// SHA-256 of the admin token; `None`: the admin API is off.
     pub(crate) token_digest: Option<[u8; 32]>,
 }
 
 impl Admin {
+    /// One request from `peer` (named in the audit line of a key change).
     pub(crate) async fn handle(
         self,
         request: Request<Incoming>,
+        peer: SocketAddr,
     ) -> Result<Response<GatewayBody>, Infallible> {
+        let path = request.uri().path().to_owned();
+        if path.starts_with("/admin/") {
+            let mut response = match self.authorize(request.headers()) {
+                Ok(()) if keys::is_keys_path(&path) => keys::route(&self, request, peer).await,
+                Ok(()) if request.method() != Method::GET => {
+                    GatewayError::MethodNotAllowed { allow: "GET" }.into_response()
+                }
+                Ok(()) => self.api(&path, request.uri().query()).await,
+                Err(response) => *response,
+            };
+            console::protect(&mut response);
+            return Ok(response);
+        }
         if request.method() != Method::GET {
             return Ok(GatewayError::MethodNotAllowed { allow: "GET" }.into_response());
         }
-        Ok(match request.uri().path() {
+        Ok(match path.as_str() {
             "/metrics" => {
                 let mut response = Response::new(crate::http::body::full(self.metrics.render()));
                 response.headers_mut().insert(
@@ -83,14 +108,6 @@ impl Admin {
                 let mut response = match self.token_digest {
                     Some(_) => console::asset(path),
                     None => admin_off(),
-                };
-                console::protect(&mut response);
-                response
-            }
-            path if path.starts_with("/admin/") => {
-                let mut response = match self.authorize(request.headers()) {
-                    Ok(()) => self.api(path, request.uri().query()).await,
-                    Err(response) => *response,
                 };
                 console::protect(&mut response);
                 response
@@ -208,8 +225,8 @@ fn rfc3339(time: std::time::SystemTime) -> String {
 impl Admin {
     /// An admin API call, once authorized.
     async fn api(&self, path: &str, query: Option<&str>) -> Response<GatewayBody> {
+        // `/admin/keys…` is routed by `keys::route` before this.
         match path {
-            "/admin/keys" => self.all_keys().await,
             "/admin/groups" => self.all_groups().await,
             "/admin/sections" => {
                 let groups = self.keys.load().groups().next().is_some();
@@ -227,9 +244,7 @@ impl Admin {
                 json!({ "requests": self.recent.newest_first() }),
             ),
             path => {
-                if let Some(name) = path.strip_prefix("/admin/keys/") {
-                    self.one_key(name).await
-                } else if let Some(name) = path.strip_prefix("/admin/groups/") {
+                if let Some(name) = path.strip_prefix("/admin/groups/") {
                     self.one_group(name).await
                 } else {
                     GatewayError::NotFound {
@@ -277,20 +292,22 @@ impl Admin {
         let entry = self.keys.load().get(name).cloned();
         match entry {
             Some(entry) => json_response(StatusCode::OK, self.describe(&entry).await),
-            None => GatewayError::NotFound {
-                path: format!("/admin/keys/{name}"),
+            None => GatewayError::UnknownKey {
+                name: name.to_owned(),
             }
             .into_response(),
         }
     }
 
-    /// One key as the admin API shows it: name, group, limits, in flight, its own windows.
-    /// Never its hash.
+    /// One key as the admin API shows it: name, where it is defined, group, limits, in flight,
+    /// its own windows; for a managed key also what it was given and when. Never a token or a
+    /// hash.
     async fn describe(&self, key: &KeyEntry) -> serde_json::Value {
         let limits = &key.limits;
         let windows = self.windows(key.own_windows()).await;
-        json!({
+        let mut described = json!({
             "name": &*key.name,
+            "source": <&'static str>::from(key.origin),
             "group": key.group.as_ref().map(|g| &*g.name),
             "limits": {
                 "models": limits.models.clone().unwrap_or_else(|| vec!["*".to_owned()]),
@@ -302,7 +319,13 @@ impl Admin {
             },
             "inflight": key.inflight.current(),
             "windows": windows,
-        })
+        });
+        if key.origin == KeyOrigin::Api {
+            if let Some(managed) = self.registry.managed(&key.name) {
+                keys::describe_managed(&mut described, &managed, self.registry.now());
+            }
+        }
+        described
     }
 
     /// Each window now: `{window, unit, limit, used, reserved, remaining, reset_seconds}`, cost
@@ -398,13 +421,13 @@ fn rate_json(rate: RateLimit) -> serde_json::Value {
 
 /// The console's pages that have data on this gateway, in the order the console shows them,
 /// each with the endpoint it reads. A page is listed only when its feature exists, so a console
-/// never shows an empty page: groups (`/admin/groups`) when `[groups]` are configured, and the
-/// keys page's `actions` (`create`, `rotate`, `revoke`) when keys can be managed at run time.
+/// never shows an empty page: groups (`/admin/groups`) when `[groups]` are configured. The keys
+/// page's `actions` (`create`, `rotate`, `revoke`) are those of the admin API.
 /// Upstreams (`/admin/upstreams`) are always there: every gateway has at least one pool.
 fn sections(groups: bool) -> serde_json::Value {
     let mut sections = vec![
         json!({"id": "overview", "title": "Overview", "api": "/admin/stats"}),
-        json!({"id": "keys", "title": "Keys", "api": "/admin/keys", "actions": []}),
+        json!({"id": "keys", "title": "Keys", "api": "/admin/keys", "actions": ["create", "rotate", "revoke"]}),
     ];
     if groups {
         sections.push(json!({"id": "groups", "title": "Groups", "api": "/admin/groups"}));
@@ -433,7 +456,7 @@ fn admin_off() -> Response<GatewayBody> {
     )
 }
 
-fn json_response(status: StatusCode, value: serde_json::Value) -> Response<GatewayBody> {
+pub(super) fn json_response(status: StatusCode, value: serde_json::Value) -> Response<GatewayBody> {
     let mut response = Response::new(crate::http::body::full(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -34,6 +34,7 @@ use crate::accounting::recent::RecentRequests;
 use crate::accounting::Accounting;
 use crate::config::Config;
 use crate::http::body::BoxError;
+use crate::keys::registry::KeyRegistry;
 use crate::keys::{KeyStore, SharedKeys};
 use crate::layers::validate::Schemas;
 use crate::observability::metrics::Metrics;
@@ -47,8 +48,13 @@ use crate::server::worker::{
 use crate::stack::build_stack;
 use crate::state::clock::Clock;
 use crate::state::local::LocalState;
+use crate::state::managed_keys::{self, Vault};
 use crate::state::redis::RedisState;
 use crate::state::{Backend, Store};
+
+/// How long a start waits for Redis to hand over the managed keys before it goes on without
+/// them (the follower loads them when Redis answers).
+const MANAGED_KEYS_LOAD_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// HTTP/2 connections are pinged after this long without a frame, and closed when the ping is
 /// not answered within [`H2_KEEP_ALIVE_TIMEOUT`]: a peer that vanished does not hold a socket.
@@ -66,6 +72,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     keys: SharedKeys,
     pools: SharedPools,
+    registry: Arc<KeyRegistry>,
     schemas: Arc<Schemas>,
     accounting: Accounting,
     tls: Option<Arc<CertResolver>>,
@@ -128,10 +135,19 @@ impl Server {
             Some(ledger) => Some(Arc::new(Ledger::open(ledger, metrics.clone()).await?)),
             None => None,
         };
+        let registry = Arc::new(KeyRegistry::new(
+            keys.clone(),
+            options.clock.clone(),
+            metrics.clone(),
+            open_vault(&config, &backend)?,
+            config.keys.clone(),
+            config.policies.clone(),
+        ));
+        load_managed_keys(&registry).await;
         let reloader = options.config_path.map(|path| {
             Arc::new(Reloader::new(
                 path,
-                keys.clone(),
+                registry.clone(),
                 (pools.clone(), slots),
                 [tls.clone(), admin_tls.clone()],
                 metrics.clone(),
@@ -149,6 +165,7 @@ impl Server {
             metrics,
             keys,
             pools,
+            registry,
             schemas,
             accounting,
             tls,
@@ -229,9 +246,14 @@ impl Server {
 
         drain_connections(&phase, &mut workers, self.config.server.shutdown_timeout).await;
         admin_task.abort();
-        for task in [&background.reload, &background.reopen, &background.health]
-            .into_iter()
-            .flatten()
+        for task in [
+            &background.reload,
+            &background.reopen,
+            &background.health,
+            &background.follow,
+        ]
+        .into_iter()
+        .flatten()
         {
             task.abort();
         }
@@ -292,6 +314,11 @@ impl Server {
                 self.pools.clone(),
                 self.config.server.workers.get(),
             ))),
+            follow: self
+                .registry
+                .vault
+                .shared()
+                .map(|_| tokio::spawn(crate::keys::follow::run(self.registry.clone()))),
         }
     }
 
@@ -302,6 +329,7 @@ impl Server {
             backend: self.accounting.backend.clone(),
             recent: self.accounting.recent.clone(),
             keys: self.keys.clone(),
+            registry: self.registry.clone(),
             token_digest: self
                 .config
                 .server
@@ -321,6 +349,8 @@ struct Background {
     reopen: Option<tokio::task::JoinHandle<()>>,
     /// Health checks, and the endpoints' up gauges.
     health: Option<tokio::task::JoinHandle<()>>,
+    /// Follows the managed keys other replicas change (Redis).
+    follow: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// One worker thread per stack, all accepting on clones of one listener.
@@ -422,6 +452,37 @@ fn open_state(config: &Config, clock: &Clock, metrics: &Arc<Metrics>) -> Result<
     })
 }
 
+/// Where the managed keys are kept: beside the state file, or in the state's Redis.
+fn open_vault(config: &Config, backend: &Backend) -> Result<Vault, BoxError> {
+    Ok(match backend.redis() {
+        Some(redis) => Vault::Redis(managed_keys::redis::RedisKeys::new(redis.clone())),
+        None => {
+            let path = managed_keys::local::path_beside(&config.state.path);
+            Vault::Local(
+                managed_keys::local::KeyFile::open(path)
+                    .map_err(|error| format!("state.path: {error}"))?,
+            )
+        }
+    })
+}
+
+/// Puts the managed keys into the table before the first request. Redis away: the gateway
+/// starts with the file's keys, and the follower adds the managed ones when Redis answers.
+async fn load_managed_keys(registry: &KeyRegistry) {
+    match tokio::time::timeout(MANAGED_KEYS_LOAD_TIMEOUT, registry.vault.load()).await {
+        Ok(Ok(snapshot)) => {
+            if !snapshot.keys.is_empty() {
+                tracing::info!(keys = snapshot.keys.len(), "managed keys loaded");
+            }
+            registry.replace_all(snapshot);
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "managed keys not loaded yet; retried every second")
+        }
+        Err(_) => tracing::warn!("managed keys not loaded yet (no answer); retried every second"),
+    }
+}
+
 /// How client connections speak HTTP. A request head past `server.max_header_bytes` is answered
 /// 431 in the error shape by the stack (`request_head`); hyper's own limits sit at twice that,
 /// so that only heads far past it meet hyper's bare 431.
@@ -444,7 +505,7 @@ fn connection_builder(server: &crate::config::ServerConfig) -> auto::Builder<Tok
 
 async fn serve_admin(listener: TcpListener, admin: Admin, tls: Option<TlsAcceptor>) {
     loop {
-        let (stream, _peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "admin accept failed");
@@ -456,9 +517,9 @@ async fn serve_admin(listener: TcpListener, admin: Admin, tls: Option<TlsAccepto
         let tls = tls.clone();
         tokio::spawn(async move {
             let result = match &tls {
-                None => serve_admin_connection(stream, admin).await,
+                None => serve_admin_connection(stream, admin, peer).await,
                 Some(acceptor) => match crate::server::tls::accept(acceptor, stream).await {
-                    Some(stream) => serve_admin_connection(stream, admin).await,
+                    Some(stream) => serve_admin_connection(stream, admin, peer).await,
                     None => return,
                 },
             };
@@ -469,11 +530,15 @@ async fn serve_admin(listener: TcpListener, admin: Admin, tls: Option<TlsAccepto
     }
 }
 
-async fn serve_admin_connection<I>(io: I, admin: Admin) -> Result<(), hyper::Error>
+async fn serve_admin_connection<I>(
+    io: I,
+    admin: Admin,
+    peer: SocketAddr,
+) -> Result<(), hyper::Error>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |request| admin.clone().handle(request));
+    let service = hyper::service::service_fn(move |request| admin.clone().handle(request, peer));
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))

@@ -1,14 +1,16 @@
 //! Reloading the config without a restart: on SIGHUP, and when the config file changes.
 //!
-//! What a reload changes: the keys and their limits, prices and groups, for new requests
-//! (in-flight requests and streams run on undisturbed, and settle at the prices they reserved
-//! at); the upstream pools — pools and endpoints added or removed, their models, balance,
-//! ejection, health checks and client settings — for new requests (a request in flight on a
-//! removed endpoint finishes there; an endpoint that stays keeps its state and its connections);
-//! and the certificates of both listeners, for new handshakes. A key removed is refused from the
-//! next request; a key (or group) whose name and rate are unchanged keeps its limiter state;
-//! a quota window keeps its usage when its limit changes (the usage is counted by window, not by
-//! limit). Every other setting is read only at start: each one that changed is logged,
+//! What a reload changes: the keys and their limits (those of the managed keys too, resolved
+//! against the new policies), prices and groups, for new requests (in-flight requests and streams
+//! run on undisturbed, and settle at the prices they reserved at); the upstream pools — pools and
+//! endpoints added or removed, their models, balance, ejection, health checks and client settings
+//! — for new requests (a request in flight on a removed endpoint finishes there; an endpoint that
+//! stays keeps its state and its connections); and the certificates of both listeners, for new
+//! handshakes. A key removed is refused from the next request; a key (or group) whose name and
+//! rate are unchanged keeps its limiter state; a quota window keeps its usage when its limit
+//! changes (the usage is counted by window, not by limit). A reload that would break a managed
+//! key (a policy or group it uses removed, its name taken by a file key) is refused. Every other
+//! setting is read only at start: each one that changed is logged,
 //! one warning naming it, and left as it was ([`super::restart_only`]). An invalid new config is
 //! refused with its reason logged, and the running config stays in force.
 //!
@@ -21,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, ConfigError};
-use crate::keys::{KeyStore, SharedKeys};
+use crate::keys::registry::KeyRegistry;
 use crate::observability::metrics::Metrics;
 use crate::proxy::pool::{Pools, SharedPools};
 use crate::server::restart_only;
@@ -44,11 +46,13 @@ pub struct ReloadSummary {
 
 pub struct Reloader {
     path: PathBuf,
-    keys: SharedKeys,
+    /// The file's keys and the managed ones, put together into the live table.
+    registry: Arc<KeyRegistry>,
     /// The upstream pools in force, and the idle-connection slots each new endpoint needs.
     pools: (SharedPools, usize),
     /// The certificates of the client and the admin listener, re-read on every reload.
     tls: [Option<Arc<CertResolver>>; 2],
+    /// For the series of pools and endpoints a reload adds.
     metrics: Arc<Metrics>,
     /// Where the windows of keys a reload adds are read, for their gauges.
     backend: Arc<Backend>,
@@ -59,7 +63,7 @@ pub struct Reloader {
 impl Reloader {
     pub(crate) fn new(
         path: PathBuf,
-        keys: SharedKeys,
+        registry: Arc<KeyRegistry>,
         pools: (SharedPools, usize),
         tls: [Option<Arc<CertResolver>>; 2],
         metrics: Arc<Metrics>,
@@ -68,7 +72,7 @@ impl Reloader {
     ) -> Self {
         Reloader {
             path,
-            keys,
+            registry,
             pools,
             tls,
             metrics,
@@ -110,14 +114,9 @@ impl Reloader {
         for setting in &not_applied {
             tracing::warn!("config reload: {setting} changed but is read only at start; not applied until a restart");
         }
-        let old_store = self.keys.load();
-        let store = KeyStore::build_with(
-            &new.keys,
-            &new.budgets,
-            Some(&old_store),
-            old_store.clock(),
-            &self.metrics,
-        );
+        let (old_store, store) = self
+            .registry
+            .set_config(new.keys.clone(), new.policies.clone())?;
         let mut summary = ReloadSummary {
             keys: store.key_count(),
             added: store
@@ -143,7 +142,6 @@ impl Reloader {
             .collect();
         // Every group's gauges: a group added, or whose quotas changed, has new series.
         let groups = store.groups().cloned().collect();
-        self.keys.store(Arc::new(store));
         // A reload is run from the runtime (SIGHUP, the file watcher) or from a test's.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let backend = self.backend.clone();

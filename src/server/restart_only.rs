@@ -23,6 +23,8 @@ pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
         keys: _,
         // Prices and groups apply to new requests, like keys.
         budgets: _,
+        // Kept for the keys made through the admin API, which a reload re-resolves.
+        policies: _,
         state,
         ledger,
     } = current;

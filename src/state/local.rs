@@ -393,25 +393,26 @@ fn probe_writable(path: &Path) -> Result<(), LocalStateError> {
         })
 }
 
-/// Temporary file, fsync, rename over the old one, fsync the folder: the file on disk is always
-/// either the old snapshot or the new one, whole.
 fn write_atomically(path: &Path, snapshot: &Snapshot) -> Result<(), LocalStateError> {
-    let tmp = path.with_extension("tmp");
     let bytes = serde_json::to_vec(snapshot).map_err(LocalStateError::Encode)?;
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::File::open(parent)?.sync_all()?;
-        }
-        Ok(())
-    };
-    write().map_err(|error| LocalStateError::Write {
+    replace_file(path, &bytes).map_err(|error| LocalStateError::Write {
         path: path.to_owned(),
         error,
     })
+}
+
+/// Temporary file, fsync, rename over the old one, fsync the folder: the file on disk is always
+/// either the old content or the new one, whole.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 pub mod clock;
 pub mod local;
+pub(crate) mod managed_keys;
 pub mod redis;
 pub mod window;
 

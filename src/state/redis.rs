@@ -282,8 +282,10 @@ pub struct Reserved {
 pub struct Unavailable(pub String);
 
 pub struct RedisState {
-    conn: ConnectionManager,
-    prefix: String,
+    pub(super) conn: ConnectionManager,
+    /// For the managed keys' change notifications, which need a connection of their own.
+    pub(super) client: redis::Client,
+    pub(super) prefix: String,
     lease: Duration,
     on_error: OnError,
     metrics: Arc<Metrics>,
@@ -337,13 +339,14 @@ impl RedisState {
             .set_response_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(RedisError::Client)?;
         let replica = uuid::Uuid::new_v4().simple().to_string();
         let window_script =
             |body: &str| Script::new(&format!("{LUA_BOUNDS}{WINDOW_FUNCTIONS}{body}"));
         Ok(RedisState {
             conn,
+            client,
             prefix: config.prefix.clone(),
             lease: config.lease,
             on_error: config.on_error,
@@ -408,7 +411,7 @@ impl RedisState {
     }
 
     /// Notes a failed call: counted, and logged when an outage begins.
-    fn failed(&self, op: StateOp, error: &redis::RedisError) -> Unavailable {
+    pub(super) fn failed(&self, op: StateOp, error: &redis::RedisError) -> Unavailable {
         self.metrics.state_error(op);
         if !self.down.swap(true, Ordering::AcqRel) {
             let mode = match self.on_error {
@@ -421,7 +424,7 @@ impl RedisState {
     }
 
     /// Notes a successful call: logs the end of an outage and applies what it left pending.
-    fn succeeded(self: &Arc<Self>) {
+    pub(super) fn succeeded(self: &Arc<Self>) {
         if self.down.swap(false, Ordering::AcqRel) {
             tracing::info!("state backend reachable again");
             let this = self.clone();

@@ -739,7 +739,7 @@ async fn a_reload_applies_new_prices_and_groups_to_new_requests_and_keeps_the_us
         .collect();
     assert_eq!(
         ids,
-        ["overview", "keys", "groups", "requests"],
+        ["overview", "keys", "groups", "upstreams", "requests"],
         "the console's Groups page"
     );
 }

@@ -12,6 +12,7 @@ mod dashboard;
 mod demo;
 mod hardening;
 mod keys;
+mod managed_keys;
 mod openai_client;
 mod operators;
 mod pg_ledger;

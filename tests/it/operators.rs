@@ -444,6 +444,7 @@ async fn a_fresh_gateway_exports_every_fixed_counter_at_zero_and_a_reload_adds_n
         "tollgate_state_errors_total{op=\"status\"} 0",
         "tollgate_state_errors_total{op=\"renew\"} 0",
         "tollgate_state_errors_total{op=\"release\"} 0",
+        "tollgate_state_errors_total{op=\"managed_keys\"} 0",
         "tollgate_rejections_total{key=\"unauthenticated\",reason=\"missing_api_key\"} 0",
         "tollgate_rejections_total{key=\"unauthenticated\",reason=\"malformed_api_key\"} 0",
         "tollgate_rejections_total{key=\"unauthenticated\",reason=\"invalid_api_key\"} 0",

@@ -100,27 +100,27 @@ pub(super) fn check_keys(
     src: &Source,
 ) -> Result<(), ConfigError> {
     for (i, key) in keys.iter().enumerate() {
-        check_key(key, &format!("keys[{i}] ({})", key.name), budgets, src)?;
+        check_key(key, Some(i), budgets, src)?;
     }
     Ok(())
 }
 
-/// [`check_keys`] for one key; `at` names it in messages (empty for a key of the admin API,
-/// whose messages name the field alone).
+/// [`check_keys`] for one key, the `index`th of the file (`None` for a key of the admin API,
+/// whose messages name the field alone, as they do for its other fields).
 pub(super) fn check_key(
     key: &KeyConfig,
-    at: &str,
+    index: Option<usize>,
     budgets: &Budgets,
     src: &Source,
 ) -> Result<(), ConfigError> {
-    let field = |name: &str| {
-        if at.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{at}.{name}")
-        }
+    let field = |name: &str| match index {
+        Some(i) => format!("keys[{i}].{name}"),
+        None => name.to_owned(),
     };
-    let whole = if at.is_empty() { "the key" } else { at };
+    let whole = match index {
+        Some(i) => format!("keys[{i}] ({})", key.name),
+        None => "the key".to_owned(),
+    };
     let group =
         match &key.limits.group {
             Some(name) => Some(budgets.groups.iter().find(|g| g.name == *name).ok_or_else(

@@ -150,7 +150,7 @@ impl Policies {
             (&mut HashSet::new(), &mut HashSet::new()),
             &src,
         )?;
-        super::budgets::check_key(&key, "", &self.budgets, &src)?;
+        super::budgets::check_key(&key, None, &self.budgets, &src)?;
         Ok(key)
     }
 }

@@ -505,7 +505,7 @@ fn budget_mistakes_are_refused_naming_what_is_wrong() {
         ),
         (
             key("group = \"nope\""),
-            "keys[0] (alice).group: no group named \"nope\"",
+            "keys[0].group: no group named \"nope\"",
         ),
         (
             format!("{star}{}", key("quotas = [ { cost = 1.0, tokens = 5, per = \"month\" } ]")),

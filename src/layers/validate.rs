@@ -298,7 +298,9 @@ fn check_content_type(request: &Request<Bytes>, endpoint: Endpoint) -> Result<()
     }
 }
 
-fn json_type(value: &Value) -> &'static str {
+/// A JSON value's kind, as messages name it (`a string`, `an object`): also the admin API's,
+/// which names TOML's kinds the same way.
+pub(crate) fn json_type(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -971,3 +971,60 @@ async fn a_reload_that_would_break_a_managed_key_is_refused_and_one_that_changes
         401
     );
 }
+
+/// A key made through the API joins a group as a file key does: the group lists it and it is
+/// served, and a group the config lacks, or one whose quotas the key's fields cannot bound, is
+/// refused with the file's message.
+#[tokio::test]
+async fn a_managed_key_joins_a_group_and_is_checked_against_it() {
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let toml = config(&upstream, None).replace(
+        "[policies.small]",
+        "[groups.team]\nconcurrency = 1\nquotas = [ { tokens = 100000, per = \"1d\" } ]\n\
+         [policies.small]",
+    );
+    let gateway = TestGateway::start_toml(&toml).await;
+    let (status, made) = admin(
+        &gateway,
+        "POST",
+        "/admin/keys",
+        Some(json!({"name": "member", "group": "team", "max_tokens": 16})),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    let token = made["key"].as_str().expect("token").to_owned();
+    let (_, key) = admin(&gateway, "GET", "/admin/keys/member", None).await;
+    assert_eq!(key["group"], "team", "{key}");
+    let (_, group) = admin(&gateway, "GET", "/admin/groups/team", None).await;
+    assert_eq!(group["members"], json!(["member"]), "{group}");
+    assert_eq!(chat_status(&gateway.url(), &token, Some(8)).await, 200);
+
+    let (status, refused) = admin(
+        &gateway,
+        "POST",
+        "/admin/keys",
+        Some(json!({"name": "stray", "group": "nope"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("group: no group named \"nope\"")),
+        "{refused}"
+    );
+    let (status, refused) = admin(
+        &gateway,
+        "POST",
+        "/admin/keys",
+        Some(json!({"name": "unbounded", "group": "team"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("needs max_tokens")),
+        "{refused}"
+    );
+}

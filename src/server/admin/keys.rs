@@ -26,6 +26,7 @@ use super::{json_response, Admin};
 use crate::http::body::GatewayBody;
 use crate::http::error::GatewayError;
 use crate::keys::registry::KeyError;
+use crate::layers::validate::json_type;
 use crate::state::managed_keys::ManagedKey;
 
 /// A key's fields fit in far less; a larger body is a mistake.
@@ -75,7 +76,7 @@ async fn create(
         Some(other) => {
             return Err(GatewayError::BadRequest(format!(
                 "name: expected a string, found {}",
-                kind(&other)
+                json_type(&other)
             )))
         }
         None => return Err(GatewayError::BadRequest("missing field `name`".into())),
@@ -139,7 +140,7 @@ async fn rotate(
         Some(other) => {
             return Err(GatewayError::BadRequest(format!(
                 "grace: expected a duration such as \"30s\" or \"1h\", found {}",
-                kind(&other)
+                json_type(&other)
             )))
         }
     };
@@ -210,7 +211,7 @@ async fn read_object(body: Incoming) -> Result<Map<String, Value>, GatewayError>
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(GatewayError::BadRequest(format!(
             "the body must be a JSON object, found {}",
-            kind(&other)
+            json_type(&other)
         ))),
         Err(error) => Err(GatewayError::BadRequest(format!(
             "the body is not JSON: {error}"
@@ -228,18 +229,6 @@ fn refuse_hashes(fields: &Map<String, Value>) -> Result<(), GatewayError> {
         ));
     }
     Ok(())
-}
-
-/// A JSON value's kind, as the config's messages name TOML's.
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// The answer to a change the registry refused.

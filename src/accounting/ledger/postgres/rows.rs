@@ -210,15 +210,11 @@ mod tests {
     fn a_gateway_line_parses_and_damaged_lines_are_counted_not_sent() {
         let entry = sample_entry(7);
         let text = String::from_utf8(entry.to_line().to_vec()).expect("utf-8");
-        let with_budget = text.replace(
-            "\"outcome\":\"complete\"",
-            "\"outcome\":\"complete\",\"group\":\"team-a\",\"cost\":0.000123456",
-        );
+        let with_budget = text
+            .replace("\"group\":null", "\"group\":\"team-a\"")
+            .replace("\"cost\":null", "\"cost\":0.000123456");
         let bad_time = text.replace(&entry.time, "yesterday");
-        let huge_cost = text.replace(
-            "\"outcome\":\"complete\"",
-            "\"outcome\":\"complete\",\"cost\":1e30",
-        );
+        let huge_cost = text.replace("\"cost\":null", "\"cost\":1e30");
         let lines = [
             text.as_bytes(),
             with_budget.as_bytes(),

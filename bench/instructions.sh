@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
 # Instructions the gateway executes per request, counted by valgrind's callgrind. Unlike CPU time,
-# the count does not move with what else the machine is doing, so two builds can be compared on a
-# busy machine to a fraction of a percent.
+# the count does not move with what else the machine is doing, so two builds, or two configs, can
+# be compared on a busy machine to a fraction of a percent.
 #
-#   bench/instructions.sh [--old-bin PATH] [--requests N] [--profile]
+#   bench/instructions.sh [--rows LIST] [--old-bin PATH] [--requests N] [--profile]
 #
-# Each binary serves N JSON requests and then N streams of 32 events (one worker thread, a key with
+# Each row serves N JSON requests and then N streams of 32 events (one worker thread, a key with
 # no limits, the access log on) in front of the mock upstream; counting is switched on after a
-# warm-up and dumped after the last answer, so start-up and shutdown are not counted. --old-bin
-# adds an older build beside this one, with the ratio. --profile prints the hottest functions of
-# this build's stream run (self cost).
+# warm-up and the counts are dumped after the last answer, so start-up and shutdown are not
+# counted. Every thread of the gateway is counted (the ledger writers too), the kernel is not.
+# Rows (--rows, comma-separated, default "tollgate"):
+#   tollgate       this build, one upstream endpoint
+#   tollgate-3     one [[upstreams]] pool of three mock endpoints, least_requests
+#   tollgate-file  the ledger to a file
+#   tollgate-pg    the ledger to PostgreSQL (a database of its own on 127.0.0.1:5432, dropped after)
+#   tollgate-old   the binary of --old-bin, on the tollgate row's config
+# --old-bin adds tollgate-old to the rows. Every row is printed with its ratio to the first.
+# --profile prints the hottest functions of the first row's streams (self cost).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
 command -v callgrind_control >/dev/null || { echo "callgrind_control is missing" >&2; exit 1; }
-old_bin=""; requests=200; profile=0
+old_bin=""; requests=200; profile=0; rows="tollgate"
 while [ $# -gt 0 ]; do
     case $1 in
+        --rows) rows=$2; shift 2 ;;
         --old-bin) old_bin=$(realpath "$2"); shift 2 ;;
         --requests) requests=$2; shift 2 ;;
         --profile) profile=1; shift ;;
         *) echo "unknown option $1 (see the head of $0)" >&2; exit 2 ;;
     esac
 done
+[ -n "$old_bin" ] && rows="$rows,tollgate-old"
 # Two builds: an example pulls in the dev-dependencies' features (tokio's test-util among them),
 # which must not reach the binary measured. The mock's own speed is not counted, so debug will do.
 cargo build --release --locked --bin tollgate >&2
@@ -31,7 +40,14 @@ new_bin=$PWD/target/release/tollgate
 mock_bin=$PWD/target/debug/examples/mock_upstream
 dir=$(mktemp -d /tmp/tollgate-instructions.XXXXXX)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+database=""
+cleanup() {
+    kill "${pids[@]}" 2>/dev/null || true
+    if [ -n "$database" ]; then
+        psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $database" postgres >/dev/null 2>&1 || true
+    fi
+}
+trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 600); do python3 - "$1" 2>/dev/null <<'PY' && return 0
@@ -39,10 +55,15 @@ import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.
 PY
     sleep 0.1; done; echo "nothing listens on port $1" >&2; return 1; }
 
-mock_port=$(free_port)
-"$mock_bin" --listen "127.0.0.1:$mock_port" >"$dir/mock.log" 2>&1 &
-pids+=($!)
-wait_port "$mock_port"
+# Three mock upstreams: the one-endpoint rows use the first.
+mock_ports=()
+for _ in 1 2 3; do
+    port=$(free_port)
+    "$mock_bin" --listen "127.0.0.1:$port" >>"$dir/mock.log" 2>&1 &
+    pids+=($!)
+    wait_port "$port"
+    mock_ports+=("$port")
+done
 
 # Sends N requests one after another on one keep-alive connection and reads every answer whole.
 drive() { python3 - "$@" <<'PY'
@@ -75,24 +96,36 @@ for _ in range(n):
 PY
 }
 
-# Prints the instructions per request of BIN for MODE (json or stream); leaves the dump in $dir.
+# The config of ROW (without [server]).
+row_config() {
+    local row=$1 out=$2
+    case $row in
+        tollgate-3)
+            printf '[[upstreams]]\nname = "bench"\nmodels = ["*"]\nendpoints = ["http://127.0.0.1:%s", "http://127.0.0.1:%s", "http://127.0.0.1:%s"]\n' \
+                "${mock_ports[@]}" ;;
+        *) printf '[upstream]\nurl = "http://127.0.0.1:%s"\n' "${mock_ports[0]}" ;;
+    esac
+    case $row in
+        tollgate-file) printf '[ledger]\npath = "%s/usage.jsonl"\n' "$out" ;;
+        tollgate-pg)
+            printf '[state]\npath = "%s/state.json"\n[ledger]\npostgres_url_env = "TOLLGATE_BENCH_LEDGER_URL"\n' "$out" ;;
+    esac
+    printf '[[keys]]\nname = "bench"\nsha256 = "3afc714881401d7d9a57454c7e41f3583337c49a0258b640b031d09e4a83c0bd"\n'
+}
+
+# Prints the instructions per request of ROW for MODE (json or stream); leaves the dump in $dir.
 count() {
-    local bin=$1 mode=$2 name=$3 port admin out
-    port=$(free_port); admin=$(free_port); out="$dir/$name-$mode"
+    local row=$1 mode=$2 bin=$new_bin port admin out
+    [ "$row" = tollgate-old ] && bin=$old_bin
+    port=$(free_port); admin=$(free_port); out="$dir/$row-$mode"
     mkdir -p "$out"
-    cat >"$out/tollgate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-admin_listen = "127.0.0.1:$admin"
-workers = 1
-[upstream]
-url = "http://127.0.0.1:$mock_port"
-[[keys]]
-name = "bench"
-sha256 = "3afc714881401d7d9a57454c7e41f3583337c49a0258b640b031d09e4a83c0bd"
-TOML
-    (cd "$out" && RUST_LOG=info exec valgrind --tool=callgrind --compress-strings=no \
-        --compress-pos=no --instr-atstart=no --callgrind-out-file="$out/callgrind.%p" \
+    {
+        printf '[server]\nlisten = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:%s"\nworkers = 1\n' "$port" "$admin"
+        row_config "$row" "$out"
+    } >"$out/tollgate.toml"
+    (cd "$out" && RUST_LOG=info TOLLGATE_BENCH_LEDGER_URL="postgres://postgres@127.0.0.1:5432/$database?sslmode=disable" \
+        exec valgrind --tool=callgrind --compress-strings=no --compress-pos=no --instr-atstart=no \
+        --callgrind-out-file="$out/callgrind.%p" \
         "$bin" serve --config "$out/tollgate.toml" >"$out/tollgate.log" 2>&1) &
     local gateway=$!
     pids+=("$gateway")
@@ -100,6 +133,8 @@ TOML
     drive "$port" 20 "$mode"
     callgrind_control -i on "$gateway" >/dev/null 2>&1
     drive "$port" "$requests" "$mode"
+    # The ledger writers write in batches: give the last one time to go before the dump.
+    sleep 1
     callgrind_control -d "$gateway" >/dev/null 2>&1
     kill -TERM "$gateway"; wait "$gateway" || true
     local dump total
@@ -108,20 +143,25 @@ TOML
     echo $(( total / requests ))
 }
 
-printf '%-14s %22s %22s\n' build "instructions/request" "instructions/stream"
-new_json=$(count "$new_bin" json new) && new_stream=$(count "$new_bin" stream new) || exit 1
-printf '%-14s %22s %22s\n' "this build" "$new_json" "$new_stream"
-if [ -n "$old_bin" ]; then
-    old_json=$(count "$old_bin" json old) && old_stream=$(count "$old_bin" stream old) || exit 1
-    printf '%-14s %22s %22s\n' "--old-bin" "$old_json" "$old_stream"
-    printf '%-14s %22s %22s\n' "new / old" \
-        "$(python3 -c "print(f'{$new_json/$old_json:.3f}')")" \
-        "$(python3 -c "print(f'{$new_stream/$old_stream:.3f}')")"
+if [[ ",$rows," == *",tollgate-pg,"* ]]; then
+    command -v psql >/dev/null || { echo "tollgate-pg needs psql and PostgreSQL on 127.0.0.1:5432" >&2; exit 1; }
+    database="tollgate_instructions_$$"
+    psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $database" postgres >/dev/null
 fi
+
+printf '%-14s %22s %10s %22s %10s\n' row "instructions/request" ratio "instructions/stream" ratio
+first_json=""; first_stream=""; first_row=""
+for row in ${rows//,/ }; do
+    json=$(count "$row" json) && stream=$(count "$row" stream) || exit 1
+    if [ -z "$first_json" ]; then first_json=$json; first_stream=$stream; first_row=$row; fi
+    printf '%-14s %22s %10s %22s %10s\n' "$row" "$json" \
+        "$(python3 -c "print(f'{$json/$first_json:.3f}')")" "$stream" \
+        "$(python3 -c "print(f'{$stream/$first_stream:.3f}')")"
+done
 echo "($requests requests each, JSON answers and streams of 32 events; one worker; dumps in $dir)"
 if [ "$profile" = 1 ]; then
     echo
-    echo "== hottest functions of this build's streams (self instructions)"
-    callgrind_annotate --inclusive=no "$(ls "$dir"/new-stream/callgrind.*.1)" 2>/dev/null \
+    echo "== hottest functions of $first_row's streams (self instructions)"
+    callgrind_annotate --inclusive=no "$(ls "$dir/$first_row-stream"/callgrind.*.1)" 2>/dev/null \
         | grep -E '^ *[0-9,]+ \(' | grep -v 'PROGRAM TOTALS' | head -30 | cut -c1-160
 fi

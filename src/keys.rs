@@ -30,7 +30,7 @@ use ring::rand::SecureRandom;
 use crate::config::{Budgets, GroupConfig, KeyConfig, Limits, Pricing, RateLimit, TOKEN_PREFIX};
 use crate::observability::metrics::Metrics;
 use crate::state::clock::Clock;
-use crate::state::{Scope, Window};
+use crate::state::window::{Scope, Window};
 
 /// The SHA-256 of a bearer token.
 pub fn hash_token(token: &[u8]) -> [u8; 32] {

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate::cli::demo::{self, DemoOptions};
 use tollgate::cli::report::{self, GroupBy};
+use tollgate::cli::usage;
 use tollgate::cli::{check, keygen, keys, serve};
 use tollgate::observability::{init_tracing, LogFormat};
 
@@ -134,15 +135,15 @@ fn main() -> ExitCode {
             format,
         } => {
             let source = match (ledger, postgres_url_env) {
-                (Some(path), _) => report::Source::File(path),
-                (None, Some(url_env)) => report::Source::Postgres {
+                (Some(path), _) => usage::Source::File(path),
+                (None, Some(url_env)) => usage::Source::Postgres {
                     url_env,
                     table: table.unwrap_or_else(|| "tollgate_usage".to_owned()),
                 },
                 // clap requires one of the two.
                 (None, None) => return ExitCode::FAILURE,
             };
-            report::run(&source, since, by, format)
+            usage::run(&source, since, by, format)
         }
     }
 }

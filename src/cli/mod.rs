@@ -14,6 +14,7 @@ pub mod keys;
 pub mod report;
 mod report_sql;
 pub mod serve;
+pub mod usage;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::keys::{is_valid_key_name, rate_limit};
+use super::limits::{is_valid_key_name, rate_limit};
 use super::raw::{RawGroup, RawPricing, RawQuota};
 use super::source::Source;
 use super::{Budgets, ConfigError, GroupConfig, KeyConfig, Period, Price, Pricing, Quota, Unit};

@@ -14,23 +14,15 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use super::budgets::quota_windows;
-use super::raw::{RawKey, RawLimits, RawRate};
+use super::limits::{is_valid_key_name, rate_limit};
+use super::raw::{RawKey, RawLimits};
 use super::source::Source;
-use super::{Budgets, ConfigError, KeyConfig, Limits, RateLimit};
+use super::{Budgets, ConfigError, KeyConfig, Limits};
 use crate::observability::metrics::UNAUTHENTICATED;
 
 /// What every key `tollgate keygen` makes starts with, so that a leaked one is recognisable (and
 /// one pasted where its hash belongs is refused).
 pub(crate) const TOKEN_PREFIX: &str = "tg-";
-
-/// Key names become metric labels and log fields: keep them plain.
-pub(crate) fn is_valid_key_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
 
 /// Builds each key's limits from its policy and its own fields, and checks names and hashes.
 pub(super) fn resolve_keys(
@@ -388,27 +380,4 @@ fn at_least_one(
             .ok_or_else(|| src.at(value.span(), key, message.into())),
         None => Ok(None),
     }
-}
-
-pub(super) fn rate_limit(
-    spanned: &Spanned<RawRate>,
-    key: &str,
-    src: &Source,
-) -> Result<RateLimit, ConfigError> {
-    let rate = spanned.get_ref();
-    let requests = NonZeroU32::new(rate.requests)
-        .ok_or_else(|| src.at(spanned.span(), key, "requests must be at least 1".into()))?;
-    if rate.per.is_zero() {
-        return Err(src.at(spanned.span(), key, "per must be longer than 0s".into()));
-    }
-    let burst = match rate.burst {
-        Some(burst) => NonZeroU32::new(burst)
-            .ok_or_else(|| src.at(spanned.span(), key, "burst must be at least 1".into()))?,
-        None => requests,
-    };
-    Ok(RateLimit {
-        requests,
-        per: rate.per,
-        burst,
-    })
 }

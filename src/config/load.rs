@@ -15,13 +15,13 @@ use toml::Spanned;
 
 use super::budgets::{check_keys, resolve_budgets};
 use super::keys::{resolve_keys, Policies};
-use super::raw::{RawLedger, RawServer, RawState, RawTls, RawUpstream};
+use super::raw::{RawLedger, RawServer, RawState, RawTls};
 use super::read::parse_raw;
 use super::source::Source;
 use super::tls::{self, TlsFiles};
 use super::{
-    Config, ConfigError, EndpointUrl, LedgerConfig, PostgresLedger, RedisConfig, Secret,
-    ServerConfig, StateBackend, StateConfig, UpstreamConfig,
+    Config, ConfigError, LedgerConfig, PostgresLedger, RedisConfig, Secret, ServerConfig,
+    StateBackend, StateConfig,
 };
 
 /// More threads than this is a typo, not a machine.
@@ -193,126 +193,6 @@ fn within(
         ));
     }
     usize::try_from(*value.get_ref()).map_err(|_| src.at(value.span(), key, "too large".into()))
-}
-
-// === [upstream] and [[upstreams]]: what every endpoint of a pool shares ===
-
-/// The client settings of `[upstream]` or a pool (`key` is its path: `upstream`,
-/// `upstreams[1]`).
-pub(super) fn upstream_client(
-    raw: &RawUpstream,
-    key: &str,
-    src: &Source,
-) -> Result<UpstreamConfig, ConfigError> {
-    let (api_key, api_key_source) = upstream_credential(raw, key, src)?;
-    Ok(UpstreamConfig {
-        api_key,
-        api_key_source,
-        ca_file: raw.ca_file.clone(),
-        inject_usage: raw.inject_usage,
-        connect_timeout: raw.connect_timeout,
-        response_header_timeout: raw.response_header_timeout,
-        idle_timeout: raw.idle_timeout,
-        pool_idle_timeout: raw.pool_idle_timeout,
-        pool_max_idle_per_host: raw.pool_max_idle_per_host,
-    })
-}
-
-/// The gateway's own credential, from `api_key_env` or `api_key_file`, and where it came from.
-fn upstream_credential(
-    raw: &RawUpstream,
-    key: &str,
-    src: &Source,
-) -> Result<(Option<Secret>, Option<String>), ConfigError> {
-    match (&raw.api_key_env, &raw.api_key_file) {
-        (Some(_), Some(file)) => Err(src.at(
-            file.span(),
-            &format!("{key}.api_key_file"),
-            "set either api_key_env or api_key_file, not both".into(),
-        )),
-        (Some(env), None) => {
-            let name = env.get_ref();
-            if name.is_empty() {
-                return Err(src.at(
-                    env.span(),
-                    &format!("{key}.api_key_env"),
-                    "must name an environment variable".into(),
-                ));
-            }
-            let value = std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-            Ok((
-                value.map(|v| Secret(v.trim().to_owned())),
-                Some(format!("environment variable {name}")),
-            ))
-        }
-        (None, Some(file)) => {
-            let value = std::fs::read_to_string(file.get_ref()).map_err(|e| {
-                src.at(
-                    file.span(),
-                    &format!("{key}.api_key_file"),
-                    format!("cannot read {}: {e}", file.get_ref()),
-                )
-            })?;
-            let value = value.trim().to_owned();
-            if value.is_empty() {
-                return Err(src.at(
-                    file.span(),
-                    &format!("{key}.api_key_file"),
-                    format!("{} is empty", file.get_ref()),
-                ));
-            }
-            Ok((
-                Some(Secret(value)),
-                Some(format!("file {}", file.get_ref())),
-            ))
-        }
-        (None, None) => Ok((None, None)),
-    }
-}
-
-/// A base URL: http or https, a host, an optional path, no query and no credentials.
-pub(super) fn parse_upstream_url(url: &str) -> Result<EndpointUrl, String> {
-    // First, and on the text: whatever stands before an `@` may be a password, in a URL that
-    // parses or not; no message below may show it.
-    if url.contains('@') {
-        return Err(format!(
-            "{:?}: credentials in the URL are not allowed; use api_key_env or api_key_file",
-            without_credentials(url)
-        ));
-    }
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    let scheme = uri
-        .scheme()
-        .cloned()
-        .ok_or_else(|| format!("{url:?} needs a scheme, http:// or https://"))?;
-    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
-        return Err(format!("{url:?}: the scheme must be http or https"));
-    }
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("{url:?} has no host"))?;
-    if uri.query().is_some() {
-        return Err(format!("{url:?}: a base URL takes no query string"));
-    }
-    let base_path = uri.path().trim_end_matches('/').to_owned();
-    Ok(EndpointUrl {
-        scheme,
-        authority,
-        base_path,
-    })
-}
-
-/// `url` with everything between its scheme and its last `@` shown as `***`: a URL whose
-/// password is in the path part (`http://u:pa/ss@host`) is hidden as well as a well-formed one.
-fn without_credentials(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    match url.rfind('@') {
-        Some(at) if at >= start => format!("{}***{}", &url[..start], &url[at..]),
-        _ => url.to_owned(),
-    }
 }
 
 // === [state] ===

@@ -11,6 +11,7 @@
 
 mod budgets;
 mod keys;
+mod limits;
 mod load;
 mod raw;
 mod read;
@@ -20,7 +21,8 @@ mod tests;
 pub(crate) mod tls;
 mod upstreams;
 
-pub(crate) use self::keys::{is_valid_key_name, Policies, TOKEN_PREFIX};
+pub(crate) use self::keys::{Policies, TOKEN_PREFIX};
+pub(crate) use self::limits::is_valid_key_name;
 pub(crate) use self::upstreams::{Balance, EndpointUrl, PoolConfig};
 
 use std::fmt;

@@ -18,7 +18,7 @@ use strum::IntoEnumIterator;
 use super::labels::{LedgerErrorReason, Rejection, StateOp, TokenKind, UpstreamErrorKind};
 use super::timeline::Timeline;
 use crate::config::Unit;
-use crate::state::{Scope, WindowId};
+use crate::state::window::{Scope, WindowId};
 
 /// Nano-units per currency unit: cost figures are kept in nano-units, shown in units.
 pub(crate) const NANO: f64 = 1e9;

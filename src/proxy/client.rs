@@ -36,18 +36,9 @@ use tokio::time::{timeout, Instant};
 use crate::config::UpstreamConfig;
 use crate::http::body::BoxError;
 use crate::proxy::endpoint::Endpoint;
+use crate::proxy::idle::{H1, H2};
 
 pub(crate) type UpstreamRequest = Request<Full<Bytes>>;
-type H1 = http1::SendRequest<Full<Bytes>>;
-type H2 = http2::SendRequest<Full<Bytes>>;
-
-/// One worker's idle connections to one endpoint.
-#[derive(Default)]
-pub(crate) struct Idle {
-    /// Most recently used last: taken from the top, so cold ones age out at the bottom.
-    h1: Vec<(H1, Instant)>,
-    h2: Option<H2>,
-}
 
 /// How a pool's connections are made: its timeouts, its pool limits and its TLS roots.
 pub(crate) struct Connector {

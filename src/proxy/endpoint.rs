@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::config::{EndpointUrl, PoolConfig};
 use crate::observability::metrics::Metrics;
-use crate::proxy::client::Idle;
+use crate::proxy::idle::Idle;
 
 /// The longest an ejection lasts, however often the endpoint failed.
 pub(crate) const MAX_EJECTION: Duration = Duration::from_secs(300);

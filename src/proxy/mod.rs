@@ -37,6 +37,7 @@ pub(crate) mod balance;
 pub(crate) mod client;
 pub(crate) mod endpoint;
 pub(crate) mod health;
+pub(crate) mod idle;
 pub(crate) mod models;
 pub(crate) mod pool;
 pub(crate) mod upstream_body;

@@ -14,6 +14,8 @@ pub(crate) mod managed_keys;
 pub mod redis;
 pub mod window;
 
+pub use self::window::{Scope, Window, WindowId};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,64 +24,10 @@ use governor::clock::Clock as _;
 
 use self::local::LocalState;
 use self::redis::{Admit, Lease, RedisState, Reserved, Unavailable};
-use crate::config::{OnError, Period, Quota, Unit};
+use crate::config::{OnError, Period, Unit};
 use crate::keys::{GroupEntry, InflightGuard, KeyEntry, Limiter};
 use crate::observability::metrics::Metrics;
 use crate::state::clock::Clock;
-
-/// Whose limit a window or a refusal is: the key's own, or its group's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Scope {
-    Key,
-    Group,
-}
-
-impl Scope {
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Scope::Key => "key",
-            Scope::Group => "group",
-        }
-    }
-}
-
-/// One counter of usage: a key's or a group's, of tokens or cost, over one window.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct WindowId {
-    pub(crate) scope: Scope,
-    /// The key's or the group's name.
-    pub(crate) name: Arc<str>,
-    pub(crate) unit: Unit,
-    pub(crate) per: Period,
-}
-
-/// A counter and its limit: what a reservation must find room in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Window {
-    pub(crate) id: WindowId,
-    pub(crate) limit: u64,
-    /// `id.per`'s label (`1h`, `month`), made once: the gauges are set on every request.
-    pub(crate) label: Arc<str>,
-}
-
-impl Window {
-    /// The windows of `quotas` held by `name` in `scope`.
-    pub fn of(scope: Scope, name: &Arc<str>, quotas: &[Quota]) -> Vec<Window> {
-        quotas
-            .iter()
-            .map(|quota| Window {
-                id: WindowId {
-                    scope,
-                    name: name.clone(),
-                    unit: quota.unit,
-                    per: quota.per,
-                },
-                limit: quota.limit,
-                label: Arc::from(quota.per.label()),
-            })
-            .collect()
-    }
-}
 
 /// What a request holds or used, in each unit: tokens, and nano-units of cost.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -9,7 +9,63 @@
 //! line alike; the tests check the Rust one against humantime's calendar over many years, and the
 //! Redis tests check the Lua one against the Rust one.
 
-use crate::config::Period;
+use std::sync::Arc;
+
+use crate::config::{Period, Quota, Unit};
+
+/// Whose limit a window or a refusal is: the key's own, or its group's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    Key,
+    Group,
+}
+
+impl Scope {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Scope::Key => "key",
+            Scope::Group => "group",
+        }
+    }
+}
+
+/// One counter of usage: a key's or a group's, of tokens or cost, over one window.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WindowId {
+    pub(crate) scope: Scope,
+    /// The key's or the group's name.
+    pub(crate) name: Arc<str>,
+    pub(crate) unit: Unit,
+    pub(crate) per: Period,
+}
+
+/// A counter and its limit: what a reservation must find room in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub(crate) id: WindowId,
+    pub(crate) limit: u64,
+    /// `id.per`'s label (`1h`, `month`), made once: the gauges are set on every request.
+    pub(crate) label: Arc<str>,
+}
+
+impl Window {
+    /// The windows of `quotas` held by `name` in `scope`.
+    pub fn of(scope: Scope, name: &Arc<str>, quotas: &[Quota]) -> Vec<Window> {
+        quotas
+            .iter()
+            .map(|quota| Window {
+                id: WindowId {
+                    scope,
+                    name: name.clone(),
+                    unit: quota.unit,
+                    per: quota.per,
+                },
+                limit: quota.limit,
+                label: Arc::from(quota.per.label()),
+            })
+            .collect()
+    }
+}
 
 const DAY: u64 = 86_400;
 const WEEK: u64 = 7 * DAY;

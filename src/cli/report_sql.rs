@@ -68,7 +68,7 @@ pub(crate) async fn aggregate(
         before_since: 0,
     };
     for row in &rows {
-        let summary = summary(row);
+        let summary = summary(row)?;
         match row.get::<_, Option<String>>("g") {
             Some(name) if row.get::<_, i32>("is_total") == 0 => report.groups.push((name, summary)),
             _ => report.total = summary,
@@ -156,7 +156,7 @@ fn capped_sum(expression: &str, filter: &str) -> String {
 }
 
 /// One result row as the report's figures.
-fn summary(row: &Row) -> Summary {
+fn summary(row: &Row) -> Result<Summary, String> {
     let count = |name: &str| u64::try_from(row.get::<_, i64>(name)).unwrap_or(0);
     let micros = |name: &str| {
         row.get::<_, Option<i64>>(name)
@@ -166,7 +166,13 @@ fn summary(row: &Row) -> Summary {
         value.map(|us| as_histogram_reads(us, max.unwrap_or(us)))
     };
     let (max, ttft_max) = (micros("max"), micros("ttft_max"));
-    Summary::new(
+    // The exact sum, in nano-units as the file report adds them (numeric(30,9) holds them); a
+    // sum that does not read is an error, never a cost of 0.
+    let cost_nano = row.get::<_, String>("cost_nano");
+    let cost = cost_nano.parse().map_err(|_| {
+        format!("the table's cost sum {cost_nano:?} is not a whole number of nano-units")
+    })?;
+    Ok(Summary::new(
         [
             count("requests"),
             count("errors"),
@@ -174,15 +180,14 @@ fn summary(row: &Row) -> Summary {
             count("completion"),
             count("estimated"),
         ],
-        // The exact sum, in nano-units as the file report adds them (numeric(30,9) holds them).
-        row.get::<_, String>("cost_nano").parse().unwrap_or(0),
+        cost,
         [
             read(micros("p50"), max),
             read(micros("p99"), max),
             read(micros("ttft_p50"), ttft_max),
             read(micros("ttft_p99"), ttft_max),
         ],
-    )
+    ))
 }
 
 #[cfg(test)]

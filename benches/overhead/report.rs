@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bench_support::stats::{max_of, median, min_of, ratios};
-use bench_support::table::{num, signed, verdict, Table};
+use bench_support::table::{num, verdict, versus, Table, Versus};
 use bytes::Bytes;
 use http::StatusCode;
 
@@ -27,45 +27,21 @@ pub struct Check {
     pub met: bool,
 }
 
-/// How a figure is held against a base figure.
-#[derive(Clone, Copy)]
-pub enum Versus {
-    /// `measured / base <= limit`, shown as `1.50x (3.0 / 2.0 us)`.
-    Ratio,
-    /// `measured - base <= limit`, shown as `+1.0 us (3.0 - 2.0 us)`.
-    Difference,
-}
-
 impl Check {
     /// A goal on `measured` against `base` (another row's figure of the same run).
     pub fn versus(
         row: &'static str,
         what: String,
         (measured, base): (f64, f64),
-        (versus, limit): (Versus, f64),
+        limit: (Versus, f64),
         unit: &str,
     ) -> Check {
-        let (measured_text, base_text) = (num(measured, 1), num(base, 1));
-        let (figure, value) = match versus {
-            Versus::Ratio => {
-                let ratio = measured / base;
-                let value = format!("{}x ({measured_text} / {base_text} {unit})", num(ratio, 2));
-                (ratio, value)
-            }
-            Versus::Difference => {
-                let added = measured - base;
-                let value = format!(
-                    "{} {unit} ({measured_text} - {base_text} {unit})",
-                    signed(added, 1)
-                );
-                (added, value)
-            }
-        };
+        let (value, met) = versus(measured, base, limit, unit);
         Check {
             row,
             what,
             value,
-            met: figure <= limit,
+            met,
         }
     }
 }
@@ -321,7 +297,7 @@ pub async fn warm_up_and_verify(rows: &[Row]) -> anyhow::Result<()> {
 fn print_checks(bench: &Bench, checks: &[Check]) {
     let mut table = Table::aligned(
         &["row", "goal", "measured", "verdict"],
-        &[name_width(&bench.rows, 17), 50, 12, 7],
+        &[name_width(&bench.rows, 17), 50, 26, 7],
         &[0, 1],
     );
     for check in checks {

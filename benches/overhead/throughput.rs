@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use bench_support::procfs::{Procs, Ticks};
 use bench_support::stats::median;
-use bench_support::table::{num, verdict};
+use bench_support::table::{num, verdict, Versus};
 use http::StatusCode;
 
 use crate::client::{connect, exchange, Payload, REQUEST_TIMEOUT};
-use crate::report::{interleaved, per_row, row_index, section, table, Check, Report, Versus};
+use crate::report::{interleaved, per_row, row_index, section, table, Check, Report};
 use crate::rows::Row;
 use crate::targets::{FULL_ROW, NGINX_ROW, PLAIN_ROW};
 use crate::Bench;

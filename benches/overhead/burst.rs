@@ -6,12 +6,15 @@ use bench_support::stats::{max_of, median, min_of};
 use bench_support::table::num;
 
 use crate::client::{connect, read_stream, Payload, REQUEST_TIMEOUT};
-use crate::report::{per_row, section, table, Check, Report};
+use crate::report::targets_against_nginx;
+use crate::report::{per_row, row_index, section, table, Check, Report};
 use crate::Bench;
 
 const BURST_CHUNKS: usize = 2000;
 /// A gap this long between two reads of a burst stream is a Nagle / delayed-ACK stall (~40 ms).
 const STALL_MS: f64 = 30.0;
+/// Issue 14: a gateway's median total at most this many times nginx's.
+const TARGET_NGINX_RATIO: f64 = 2.0;
 
 struct BurstRun {
     total_ms: f64,
@@ -99,6 +102,12 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
         }
     }
     table.print();
+    let total =
+        |name: &str| row_index(rows, name).map(|i| median(runs[i].iter().map(|r| r.total_ms)));
+    let what = format!("burst of {BURST_CHUNKS}: total time");
+    if targets_against_nginx(report, total, &what, TARGET_NGINX_RATIO, "ms") {
+        println!("   target (issue 14): total time <= {TARGET_NGINX_RATIO}x nginx's");
+    }
     report.keep(
         format!("4. burst of {BURST_CHUNKS} events, total ms"),
         per_row(&runs, |r| r.total_ms),

@@ -21,9 +21,14 @@ use tokio::net::TcpStream;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 const CHAT_PATH: &str = "/v1/chat/completions";
-const CHAT_BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+/// Every row's requests name `max_tokens` (8, the mock's default answer length), as deployed
+/// clients do: below the `tollgate-full` key's cap, so that row forwards them unchanged and gets
+/// the same answers as the others (a request naming none would get the cap inserted, and the
+/// mock would answer with that many tokens).
+const CHAT_BODY: &str =
+    r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":8}"#;
 const STREAM_BODY: &str =
-    r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}],"max_tokens":8}"#;
 
 pub type Sender = SendRequest<Full<Bytes>>;
 

@@ -9,9 +9,10 @@
 //! - nginx with `bench/nginx.conf` when it is installed (otherwise that row is skipped, with a
 //!   note);
 //!
-//! and drives them with the load generator ([`client`]), phase by phase: latency at a fixed
-//! open-loop rate, closed-loop throughput with CPU per request, SSE streaming with CPU per
-//! stream, one burst stream, and memory with 64 streams open. Every phase runs the rows
+//! and drives them with the load generator ([`client`]), phase by phase: latency at fixed
+//! open-loop rates (500 and 50 req/s), closed-loop throughput with CPU per request, SSE streaming
+//! with CPU per stream and per event (events 2 ms apart, then back to back), one burst stream,
+//! and memory with 64 streams open. Every phase runs the rows
 //! interleaved, round after round, so that the noise of a shared machine falls on all of them
 //! alike; figures are medians over rounds, and "added" figures are medians of the per-round
 //! differences to the direct row.
@@ -109,7 +110,8 @@ fn run(opts: Options) -> anyhow::Result<()> {
             match phase {
                 Phase::Latency => latency::run(&bench, &mut report).await?,
                 Phase::Throughput => throughput::run(&bench, &mut report).await?,
-                Phase::Stream => stream::run(&bench, &mut report).await?,
+                Phase::Stream => stream::run(&bench, &mut report, &stream::SPACED).await?,
+                Phase::StreamB2b => stream::run(&bench, &mut report, &stream::BACK_TO_BACK).await?,
                 Phase::Burst => burst::run(&bench, &mut report).await?,
                 Phase::Rss => rss::run(&bench, &mut report).await?,
             }

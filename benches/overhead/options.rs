@@ -18,7 +18,7 @@ const STREAM_CONCURRENCY: usize = 16;
     override_usage = "cargo bench --bench overhead [-- OPTIONS]"
 )]
 pub struct Options {
-    /// Short phases (about 40 s in all instead of about 3 min).
+    /// Short phases (about 80 s in all instead of about 7 min).
     #[arg(long)]
     pub quick: bool,
     /// Comma-separated rows to run (direct always runs: it is the baseline); also runs the rows
@@ -30,15 +30,23 @@ pub struct Options {
         long,
         value_name = "LIST",
         value_delimiter = ',',
-        default_value = "latency,throughput,stream,burst,rss"
+        default_value = "latency,throughput,stream,stream-b2b,burst,rss"
     )]
     pub phases: Vec<Phase>,
     /// Rounds per phase; figures are medians over rounds.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = at_least_one)]
     pub rounds: usize,
-    /// Open-loop request rate of the latency phase, requests per second.
-    #[arg(long, value_name = "N", default_value_t = 500.0, value_parser = rate)]
-    pub rate: f64,
+    /// Open-loop request rates of the latency phase, requests per second, comma-separated: one
+    /// table per rate (the first rate's table carries the absolute latency goals).
+    #[arg(
+        long,
+        alias = "rate",
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "500,50",
+        value_parser = rate
+    )]
+    pub rates: Vec<f64>,
     /// Concurrent streams of the streaming phase.
     #[arg(long, value_name = "N", default_value_t = STREAM_CONCURRENCY, value_parser = at_least_one)]
     pub stream_concurrency: usize,
@@ -107,16 +115,21 @@ fn rate(value: &str) -> Result<f64, String> {
 pub enum Phase {
     Latency,
     Throughput,
+    /// Streams of events 2 ms apart.
     Stream,
+    /// Streams of events sent back to back (no delay).
+    #[value(name = "stream-b2b")]
+    StreamB2b,
     Burst,
     Rss,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Latency,
         Phase::Throughput,
         Phase::Stream,
+        Phase::StreamB2b,
         Phase::Burst,
         Phase::Rss,
     ];
@@ -136,10 +149,10 @@ impl Plan {
     pub fn new(quick: bool) -> Plan {
         if quick {
             Plan {
-                latency: Duration::from_millis(1200),
-                throughput: Duration::from_millis(700),
-                stream: Duration::from_millis(700),
-                warmup: Duration::from_millis(200),
+                latency: Duration::from_millis(800),
+                throughput: Duration::from_millis(500),
+                stream: Duration::from_millis(500),
+                warmup: Duration::from_millis(150),
                 burst_runs: 3,
             }
         } else {

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bench_support::stats::{max_of, median, min_of, ratios};
-use bench_support::table::{num, verdict, Table};
+use bench_support::table::{num, verdict, versus, Table, Versus};
 use bytes::Bytes;
 use http::StatusCode;
 
 use crate::client::{connect, exchange, Payload};
 use crate::rows::Row;
-use crate::targets::OLD_ROW;
+use crate::targets::{FULL_ROW, NGINX_ROW, OLD_ROW, PLAIN_ROW};
 use crate::Bench;
 
 /// One goal checked on one row, for the summary.
@@ -25,6 +25,52 @@ pub struct Check {
     pub what: String,
     pub value: String,
     pub met: bool,
+}
+
+impl Check {
+    /// A goal on `measured` against `base` (another row's figure of the same run).
+    pub fn versus(
+        row: &'static str,
+        what: String,
+        (measured, base): (f64, f64),
+        limit: (Versus, f64),
+        unit: &str,
+    ) -> Check {
+        let (value, met) = versus(measured, base, limit, unit);
+        Check {
+            row,
+            what,
+            value,
+            met,
+        }
+    }
+}
+
+/// Issue 14's targets that hold **tollgate** and **tollgate-full** to at most `limit` times
+/// nginx's figure (`median_of` a row's figure over the run; `None` when the row did not run).
+/// Returns whether nginx ran, so that the caller can print the target under its table.
+pub fn targets_against_nginx(
+    report: &mut Report,
+    median_of: impl Fn(&str) -> Option<f64>,
+    what: &str,
+    limit: f64,
+    unit: &str,
+) -> bool {
+    let Some(nginx) = median_of(NGINX_ROW) else {
+        return false;
+    };
+    for name in [PLAIN_ROW, FULL_ROW] {
+        if let Some(gateway) = median_of(name) {
+            report.target(Check::versus(
+                name,
+                format!("{what} <= {limit}x nginx"),
+                (gateway, nginx),
+                (Versus::Ratio, limit),
+                unit,
+            ));
+        }
+    }
+    true
 }
 
 /// A figure of every row, round by round, kept for the comparison with the old binary.
@@ -39,6 +85,8 @@ struct Kept {
 pub struct Report {
     notes: Vec<String>,
     checks: Vec<Check>,
+    /// Issue 14's targets: each gateway against nginx in the same run.
+    targets: Vec<Check>,
     warnings: Vec<String>,
     kept: Vec<Kept>,
 }
@@ -51,6 +99,11 @@ impl Report {
 
     pub fn check(&mut self, check: Check) {
         self.checks.push(check);
+    }
+
+    /// One of issue 14's targets, printed in a table of its own in the summary.
+    pub fn target(&mut self, check: Check) {
+        self.targets.push(check);
     }
 
     pub fn warn(&mut self, warning: String) {
@@ -73,6 +126,11 @@ pub fn per_row<T>(results: &[Vec<T>], figure: impl Fn(&T) -> f64) -> Vec<Vec<f64
         .iter()
         .map(|rounds| rounds.iter().map(&figure).collect())
         .collect()
+}
+
+/// Where the row named `name` is in the tables, if it runs.
+pub fn row_index(rows: &[Row], name: &str) -> Option<usize> {
+    rows.iter().position(|row| row.name == name)
 }
 
 /// A section title and the lines that explain its table.
@@ -235,12 +293,32 @@ pub async fn warm_up_and_verify(rows: &[Row]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The goals (or targets) as a table, and how many were met.
+fn print_checks(bench: &Bench, checks: &[Check]) {
+    let mut table = Table::aligned(
+        &["row", "goal", "measured", "verdict"],
+        &[name_width(&bench.rows, 17), 50, 26, 7],
+        &[0, 1],
+    );
+    for check in checks {
+        table.row(vec![
+            check.row.to_owned(),
+            check.what.clone(),
+            check.value.clone(),
+            verdict(check.met).to_owned(),
+        ]);
+    }
+    table.print();
+    let missed = checks.iter().filter(|c| !c.met).count();
+    println!("{} of {} met.", checks.len() - missed, checks.len());
+}
+
 /// With `--old-bin`: every kept figure of the `tollgate` row against the `tollgate-old` row,
 /// as medians over rounds and the median of the per-round ratios (the two ran in the same
 /// rounds, so a ratio holds when the machine's speed drifts between rounds).
 pub fn print_old_comparison(bench: &Bench, report: &Report) {
-    let index = |name: &str| bench.rows.iter().position(|row| row.name == name);
-    let (Some(new), Some(old)) = (index("tollgate"), index(OLD_ROW)) else {
+    let index = |name: &str| row_index(&bench.rows, name);
+    let (Some(new), Some(old)) = (index(PLAIN_ROW), index(OLD_ROW)) else {
         return;
     };
     section(
@@ -277,26 +355,15 @@ pub fn print_old_comparison(bench: &Bench, report: &Report) {
 pub fn print_summary(bench: &Bench, report: &Report, elapsed: Duration) {
     println!();
     println!("== Goals (checked on the gateway rows)");
-    let mut table = Table::aligned(
-        &["row", "goal", "measured", "verdict"],
-        &[name_width(&bench.rows, 17), 42, 12, 7],
-        &[0, 1],
-    );
-    for check in &report.checks {
-        table.row(vec![
-            check.row.to_owned(),
-            check.what.clone(),
-            check.value.clone(),
-            verdict(check.met).to_owned(),
-        ]);
+    print_checks(bench, &report.checks);
+    if !report.targets.is_empty() {
+        println!();
+        println!("== Issue 14's targets (medians of this run, against the {NGINX_ROW} row)");
+        print_checks(bench, &report.targets);
+    } else if row_index(&bench.rows, NGINX_ROW).is_none() {
+        println!();
+        println!("Issue 14's targets are measured against {NGINX_ROW}, which did not run.");
     }
-    table.print();
-    let missed = report.checks.iter().filter(|c| !c.met).count();
-    println!(
-        "{} of {} goals met.",
-        report.checks.len() - missed,
-        report.checks.len()
-    );
     for warning in &report.warnings {
         println!("WARNING: {warning}");
     }

@@ -66,6 +66,20 @@ fn one_key_with_limits() -> String {
     )
 }
 
+/// The bench key as deployed (issue 14): a rate, a concurrency limit, a daily token quota and a
+/// `max_tokens` cap, with the quota windows saved to local state and a ledger line per request.
+/// None of the limits is ever reached: the rate and concurrency are far above what the bench
+/// sends, the quota is 10^15 tokens a day, and the bench's requests name `max_tokens: 8`, below the
+/// cap (so they go upstream unchanged and every row gets the same answers).
+fn full_policy_key() -> String {
+    format!(
+        "[state]\npath = \"state/tollgate.db\"\n\n[ledger]\npath = \"ledger/usage.jsonl\"\n\n\
+         [[keys]]\nname = \"bench\"\nsha256 = \"{CLIENT_KEY_SHA256}\"\nconcurrency = 100000\n\
+         rate = {{ requests = 1000000000, per = \"1s\" }}\nmax_tokens = 4096\n\
+         quotas = [{{ tokens = 1000000000000000, per = \"1d\" }}]\n"
+    )
+}
+
 /// 10 000 other keys besides the bench key: lookups must not grow with the table.
 fn ten_thousand_keys() -> String {
     let mut tables = one_key();
@@ -93,6 +107,17 @@ pub const TARGETS: &[Target] = &[
             upstream: "",
             endpoints: 1,
             tables: one_key,
+        }),
+        headers: &[CLIENT_KEY_HEADER],
+        by_default: true,
+    },
+    Target {
+        name: FULL_ROW,
+        kind: Kind::Tollgate(Variant {
+            server: "",
+            upstream: "",
+            endpoints: 1,
+            tables: full_policy_key,
         }),
         headers: &[CLIENT_KEY_HEADER],
         by_default: true,
@@ -169,6 +194,11 @@ pub const TARGETS: &[Target] = &[
 /// The credential both proxies send upstream (the mock does not check it).
 pub const UPSTREAM_KEY_ENV: &str = "TOLLGATE_BENCH_UPSTREAM_KEY";
 pub const UPSTREAM_KEY: &str = "bench-upstream-key";
+
+/// The rows the goals compare: the no-limits gateway, the full-policy one, and nginx.
+pub const PLAIN_ROW: &str = "tollgate";
+pub const FULL_ROW: &str = "tollgate-full";
+pub const NGINX_ROW: &str = "nginx";
 
 /// The name of the `--old-bin` row.
 pub const OLD_ROW: &str = "tollgate-old";

@@ -10,18 +10,23 @@ use std::time::{Duration, Instant};
 
 use bench_support::procfs::{Procs, Ticks};
 use bench_support::stats::median;
-use bench_support::table::{num, verdict};
+use bench_support::table::{num, verdict, Versus};
 use http::StatusCode;
 
 use crate::client::{connect, exchange, Payload, REQUEST_TIMEOUT};
-use crate::report::{interleaved, per_row, section, table, Check, Report};
+use crate::report::{interleaved, per_row, row_index, section, table, Check, Report};
 use crate::rows::Row;
+use crate::targets::{FULL_ROW, NGINX_ROW, PLAIN_ROW};
 use crate::Bench;
 
 const GOAL_CPU_US: f64 = 25.0;
 /// Issue 15: one endpoint's CPU per request against nginx's, and three endpoints' against one's.
 const GOAL_NGINX_RATIO: f64 = 1.5;
 const GOAL_POOL_US: f64 = 2.0;
+/// Issue 14: the full-policy row's CPU per request against nginx's, and against the no-limits
+/// row's.
+const TARGET_FULL_NGINX_RATIO: f64 = 2.0;
+const TARGET_FULL_OVER_PLAIN_US: f64 = 5.0;
 /// Closed-loop connections.
 const THROUGHPUT_CONNS: usize = 64;
 
@@ -202,6 +207,7 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
     }
     table.print();
     pool_goals(rows, &results, report);
+    full_policy_targets(rows, &results, report);
     let per_row = |f: fn(&ThroughputRound) -> f64| per_row(&results, f);
     report.keep(
         format!("2. CPU us/req at {THROUGHPUT_CONNS} conns"),
@@ -217,43 +223,66 @@ pub async fn run(bench: &Bench, report: &mut Report) -> anyhow::Result<()> {
     println!(
         "   goals: tollgate <= {GOAL_NGINX_RATIO}x nginx's CPU per request; tollgate-3 within {GOAL_POOL_US} us of tollgate"
     );
+    println!(
+        "   targets (issue 14): {FULL_ROW} <= {TARGET_FULL_NGINX_RATIO}x nginx's CPU per request, and within {TARGET_FULL_OVER_PLAIN_US} us of {PLAIN_ROW}'s"
+    );
     Ok(())
 }
 
 /// The pools' goals, each on the medians of the same run: one endpoint's CPU per request against
 /// nginx's, three endpoints' against one's.
-fn pool_goals(rows: &[crate::rows::Row], results: &[Vec<ThroughputRound>], report: &mut Report) {
-    let cpu = |name: &str| {
-        rows.iter()
-            .position(|row| row.name == name)
-            .map(|i| median(results[i].iter().map(|r| r.cpu_us)))
-    };
-    if let (Some(one), Some(nginx)) = (cpu("tollgate"), cpu("nginx")) {
-        let ratio = one / nginx;
-        report.check(Check {
-            row: "tollgate",
-            what: format!("CPU per request <= {GOAL_NGINX_RATIO}x nginx's"),
-            value: format!(
-                "{}x ({} / {} us)",
-                num(ratio, 2),
-                num(one, 1),
-                num(nginx, 1)
-            ),
-            met: ratio <= GOAL_NGINX_RATIO,
-        });
+/// A row's median CPU per request, if it ran.
+fn median_cpu(rows: &[Row], results: &[Vec<ThroughputRound>], name: &str) -> Option<f64> {
+    row_index(rows, name).map(|i| median(results[i].iter().map(|r| r.cpu_us)))
+}
+
+fn pool_goals(rows: &[Row], results: &[Vec<ThroughputRound>], report: &mut Report) {
+    let cpu = |name: &str| median_cpu(rows, results, name);
+    if let (Some(one), Some(nginx)) = (cpu(PLAIN_ROW), cpu(NGINX_ROW)) {
+        report.check(Check::versus(
+            PLAIN_ROW,
+            format!("CPU per request <= {GOAL_NGINX_RATIO}x nginx's"),
+            (one, nginx),
+            (Versus::Ratio, GOAL_NGINX_RATIO),
+            "us",
+        ));
     }
-    if let (Some(one), Some(three)) = (cpu("tollgate"), cpu("tollgate-3")) {
-        let added = three - one;
-        report.check(Check {
-            row: "tollgate-3",
-            what: format!("CPU per request within {GOAL_POOL_US} us of one endpoint's"),
-            value: format!(
-                "{} us ({} - {} us)",
-                num(added, 1),
-                num(three, 1),
-                num(one, 1)
+    if let (Some(one), Some(three)) = (cpu(PLAIN_ROW), cpu("tollgate-3")) {
+        report.check(Check::versus(
+            "tollgate-3",
+            format!("CPU per request within {GOAL_POOL_US} us of one endpoint's"),
+            (three, one),
+            (Versus::Difference, GOAL_POOL_US),
+            "us",
+        ));
+    }
+}
+
+/// Issue 14's full-policy targets, on the medians of the same run: the deployed key's CPU per
+/// request against nginx's, and what the policy adds over the key with no limits.
+fn full_policy_targets(rows: &[Row], results: &[Vec<ThroughputRound>], report: &mut Report) {
+    let cpu = |name: &str| median_cpu(rows, results, name);
+    let Some(full) = cpu(FULL_ROW) else {
+        return;
+    };
+    if let Some(nginx) = cpu(NGINX_ROW) {
+        report.target(Check::versus(
+            FULL_ROW,
+            format!("full policy: CPU/request <= {TARGET_FULL_NGINX_RATIO}x nginx"),
+            (full, nginx),
+            (Versus::Ratio, TARGET_FULL_NGINX_RATIO),
+            "us",
+        ));
+    }
+    if let Some(plain) = cpu(PLAIN_ROW) {
+        report.target(Check::versus(
+            FULL_ROW,
+            format!(
+                "full policy: CPU/request within {TARGET_FULL_OVER_PLAIN_US} us of {PLAIN_ROW}"
             ),
-            met: added <= GOAL_POOL_US,
-        });
+            (full, plain),
+            (Versus::Difference, TARGET_FULL_OVER_PLAIN_US),
+            "us",
+        ));
     }
 }

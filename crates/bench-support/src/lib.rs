@@ -6,7 +6,8 @@
 //! - [`procfs`]: CPU time (`/proc/<pid>/stat`, of a process or of one thread) and memory
 //!   (`/proc/<pid>/status`), the kernel's clock tick, a process's children;
 //! - [`stats`]: nearest-rank percentiles, medians, per-round differences;
-//! - [`table`]: fixed-width text tables and the number formats the reports use;
+//! - [`table`]: fixed-width text tables, the number formats the reports use, and a figure held
+//!   against another row's (a ratio or a difference within a limit);
 //! - [`args`]: the argument `cargo bench` passes to every bench binary, for clap.
 //!
 //! Linux only (it reads `/proc`), and std only: no runtime, so a bench uses it from any thread.

@@ -1,5 +1,5 @@
-//! Fixed-width text tables, and the number formats the bench reports use (`-` for a figure that
-//! could not be measured).
+//! Fixed-width text tables, the number formats the bench reports use (`-` for a figure that
+//! could not be measured), and a figure held against another row's ([`versus`]).
 
 use std::fmt::Write as _;
 
@@ -81,6 +81,37 @@ pub fn verdict(met: bool) -> &'static str {
     }
 }
 
+/// How a figure is held against a base figure (another row's, of the same run).
+#[derive(Clone, Copy, Debug)]
+pub enum Versus {
+    /// `measured / base <= limit`, shown as `1.50x (3.0 / 2.0 us)`.
+    Ratio,
+    /// `measured - base <= limit`, shown as `+1.0 us (3.0 - 2.0 us)`.
+    Difference,
+}
+
+/// `measured` against `base`: the text a report shows, and whether it is within `limit`. A
+/// missing figure (NaN) is never within it.
+pub fn versus(measured: f64, base: f64, (how, limit): (Versus, f64), unit: &str) -> (String, bool) {
+    let (measured_text, base_text) = (num(measured, 1), num(base, 1));
+    let (figure, text) = match how {
+        Versus::Ratio => {
+            let ratio = measured / base;
+            let text = format!("{}x ({measured_text} / {base_text} {unit})", num(ratio, 2));
+            (ratio, text)
+        }
+        Versus::Difference => {
+            let added = measured - base;
+            let text = format!(
+                "{} {unit} ({measured_text} - {base_text} {unit})",
+                signed(added, 1)
+            );
+            (added, text)
+        }
+    };
+    (text, figure <= limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +127,33 @@ mod tests {
         );
         assert_eq!(num(f64::NAN, 2), "-", "NaN is a dash");
         assert_eq!(signed(0.25, 2), "+0.25", "signed");
+    }
+
+    #[test]
+    fn figures_against_a_base() {
+        assert_eq!(
+            versus(3.0, 2.0, (Versus::Ratio, 2.0), "us"),
+            ("1.50x (3.0 / 2.0 us)".to_owned(), true),
+            "a ratio within its limit"
+        );
+        assert_eq!(
+            versus(9.0, 2.0, (Versus::Ratio, 2.0), "ms"),
+            ("4.50x (9.0 / 2.0 ms)".to_owned(), false),
+            "a ratio past its limit"
+        );
+        assert_eq!(
+            versus(8.0, 2.0, (Versus::Difference, 5.0), "us"),
+            ("+6.0 us (8.0 - 2.0 us)".to_owned(), false),
+            "a difference past its limit"
+        );
+        assert_eq!(
+            versus(2.0, 3.0, (Versus::Difference, 5.0), "us"),
+            ("-1.0 us (2.0 - 3.0 us)".to_owned(), true),
+            "a negative difference is within"
+        );
+        assert!(
+            !versus(3.0, f64::NAN, (Versus::Ratio, 2.0), "us").1,
+            "no base figure, no verdict of met"
+        );
     }
 }

@@ -33,9 +33,11 @@
 //! tried, it is charged once and has one ledger line: everything above this service sees one
 //! request.
 
+pub(crate) mod answer;
 pub(crate) mod balance;
 pub(crate) mod client;
 pub(crate) mod endpoint;
+pub(crate) mod h1;
 pub(crate) mod health;
 pub(crate) mod idle;
 pub(crate) mod models;
@@ -270,7 +272,7 @@ impl Shared {
             )
             .await;
             let failure = match sent {
-                Ok(Ok((response, returned))) => {
+                Ok(Ok(response)) => {
                     let status = response.status();
                     endpoint.count_status(&self.metrics, status.as_str());
                     if status == StatusCode::BAD_GATEWAY
@@ -285,13 +287,8 @@ impl Shared {
                     own_upstream_headers(&mut parts.headers);
                     parts.extensions.insert(UpstreamReached);
                     let idle_timeout = pool.config.upstream.idle_timeout;
-                    let body = UpstreamBody::new(
-                        incoming,
-                        idle_timeout,
-                        self.metrics.clone(),
-                        inflight,
-                        returned,
-                    );
+                    let body =
+                        UpstreamBody::new(incoming, idle_timeout, self.metrics.clone(), inflight);
                     return Ok(Response::from_parts(parts, body.boxed_unsync()));
                 }
                 Ok(Err(SendError::Broken {

@@ -34,6 +34,9 @@ use crate::proxy::h1::H1;
 /// Frames already there are joined up to this size; the rest goes in the next frame.
 pub(crate) const MAX_JOINED_BYTES: usize = 64 * 1024;
 
+/// What a joined frame makes room for when it starts.
+const JOIN_ROOM: usize = 8 * 1024;
+
 /// An HTTP/1.1 connection lent to a request, to go back to its stack once the answer is read.
 pub(crate) struct Returned {
     pub(crate) conn: H1,
@@ -193,7 +196,9 @@ impl Joined {
         match self.first.take() {
             None => self.first = Some(data),
             Some(first) => {
-                let mut more = BytesMut::with_capacity((first.len() + data.len()) * 2);
+                // Room for a read buffer's worth at once (hyper reads 8 KiB at first).
+                let room = (first.len() + data.len()).max(JOIN_ROOM);
+                let mut more = BytesMut::with_capacity(room);
                 more.extend_from_slice(&first);
                 more.extend_from_slice(&data);
                 self.more = Some(more);

@@ -11,8 +11,9 @@
 //! - on the answer, the upstream's `x-request-id` becomes `x-upstream-request-id`, and its own
 //!   rate-limit headers are removed ([`crate::http::headers`]): the client gets the gateway's.
 //!
-//! The request body reaches the upstream byte for byte; the response body comes back frame by
-//! frame as the upstream sends it ([`UpstreamBody`]).
+//! The request body reaches the upstream byte for byte; the response body comes back as the
+//! upstream sends it, what was read together in one frame and nothing held back
+//! ([`answer::Answer`], [`UpstreamBody`]).
 //!
 //! Which upstream: the pool the `pick_pool` layer chose by model, and in it the endpoint the
 //! pool's balance picks ([`balance`]). `GET /v1/models` is answered from every pool ([`models`]).

@@ -3,17 +3,17 @@
 //!
 //! Each worker (one thread, one runtime; see `server::worker`) has its own slot in every
 //! endpoint's idle stack, so a request takes and gives back connections of its own thread: an
-//! uncontended lock, no channel hop, no task spawned per request. The only task is one per
-//! connection, spawned on the worker that made it, which drives the connection's I/O (hyper's
-//! `Connection` future). An HTTP/1.1 connection goes back to its stack when its answer's last
-//! byte was read ([`Returned`]); one HTTP/2 connection per worker and endpoint is shared by all
-//! its requests. HTTP/2 is spoken where TLS's ALPN offers it; plain `http://` endpoints speak
+//! uncontended lock, no channel hop, no task spawned per request. An HTTP/1.1 connection has no
+//! task either: the request's task drives it while it sends the request and reads the answer
+//! ([`H1`]), and it goes back to its stack when its answer's last byte was read ([`Returned`]).
+//! One HTTP/2 connection per worker and endpoint is shared by all its requests, and driven by a
+//! task of its own on the worker that made it. HTTP/2 is spoken where TLS's ALPN offers it; plain `http://` endpoints speak
 //! HTTP/1.1 with keep-alive.
 //!
 //! Edge cases:
 //! - A pooled connection may have been closed by the upstream while it sat idle (llama.cpp's
-//!   server closes after every stream while advertising keep-alive). One found closed is
-//!   skipped; one that fails before any response byte is reported as [`SendError::Broken`] with
+//!   server closes after every stream while advertising keep-alive). One found closed when taken
+//!   (an HTTP/1.1 one is polled once to read the EOF) is skipped; one that fails before any response byte is reported as [`SendError::Broken`] with
 //!   `reused`, and the caller sends the request again on a fresh connection.
 //! - Idle connections older than `pool_idle_timeout` are dropped when met, and at most
 //!   `pool_max_idle_per_host` are kept per worker.
@@ -26,17 +26,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
+use tokio::time::timeout;
+use tokio_util::either::Either;
 
 use crate::config::UpstreamConfig;
 use crate::http::body::BoxError;
+use crate::proxy::answer::{Answer, Returned};
 use crate::proxy::endpoint::Endpoint;
-use crate::proxy::idle::{H1, H2};
+use crate::proxy::h1::{Io, H1};
+use crate::proxy::idle::H2;
 
 pub(crate) type UpstreamRequest = Request<Full<Bytes>>;
 
@@ -62,27 +63,6 @@ pub(crate) enum SendError {
     },
 }
 
-/// An HTTP/1.1 connection lent to a request, to go back to its stack once the answer is read.
-pub(crate) struct Returned {
-    sender: H1,
-    endpoint: Arc<Endpoint>,
-    slot: usize,
-    max_idle: usize,
-}
-
-impl Returned {
-    /// Puts the connection back for the next request of this worker.
-    pub(crate) fn give_back(self) {
-        if self.sender.is_closed() {
-            return;
-        }
-        let mut idle = self.endpoint.idle(self.slot);
-        if idle.h1.len() < self.max_idle {
-            idle.h1.push((self.sender, Instant::now()));
-        }
-    }
-}
-
 impl Connector {
     pub(crate) fn new(upstream: &UpstreamConfig, https: bool) -> Result<Connector, BoxError> {
         let tls = match https {
@@ -98,14 +78,15 @@ impl Connector {
     }
 
     /// Sends `request` to `endpoint` on a pooled connection of worker `slot` when there is one
-    /// (and `fresh` is false), else on a new one.
+    /// (and `fresh` is false), else on a new one. An HTTP/1.1 connection goes back to the pool
+    /// when the answer's body was read to its end.
     pub(crate) async fn send(
         &self,
         endpoint: &Arc<Endpoint>,
         slot: usize,
         request: UpstreamRequest,
         fresh: bool,
-    ) -> Result<(Response<Incoming>, Option<Returned>), SendError> {
+    ) -> Result<Response<Answer>, SendError> {
         let pooled = if fresh {
             None
         } else {
@@ -124,21 +105,17 @@ impl Connector {
             reused,
         };
         match sender {
-            Sender::H1(mut sender) => {
+            Sender::H1(mut conn) => {
                 let mut request = request;
                 origin_form(&mut request);
-                sender.ready().await.map_err(broken)?;
-                let response = sender
-                    .try_send_request(request)
-                    .await
-                    .map_err(|e| broken(e.into_error()))?;
+                let response = conn.send(request).await.map_err(broken)?;
                 let returned = Returned {
-                    sender,
+                    conn,
                     endpoint: endpoint.clone(),
                     slot,
                     max_idle: self.pool_max_idle,
                 };
-                Ok((response, Some(returned)))
+                Ok(response.map(|incoming| Answer::new(incoming, Some(returned))))
             }
             Sender::H2(mut sender) => {
                 sender.ready().await.map_err(broken)?;
@@ -146,7 +123,7 @@ impl Connector {
                     .try_send_request(request)
                     .await
                     .map_err(|e| broken(e.into_error()))?;
-                Ok((response, None))
+                Ok(response.map(|incoming| Answer::new(incoming, None)))
             }
         }
     }
@@ -160,16 +137,16 @@ impl Connector {
             }
             idle.h2 = None;
         }
-        while let Some((sender, since)) = idle.h1.pop() {
-            if !sender.is_closed() && since.elapsed() < self.pool_idle_timeout {
-                return Some(Sender::H1(sender));
+        while let Some((mut conn, since)) = idle.h1.pop() {
+            if since.elapsed() < self.pool_idle_timeout && conn.is_open() {
+                return Some(Sender::H1(conn));
             }
         }
         None
     }
 
     /// A new connection: TCP (and TLS, with ALPN) within the connect timeout, then the handshake
-    /// of the protocol agreed; its I/O task runs on this worker.
+    /// of the protocol agreed; an HTTP/2 connection's I/O task runs on this worker.
     async fn connect(&self, endpoint: &Endpoint, slot: usize) -> Result<Sender, BoxError> {
         let url = &endpoint.url;
         let host = url.authority.host().trim_matches(['[', ']']).to_owned();
@@ -181,17 +158,19 @@ impl Connector {
                 (Some(tls), true) => {
                     let name = rustls_pki_types::ServerName::try_from(host.clone())?;
                     let stream = tls.connect(name, tcp).await?;
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    Ok::<_, BoxError>(Io::Tls(Box::new(stream), h2))
+                    Ok::<_, BoxError>(match stream.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Made::H2(Box::new(stream)),
+                        _ => Made::H1(Either::Right(Box::new(stream))),
+                    })
                 }
-                _ => Ok(Io::Plain(tcp)),
+                _ => Ok(Made::H1(Either::Left(tcp))),
             }
         })
         .await
         .map_err(|_| format!("connect timed out after {:?}", self.connect_timeout))??;
         let sender = match made {
-            Io::Plain(tcp) => handshake(tcp, false).await?,
-            Io::Tls(stream, h2) => handshake(*stream, h2).await?,
+            Made::H1(io) => Sender::H1(H1::handshake(io).await?),
+            Made::H2(stream) => handshake_h2(*stream).await?,
         };
         if let Sender::H2(h2) = &sender {
             endpoint.idle(slot).h2 = Some(h2.clone());
@@ -214,38 +193,29 @@ enum Sender {
     H2(H2),
 }
 
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, bool),
+/// A connection made, before its protocol's handshake.
+enum Made {
+    H1(Io),
+    /// TLS whose ALPN agreed on HTTP/2.
+    H2(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// Runs the protocol's handshake on `io` and spawns the task that drives the connection.
-async fn handshake<I>(io: I, h2: bool) -> Result<Sender, BoxError>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let io = TokioIo::new(io);
-    if h2 {
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .handshake(io)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream HTTP/2 connection ended with an error");
-            }
-        });
-        return Ok(Sender::H2(sender));
-    }
-    let (sender, connection) = http1::handshake(io).await?;
+/// Runs HTTP/2's handshake on `stream` and spawns the task that drives the connection.
+async fn handshake_h2(
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+) -> Result<Sender, BoxError> {
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .handshake(TokioIo::new(stream))
+        .await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
-            tracing::debug!(%error, "upstream connection ended with an error");
+            tracing::debug!(%error, "upstream HTTP/2 connection ended with an error");
         }
     });
-    Ok(Sender::H1(sender))
+    Ok(Sender::H2(sender))
 }
 
 /// The TLS client config of a pool: [`client_tls`] with `upstream.ca_file`; ALPN offers HTTP/2

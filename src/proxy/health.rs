@@ -51,18 +51,14 @@ async fn check_one(pool: Arc<Pool>, endpoint: Arc<Endpoint>, slot: usize) {
     };
     let passed = tokio::time::timeout(check.timeout, async {
         let request = get(&pool, &endpoint, &check.path)?;
-        let (response, returned) = pool
+        let response = pool
             .connector
             .send(&endpoint, slot, request, false)
             .await
             .map_err(|e| format!("{e:?}"))?;
         let status = response.status();
         // Read to the end, so that the connection can serve the next check.
-        if response.into_body().collect().await.is_ok() {
-            if let Some(returned) = returned {
-                returned.give_back();
-            }
-        }
+        let _ = response.into_body().collect().await;
         Ok::<_, String>(status.is_success())
     })
     .await;

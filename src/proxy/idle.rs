@@ -4,10 +4,11 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use tokio::time::Instant;
 
-pub(crate) type H1 = http1::SendRequest<Full<Bytes>>;
+use crate::proxy::h1::H1;
+
 pub(crate) type H2 = http2::SendRequest<Full<Bytes>>;
 
 /// One worker's idle connections to one endpoint.

@@ -11,8 +11,9 @@
 //! - on the answer, the upstream's `x-request-id` becomes `x-upstream-request-id`, and its own
 //!   rate-limit headers are removed ([`crate::http::headers`]): the client gets the gateway's.
 //!
-//! The request body reaches the upstream byte for byte; the response body comes back frame by
-//! frame as the upstream sends it ([`UpstreamBody`]).
+//! The request body reaches the upstream byte for byte; the response body comes back as the
+//! upstream sends it, what was read together in one frame and nothing held back
+//! ([`answer::Answer`], [`UpstreamBody`]).
 //!
 //! Which upstream: the pool the `pick_pool` layer chose by model, and in it the endpoint the
 //! pool's balance picks ([`balance`]). `GET /v1/models` is answered from every pool ([`models`]).
@@ -33,9 +34,11 @@
 //! tried, it is charged once and has one ledger line: everything above this service sees one
 //! request.
 
+pub(crate) mod answer;
 pub(crate) mod balance;
 pub(crate) mod client;
 pub(crate) mod endpoint;
+pub(crate) mod h1;
 pub(crate) mod health;
 pub(crate) mod idle;
 pub(crate) mod models;
@@ -270,7 +273,7 @@ impl Shared {
             )
             .await;
             let failure = match sent {
-                Ok(Ok((response, returned))) => {
+                Ok(Ok(response)) => {
                     let status = response.status();
                     endpoint.count_status(&self.metrics, status.as_str());
                     if status == StatusCode::BAD_GATEWAY
@@ -285,13 +288,8 @@ impl Shared {
                     own_upstream_headers(&mut parts.headers);
                     parts.extensions.insert(UpstreamReached);
                     let idle_timeout = pool.config.upstream.idle_timeout;
-                    let body = UpstreamBody::new(
-                        incoming,
-                        idle_timeout,
-                        self.metrics.clone(),
-                        inflight,
-                        returned,
-                    );
+                    let body =
+                        UpstreamBody::new(incoming, idle_timeout, self.metrics.clone(), inflight);
                     return Ok(Response::from_parts(parts, body.boxed_unsync()));
                 }
                 Ok(Err(SendError::Broken {

@@ -90,7 +90,7 @@ async fn list(pool: &Arc<Pool>, slot: usize) -> Result<Arc<Vec<Value>>, String> 
     let path = format!("{}/v1/models", endpoint.url.base_path);
     let request = crate::proxy::health::get(pool, endpoint, &path)?;
     let ask = async {
-        let (response, returned) = pool
+        let response = pool
             .connector
             .send(endpoint, slot, request, false)
             .await
@@ -103,9 +103,6 @@ async fn list(pool: &Arc<Pool>, slot: usize) -> Result<Arc<Vec<Value>>, String> 
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        if let Some(returned) = returned {
-            returned.give_back();
-        }
         Ok(body)
     };
     let body = tokio::time::timeout(pool.config.upstream.response_header_timeout, ask)

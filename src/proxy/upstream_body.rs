@@ -1,5 +1,6 @@
-//! The upstream's response body on its way to the client: frames pass through untouched (the
-//! same `Bytes`, no copy), with an idle timeout between frames and upstream failures counted.
+//! The upstream's response body on its way to the client: its frames ([`Answer`]'s, which joins
+//! those already there) pass through untouched, with an idle timeout between frames and upstream
+//! failures counted.
 //!
 //! A timeout on the response headers does not cover the body: an SSE stream that stalls after
 //! its headers would otherwise hold the client, the connection and its permits forever.
@@ -11,7 +12,8 @@
 //!   leaves cancels the generation upstream.
 //! - The endpoint counts the request in flight until this body ends or is dropped; an HTTP/1.1
 //!   connection goes back to its worker's pool only when the body was read to its end (one
-//!   dropped early is closed: what is left of the answer would be read by the next request).
+//!   dropped early is closed: what is left of the answer would be read by the next request), and
+//!   [`Answer`] sees to that.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -21,14 +23,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::http::body::BoxError;
 use crate::observability::labels::UpstreamErrorKind;
 use crate::observability::metrics::Metrics;
-use crate::proxy::client::Returned;
+use crate::proxy::answer::Answer;
 use crate::proxy::endpoint::InFlight;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +39,7 @@ pub(crate) struct IdleTimeout(Duration);
 pin_project! {
     pub(crate) struct UpstreamBody {
         #[pin]
-        inner: Incoming,
+        inner: Answer,
         #[pin]
         idle: Sleep,
         idle_timeout: Duration,
@@ -46,17 +47,15 @@ pin_project! {
         metrics: Arc<Metrics>,
         // Dropped with the body at the latest; taken at its end.
         inflight: Option<InFlight>,
-        returned: Option<Returned>,
     }
 }
 
 impl UpstreamBody {
     pub(crate) fn new(
-        inner: Incoming,
+        inner: Answer,
         idle_timeout: Duration,
         metrics: Arc<Metrics>,
         inflight: InFlight,
-        returned: Option<Returned>,
     ) -> Self {
         let now = Instant::now();
         let mut body = UpstreamBody {
@@ -66,25 +65,12 @@ impl UpstreamBody {
             last_frame: now,
             metrics,
             inflight: Some(inflight),
-            returned,
         };
         if body.inner.is_end_stream() {
-            body.finished();
+            body.inflight = None;
         }
         body
     }
-
-    /// The last byte was read: the request is no longer in flight, the connection is free.
-    fn finished(&mut self) {
-        finish(&mut self.inflight, &mut self.returned);
-    }
-}
-
-fn finish(inflight: &mut Option<InFlight>, returned: &mut Option<Returned>) {
-    if let Some(returned) = returned.take() {
-        returned.give_back();
-    }
-    inflight.take();
 }
 
 /// The pool's name, for the error metric (known until the body ended).
@@ -107,7 +93,7 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.last_frame = Instant::now();
                 if this.inner.is_end_stream() {
-                    finish(this.inflight, this.returned);
+                    this.inflight.take();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -115,12 +101,11 @@ impl Body for UpstreamBody {
                 let upstream = upstream_of(this.inflight);
                 this.metrics
                     .upstream_error(upstream, UpstreamErrorKind::BodyError);
-                this.returned.take();
                 this.inflight.take();
                 Poll::Ready(Some(Err(error.into())))
             }
             Poll::Ready(None) => {
-                finish(this.inflight, this.returned);
+                this.inflight.take();
                 Poll::Ready(None)
             }
             Poll::Pending => loop {
@@ -132,7 +117,6 @@ impl Body for UpstreamBody {
                     let upstream = upstream_of(this.inflight);
                     this.metrics
                         .upstream_error(upstream, UpstreamErrorKind::BodyIdleTimeout);
-                    this.returned.take();
                     return Poll::Ready(Some(Err(IdleTimeout(*this.idle_timeout).into())));
                 }
                 // A frame came since the timer was armed: wait out the rest from that frame.

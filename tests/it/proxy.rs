@@ -432,6 +432,95 @@ async fn each_chunk_reaches_the_client_before_the_next_is_produced() {
 }
 
 #[tokio::test]
+async fn events_already_there_leave_together_and_byte_for_byte() {
+    // The mock writes its events back to back, many to a write; the gateway reads them many to
+    // a read, and must hand on together what it read together (few HTTP chunks, each write many
+    // events), with the bytes unchanged.
+    let upstream = MockUpstream::start().await.expect("mock upstream");
+    let gateway = TestGateway::start(&upstream.url()).await;
+    let headers = [("x-mock-chunks", "32"), ("x-mock-chunk-delay-ms", "0")];
+    for include_usage in [false, true] {
+        let body = chat_body(true, include_usage);
+        let direct = post(
+            &format!("{}/v1/chat/completions", upstream.url()),
+            &body,
+            &headers,
+        )
+        .await;
+        let direct = direct.2.to_vec();
+        let events = direct.windows(2).filter(|w| w == b"\n\n").count();
+        assert!(
+            events > 32,
+            "the stream has its 32 tokens and more: {events}"
+        );
+        let (chunks, bytes) = chunked_answer(gateway.addr, &body, &headers).await;
+        assert!(
+            bytes == direct,
+            "the bytes, through the gateway (include_usage: {include_usage})"
+        );
+        assert!(
+            chunks.len() * 4 <= events,
+            "{events} events came in {} chunks of {:?} bytes: events already read were sent one by one",
+            chunks.len(),
+            chunks
+        );
+    }
+}
+
+/// POSTs `body` to the gateway's chat endpoint on a raw socket and reads the chunked answer:
+/// the size of each HTTP chunk, and the body they make.
+async fn chunked_answer(
+    addr: std::net::SocketAddr,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (Vec<usize>, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        common::TEST_KEY,
+        body.len()
+    );
+    for (name, value) in headers {
+        request += &format!("{name}: {value}\r\n");
+    }
+    request += "\r\n";
+    request += body;
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    socket.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), socket.read_to_end(&mut answer))
+        .await
+        .expect("the answer ends")
+        .expect("read");
+    let line_end = |bytes: &[u8]| bytes.windows(2).position(|w| w == b"\r\n");
+    let head_end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let head = String::from_utf8_lossy(&answer[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut rest = &answer[head_end + 4..];
+    let (mut chunks, mut bytes) = (Vec::new(), Vec::new());
+    loop {
+        let end = line_end(rest).expect("a chunk size line");
+        let size = std::str::from_utf8(&rest[..end]).expect("ASCII");
+        let size = usize::from_str_radix(size, 16).expect("a hex chunk size");
+        if size == 0 {
+            break;
+        }
+        chunks.push(size);
+        rest = &rest[end + 2..];
+        bytes.extend_from_slice(&rest[..size]);
+        rest = rest[size..]
+            .strip_prefix(b"\r\n")
+            .expect("the chunk's CRLF");
+    }
+    (chunks, bytes)
+}
+
+#[tokio::test]
 async fn a_client_that_leaves_mid_stream_cancels_the_upstream_request() {
     let upstream = MockUpstream::start().await.expect("mock upstream");
     let gateway = TestGateway::start(&upstream.url()).await;

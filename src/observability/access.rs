@@ -18,15 +18,26 @@ pub(crate) fn record(metrics: &Metrics, context: &RequestContext, ending: &Endin
     let key = context.key_label();
     let model = context.model_label();
 
-    metrics
-        .requests_total
-        .with_label_values(&[key, model, endpoint, ending.status.as_str()])
-        .inc();
-    if context.endpoint().is_some() {
-        metrics
-            .request_duration_seconds
-            .with_label_values(&[key, model, endpoint])
-            .observe(elapsed.as_secs_f64());
+    match (context.key(), context.endpoint()) {
+        // The key's own handles: no label lookup.
+        (Some(entry), Some(route)) => entry.series.model(model).answered(
+            metrics,
+            (key, model),
+            (route, ending.status),
+            elapsed.as_secs_f64(),
+        ),
+        (_, route) => {
+            metrics
+                .requests_total
+                .with_label_values(&[key, model, endpoint, ending.status.as_str()])
+                .inc();
+            if route.is_some() {
+                metrics
+                    .request_duration_seconds
+                    .with_label_values(&[key, model, endpoint])
+                    .observe(elapsed.as_secs_f64());
+            }
+        }
     }
     metrics.timeline.record(Sample {
         status: ending.status.as_u16(),

@@ -335,6 +335,10 @@ impl LocalState {
         let mut failing = false;
         loop {
             ticker.tick().await;
+            // Nothing charged since the last snapshot: no blocking thread to wake.
+            if self.path.is_none() || !self.dirty.load(Ordering::Acquire) {
+                continue;
+            }
             let state = self.clone();
             let result = tokio::task::spawn_blocking(move || state.flush()).await;
             match result {

@@ -77,3 +77,40 @@ pub(crate) fn sample_entry(n: u64) -> LedgerEntry {
         outcome: "complete",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The line as readers (`tollgate usage`, the spool, users' scripts) know it: every field,
+    /// in this order, with these spellings.
+    #[test]
+    fn a_line_is_byte_for_byte_the_known_format() {
+        let mut entry = sample_entry(12);
+        entry.id = uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        entry.time = "2026-12-03T06:00:00.123Z".into();
+        entry.request_id = "req \"1\"\n".into();
+        entry.key = "team-é".into();
+        entry.upstream = "chat".into();
+        entry.completion_tokens = 34;
+        entry.duration_ms = 1.5;
+        let expected = concat!(
+            r#"{"id":"01234567-89ab-cdef-0123-456789abcdef","time":"2026-12-03T06:00:00.123Z","#,
+            r#""request_id":"req \"1\"\n","key":"team-é","group":null,"model":"m","#,
+            r#""endpoint":"chat_completions","upstream":"chat","status":200,"prompt_tokens":12,"#,
+            r#""completion_tokens":34,"cost":null,"source":"reported","duration_ms":1.5,"#,
+            r#""ttft_ms":null,"outcome":"complete"}"#,
+            "\n"
+        );
+        assert_eq!(std::str::from_utf8(&entry.to_line()), Ok(expected));
+
+        entry.group = Some("team-a".into());
+        entry.cost = Some(Cost(135_000));
+        entry.ttft_ms = Some(0.25);
+        let line = entry.to_line();
+        let text = std::str::from_utf8(&line).expect("utf-8");
+        assert!(text.contains(r#""group":"team-a","#), "{text}");
+        assert!(text.contains(r#""cost":0.000135,"#), "{text}");
+        assert!(text.contains(r#""ttft_ms":0.25,"#), "{text}");
+    }
+}

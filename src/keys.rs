@@ -78,6 +78,9 @@ pub struct KeyEntry {
     pub(crate) pricing: Arc<Pricing>,
     /// Its metric series, looked up once (kept across reloads while its models are unchanged).
     pub(crate) series: Arc<KeySeries>,
+    /// Its rate's `RateLimit-Policy` value (`"requests";q=600;w=60`), made by the first answer:
+    /// it is on every answer and changes only with the config (a new entry).
+    pub(crate) rate_policy: std::sync::OnceLock<Option<http::HeaderValue>>,
 }
 
 impl KeyEntry {
@@ -245,6 +248,7 @@ impl KeyStore {
             };
             let entry = Arc::new(KeyEntry {
                 series,
+                rate_policy: std::sync::OnceLock::new(),
                 name: key.name.clone(),
                 origin: spec.origin,
                 limits: key.limits.clone(),

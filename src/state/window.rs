@@ -52,6 +52,18 @@ pub struct Window {
     /// request); shared by the window's clones, so a group's window looks it up once for all
     /// its keys.
     pub(crate) gauge: Arc<OnceLock<UsedGauge>>,
+    /// Its `RateLimit-Policy` field, made by the first answer that names it (it is on every
+    /// answer) and kept with the length it was made for: a month's length changes.
+    pub(crate) policy_header: Arc<OnceLock<PolicyHeader>>,
+}
+
+/// A window's name in the IETF fields (`tokens-1h`) and its `RateLimit-Policy` value.
+#[derive(Debug)]
+pub(crate) struct PolicyHeader {
+    pub(crate) name: String,
+    pub(crate) length: std::time::Duration,
+    /// `None` if it could not be a field value (it always can: a name and digits).
+    pub(crate) value: Option<http::HeaderValue>,
 }
 
 /// The used-in-window gauge of a token window, or of a cost window (in currency units).
@@ -76,6 +88,7 @@ impl Window {
                 limit: quota.limit,
                 label: Arc::from(quota.per.label()),
                 gauge: Arc::default(),
+                policy_header: Arc::default(),
             })
             .collect()
     }

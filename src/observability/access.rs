@@ -20,10 +20,10 @@ pub(crate) fn record(metrics: &Metrics, context: &RequestContext, ending: &Endin
 
     match (context.key(), context.endpoint()) {
         // The key's own handles: no label lookup.
-        (Some(entry), Some(route)) => entry.series.model(model).answered(
+        (Some(entry), Some(_)) => entry.series.model(model).answered(
             metrics,
             (key, model),
-            (route, ending.status),
+            (endpoint, ending.status),
             elapsed.as_secs_f64(),
         ),
         (_, route) => {
@@ -60,4 +60,22 @@ pub(crate) fn record(metrics: &Metrics, context: &RequestContext, ending: &Endin
         outcome = %ending.outcome.log_label(),
         error = ending.error.as_ref().map(|e| e.0.as_str()),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::http::context::Endpoint;
+    use crate::observability::key_series::ENDPOINTS;
+
+    /// Every routed endpoint counts through a key's handles, none by label lookups.
+    #[test]
+    fn every_endpoint_has_a_kept_handle() {
+        for endpoint in [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Models,
+        ] {
+            assert!(ENDPOINTS.contains(&endpoint.label()), "{endpoint:?}");
+        }
+    }
 }

@@ -15,7 +15,6 @@ use std::sync::{Arc, OnceLock};
 use prometheus::{Counter, Histogram, IntCounter};
 
 use super::metrics::{Metrics, OTHER_MODEL};
-use crate::http::context::Endpoint;
 
 /// The series of one key.
 pub(crate) struct KeySeries {
@@ -34,21 +33,15 @@ pub(crate) struct ModelSeries {
     tokens: [[OnceLock<IntCounter>; 2]; 2],
     time_to_first_token: OnceLock<Histogram>,
     cost: OnceLock<Counter>,
-    /// Per endpoint (by [`endpoint_index`]): `tollgate_requests_total{status="200"}` and
-    /// `tollgate_request_duration_seconds`.
-    answered_200: [OnceLock<IntCounter>; ENDPOINTS],
-    duration: [OnceLock<Histogram>; ENDPOINTS],
+    /// Per endpoint label (in [`ENDPOINTS`]' order): `tollgate_requests_total{status="200"}`
+    /// and `tollgate_request_duration_seconds`.
+    answered_200: [OnceLock<IntCounter>; ENDPOINTS.len()],
+    duration: [OnceLock<Histogram>; ENDPOINTS.len()],
 }
 
-const ENDPOINTS: usize = 3;
-
-fn endpoint_index(endpoint: Endpoint) -> usize {
-    match endpoint {
-        Endpoint::ChatCompletions => 0,
-        Endpoint::Completions => 1,
-        Endpoint::Models => 2,
-    }
-}
+/// The `endpoint` labels of routed requests (`Endpoint::label`); another is looked up by its
+/// labels each time.
+pub(crate) const ENDPOINTS: [&str; 3] = ["chat_completions", "completions", "models"];
 
 /// The label of a token kind, and of a charge's source, with their indexes.
 const KINDS: [&str; 2] = ["prompt", "completion"];
@@ -147,16 +140,26 @@ impl ModelSeries {
             .observe(seconds);
     }
 
-    /// Counts one answered request of `endpoint` with `status`, and its duration.
+    /// Counts one answered request of the endpoint labelled `label` with `status`, and its
+    /// duration.
     pub(crate) fn answered(
         &self,
         metrics: &Metrics,
         (key, model): (&str, &str),
-        (endpoint, status): (Endpoint, http::StatusCode),
+        (label, status): (&str, http::StatusCode),
         seconds: f64,
     ) {
-        let i = endpoint_index(endpoint);
-        let label = endpoint.label();
+        let Some(i) = ENDPOINTS.iter().position(|e| *e == label) else {
+            metrics
+                .requests_total
+                .with_label_values(&[key, model, label, status.as_str()])
+                .inc();
+            metrics
+                .request_duration_seconds
+                .with_label_values(&[key, model, label])
+                .observe(seconds);
+            return;
+        };
         if status == http::StatusCode::OK {
             self.answered_200[i]
                 .get_or_init(|| {
@@ -202,11 +205,11 @@ mod tests {
         series
             .model("other")
             .add_tokens(&metrics, ("k", "other"), ("completion", "estimated"), 4);
-        let answered = (Endpoint::ChatCompletions, http::StatusCode::OK);
+        let answered = ("chat_completions", http::StatusCode::OK);
         series
             .model("gpt-4o")
             .answered(&metrics, labels, answered, 0.002);
-        let refused = (Endpoint::ChatCompletions, http::StatusCode::BAD_GATEWAY);
+        let refused = ("chat_completions", http::StatusCode::BAD_GATEWAY);
         series
             .model("gpt-4o")
             .answered(&metrics, labels, refused, 0.002);

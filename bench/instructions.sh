@@ -12,11 +12,13 @@
 # Rows (--rows, comma-separated, default "tollgate"):
 #   tollgate       this build, one upstream endpoint
 #   tollgate-3     one [[upstreams]] pool of three mock endpoints, least_requests
+#   tollgate-full  the deployed shape: a key with concurrency, rate, a token quota and a max_tokens
+#                  cap, local state in a file and the ledger to a file
 #   tollgate-file  the ledger to a file
 #   tollgate-pg    the ledger to PostgreSQL (a database of its own on 127.0.0.1:5432, dropped after)
 #   tollgate-old   the binary of --old-bin, on the tollgate row's config
 # --old-bin adds tollgate-old to the rows. Every row is printed with its ratio to the first.
-# --profile prints the hottest functions of the first row's streams (self cost).
+# --profile prints the hottest functions of the first row's JSON requests and streams (self cost).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
@@ -36,8 +38,9 @@ done
 # which must not reach the binary measured. The mock's own speed is not counted, so debug will do.
 cargo build --release --locked --bin tollgate >&2
 cargo build --locked --example mock_upstream >&2
-new_bin=$PWD/target/release/tollgate
-mock_bin=$PWD/target/debug/examples/mock_upstream
+target=${CARGO_TARGET_DIR:-$PWD/target}
+new_bin=$target/release/tollgate
+mock_bin=$target/debug/examples/mock_upstream
 dir=$(mktemp -d /tmp/tollgate-instructions.XXXXXX)
 pids=()
 database=""
@@ -107,10 +110,15 @@ row_config() {
     esac
     case $row in
         tollgate-file) printf '[ledger]\npath = "%s/usage.jsonl"\n' "$out" ;;
+        tollgate-full)
+            printf '[state]\npath = "%s/state.json"\n[ledger]\npath = "%s/usage.jsonl"\n' "$out" "$out" ;;
         tollgate-pg)
             printf '[state]\npath = "%s/state.json"\n[ledger]\npostgres_url_env = "TOLLGATE_BENCH_LEDGER_URL"\n' "$out" ;;
     esac
     printf '[[keys]]\nname = "bench"\nsha256 = "3afc714881401d7d9a57454c7e41f3583337c49a0258b640b031d09e4a83c0bd"\n'
+    # Limits that never refuse the bench, but are all checked and charged.
+    [ "$row" = tollgate-full ] && printf 'concurrency = 64\nrate = { requests = 1000000, per = "1s" }\nmax_tokens = 4096\nquotas = [{ tokens = 1000000000000, per = "1d" }]\n'
+    return 0
 }
 
 # Prints the instructions per request of ROW for MODE (json or stream); leaves the dump in $dir.
@@ -160,8 +168,10 @@ for row in ${rows//,/ }; do
 done
 echo "($requests requests each, JSON answers and streams of 32 events; one worker; dumps in $dir)"
 if [ "$profile" = 1 ]; then
-    echo
-    echo "== hottest functions of $first_row's streams (self instructions)"
-    callgrind_annotate --inclusive=no "$(ls "$dir/$first_row-stream"/callgrind.*.1)" 2>/dev/null \
-        | grep -E '^ *[0-9,]+ \(' | grep -v 'PROGRAM TOTALS' | head -30 | cut -c1-160
+    for mode in json stream; do
+        echo
+        echo "== hottest functions of $first_row's $mode requests (self instructions)"
+        callgrind_annotate --inclusive=no "$(ls "$dir/$first_row-$mode"/callgrind.*.1)" 2>/dev/null \
+            | grep -E '^ *[0-9,]+ \(' | grep -v 'PROGRAM TOTALS' | head -30 | cut -c1-160
+    done
 fi

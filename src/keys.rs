@@ -28,6 +28,7 @@ use prometheus::IntGauge;
 use ring::rand::SecureRandom;
 
 use crate::config::{Budgets, GroupConfig, KeyConfig, Limits, Pricing, RateLimit, TOKEN_PREFIX};
+use crate::observability::key_series::KeySeries;
 use crate::observability::metrics::Metrics;
 use crate::state::clock::Clock;
 use crate::state::window::{Scope, Window};
@@ -75,6 +76,11 @@ pub struct KeyEntry {
     own_windows: usize,
     /// The price table of the config this entry was built from.
     pub(crate) pricing: Arc<Pricing>,
+    /// Its metric series, looked up once (kept across reloads while its models are unchanged).
+    pub(crate) series: Arc<KeySeries>,
+    /// Its rate's `RateLimit-Policy` value (`"requests";q=600;w=60`), made by the first answer:
+    /// it is on every answer and changes only with the config (a new entry).
+    pub(crate) rate_policy: std::sync::OnceLock<Option<http::HeaderValue>>,
 }
 
 impl KeyEntry {
@@ -235,7 +241,14 @@ impl KeyStore {
             if let Some(group) = &group {
                 windows.extend(group.windows.iter().cloned());
             }
+            let models = key.limits.models.as_deref();
+            let series = match old {
+                Some(old) if old.series.fits(models) => old.series.clone(),
+                _ => Arc::new(KeySeries::new(models)),
+            };
             let entry = Arc::new(KeyEntry {
+                series,
+                rate_policy: std::sync::OnceLock::new(),
                 name: key.name.clone(),
                 origin: spec.origin,
                 limits: key.limits.clone(),

@@ -6,7 +6,7 @@
 //! short lock and a move into a bounded ring; the oldest line falls out.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::ledger::LedgerEntry;
 
@@ -14,7 +14,7 @@ use super::ledger::LedgerEntry;
 pub const RECENT: usize = 200;
 
 pub struct RecentRequests {
-    ring: Mutex<VecDeque<LedgerEntry>>,
+    ring: Mutex<VecDeque<Arc<LedgerEntry>>>,
 }
 
 impl RecentRequests {
@@ -24,18 +24,23 @@ impl RecentRequests {
         }
     }
 
-    pub(crate) fn push(&self, entry: LedgerEntry) {
+    /// Keeps `entry` (shared with the ledger's queue: no copy).
+    pub(crate) fn push(&self, entry: Arc<LedgerEntry>) {
         let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        if ring.len() == RECENT {
-            ring.pop_front();
-        }
+        let oldest = (ring.len() == RECENT).then(|| ring.pop_front());
         ring.push_back(entry);
+        drop(ring);
+        // The oldest is freed after the lock, which other workers wait for.
+        drop(oldest);
     }
 
     /// The kept lines, newest first.
     pub(crate) fn newest_first(&self) -> Vec<LedgerEntry> {
         let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        ring.iter().rev().cloned().collect()
+        ring.iter()
+            .rev()
+            .map(|entry| LedgerEntry::clone(entry))
+            .collect()
     }
 }
 
@@ -54,7 +59,7 @@ mod tests {
     fn keeps_the_last_two_hundred_newest_first() {
         let recent = RecentRequests::new();
         for n in 0..RECENT + 50 {
-            recent.push(sample_entry(n as u64));
+            recent.push(Arc::new(sample_entry(n as u64)));
         }
         let kept = recent.newest_first();
         assert_eq!(kept.len(), RECENT, "bounded");

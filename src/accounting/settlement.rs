@@ -88,7 +88,7 @@ impl AtEnd for Settlement {
             .map(|first| (first - context.start()).as_secs_f64());
         self.count(context, &charge, cost, ttft);
         let group = key.group.as_ref().map(|g| g.name.to_string());
-        let entry = ledger_entry(context, ending, &charge, (group, cost), ttft);
+        let entry = Arc::new(ledger_entry(context, ending, &charge, (group, cost), ttft));
         if let Some(ledger) = &self.ledger {
             ledger.record(&entry);
         }
@@ -177,9 +177,8 @@ impl Settlement {
         let total = charge.prompt.saturating_add(charge.completion);
         let reserved = held.amounts().tokens;
         if total > reserved {
-            self.metrics
-                .quota_overrun_tokens_total
-                .with_label_values(&[&key.name])
+            key.series
+                .overrun(&self.metrics, &key.name)
                 .inc_by(total - reserved);
         }
         let used = Amounts {
@@ -197,29 +196,28 @@ impl Settlement {
         cost: Option<u64>,
         ttft: Option<f64>,
     ) {
-        let (key, model) = (context.key_label(), context.model_label());
+        let Some(entry) = context.key() else {
+            return;
+        };
+        let labels = (context.key_label(), context.model_label());
+        // The key's own handles: no label lookup.
+        let series = entry.series.model(labels.1);
         if let Some(cost) = cost.filter(|c| *c > 0) {
-            self.metrics.add_cost(key, model, cost);
+            series.add_cost(&self.metrics, labels, cost);
         }
         for (kind, tokens, source) in [
             ("prompt", charge.prompt, charge.prompt_source),
             ("completion", charge.completion, charge.completion_source),
         ] {
             if tokens > 0 {
-                self.metrics
-                    .tokens_total
-                    .with_label_values(&[key, model, kind, source])
-                    .inc_by(tokens);
+                series.add_tokens(&self.metrics, labels, (kind, source), tokens);
             }
         }
         self.metrics
             .timeline
             .record_tokens(charge.prompt.saturating_add(charge.completion));
         if let Some(ttft) = ttft {
-            self.metrics
-                .time_to_first_token_seconds
-                .with_label_values(&[key, model])
-                .observe(ttft);
+            series.time_to_first_token(&self.metrics, labels, ttft);
         }
     }
 }

@@ -55,6 +55,7 @@ use crate::http::request_edit::{edited_body, Edits};
 use crate::keys::KeyEntry;
 use crate::observability::labels::Rejection;
 use crate::observability::metrics::Metrics;
+use crate::state::window::{PolicyHeader, Window};
 use crate::state::{Amounts, Backend, Held, QuotaDenied, Scope, WindowStatus};
 
 #[derive(Clone)]
@@ -213,7 +214,7 @@ impl Shared {
         };
         match self.backend.reserve(&key.windows, need).await {
             Ok(Ok((held, windows))) => {
-                token_headers(&mut headers, &windows);
+                token_headers(&mut headers, &windows, Some(&key.windows));
                 Ok((Some(held), headers))
             }
             Ok(Err(denied)) => {
@@ -264,7 +265,7 @@ fn refusal(denied: QuotaDenied, currency: &str) -> Response<GatewayBody> {
         reset_after: denied.retry_after,
         length: denied.length,
     };
-    token_headers(response.headers_mut(), &[status]);
+    token_headers(response.headers_mut(), &[status], None);
     response
 }
 
@@ -299,26 +300,37 @@ fn cap(key: &KeyEntry) -> Option<u64> {
 /// OpenAI's `x-ratelimit-*-tokens` for the tightest token window of key and group, and every
 /// window in the IETF fields (`"tokens-1h"`, `"cost-month"`, `"group-tokens-1d"`); a cost
 /// window's quota is in currency units (at most 3 decimals).
-fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
-    for window in windows {
-        let quota = match window.unit {
-            Unit::Tokens => window.limit.to_string(),
-            // Structured-field decimals have at most 3 decimals: shown to the thousandth, down.
-            Unit::Cost => cost::decimal(u128::from(window.limit / 1_000_000 * 1_000_000)),
+///
+/// `cache`, the windows of `windows` in the same order, keeps each window's `RateLimit-Policy`
+/// value: it changes only with the window's length.
+fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus], cache: Option<&[Window]>) {
+    headers.reserve(windows.len() + 4);
+    // The tightest token window, and its name (it is in two fields).
+    let mut tightest: Option<(&WindowStatus, String)> = None;
+    for (i, window) in windows.iter().enumerate() {
+        let kept = cache
+            .and_then(|c| c.get(i))
+            .map(|w| w.policy_header.get_or_init(|| policy_header(window)))
+            .filter(|kept| kept.length == window.length);
+        let fresh;
+        let policy = match kept {
+            Some(kept) => kept,
+            None => {
+                fresh = policy_header(window);
+                &fresh
+            }
         };
-        if let Ok(value) = HeaderValue::try_from(format!(
-            "\"{}\";q={quota};w={}",
-            policy_name(window),
-            window.length.as_secs()
-        )) {
-            headers.append(RATELIMIT_POLICY, value);
+        if let Some(value) = &policy.value {
+            headers.append(RATELIMIT_POLICY, value.clone());
+        }
+        let tighter = tightest
+            .as_ref()
+            .is_none_or(|(t, _)| window.remaining < t.remaining);
+        if window.unit == Unit::Tokens && tighter {
+            tightest = Some((window, policy.name.clone()));
         }
     }
-    let tightest = windows
-        .iter()
-        .filter(|w| w.unit == Unit::Tokens)
-        .min_by_key(|w| w.remaining);
-    let Some(tightest) = tightest else {
+    let Some((tightest, name)) = tightest else {
         return;
     };
     headers.insert(LIMIT_TOKENS, tightest.limit.into());
@@ -329,12 +341,27 @@ fn token_headers(headers: &mut HeaderMap, windows: &[WindowStatus]) {
         headers.insert(RESET_TOKENS, value);
     }
     if let Ok(value) = HeaderValue::try_from(format!(
-        "\"{}\";r={};t={}",
-        policy_name(tightest),
+        "\"{name}\";r={};t={}",
         tightest.remaining,
         retry_after_secs(tightest.reset_after)
     )) {
         headers.append(RATELIMIT, value);
+    }
+}
+
+/// A window's name and its `RateLimit-Policy` value (`"tokens-1h";q=100000;w=3600`).
+fn policy_header(window: &WindowStatus) -> PolicyHeader {
+    let quota = match window.unit {
+        Unit::Tokens => window.limit.to_string(),
+        // Structured-field decimals have at most 3 decimals: shown to the thousandth, down.
+        Unit::Cost => cost::decimal(u128::from(window.limit / 1_000_000 * 1_000_000)),
+    };
+    let name = policy_name(window);
+    let text = format!("\"{name}\";q={quota};w={}", window.length.as_secs());
+    PolicyHeader {
+        value: HeaderValue::try_from(text).ok(),
+        name,
+        length: window.length,
     }
 }
 

@@ -13,6 +13,7 @@
 //!   `RateLimit` fields are set on every answer of a rate-limited key, 429s included.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -107,12 +108,8 @@ where
             let Ok(response) = inner.call(request).await;
             let (mut parts, body) = response.into_parts();
             if let (Some(rate), Some((remaining, reset))) = (key.limits.rate, admission.rate) {
-                let mut headers = HeaderMap::new();
-                set_headers(&mut headers, rate, remaining, reset);
-                for (name, value) in &headers {
-                    // Append: an inner layer may have set its own RateLimit fields already.
-                    parts.headers.append(name, value.clone());
-                }
+                let policy = key.rate_policy.get_or_init(|| rate_policy(rate)).clone();
+                set_headers(&mut parts.headers, (rate, policy), remaining, reset);
             }
             Ok(Response::from_parts(parts, body))
         })
@@ -165,7 +162,7 @@ fn refuse(key: &KeyEntry, refusal: Refusal, metrics: &Metrics) -> Response<Gatew
                 retry_after: wait,
             }
             .into_response();
-            set_headers(response.headers_mut(), rate, 0, wait);
+            set_headers(response.headers_mut(), (rate, rate_policy(rate)), 0, wait);
             response
         }
         Refusal::Unavailable(error) => {
@@ -184,16 +181,23 @@ fn describe(rate: RateConfig) -> String {
     )
 }
 
-fn set_headers(headers: &mut HeaderMap, rate: RateConfig, remaining: u32, reset: Duration) {
-    headers.insert(LIMIT_REQUESTS, rate.requests.get().into());
-    headers.insert(REMAINING_REQUESTS, remaining.into());
+/// Appends the request-rate fields: an inner layer (quotas) may have set its own RateLimit
+/// fields already, and these names are set by no other layer. Straight into the response's map
+/// (no map of its own to copy from).
+fn set_headers(
+    headers: &mut HeaderMap,
+    (rate, policy): (RateConfig, Option<HeaderValue>),
+    remaining: u32,
+    reset: Duration,
+) {
+    headers.reserve(5);
+    headers.append(LIMIT_REQUESTS, rate.requests.get().into());
+    headers.append(REMAINING_REQUESTS, remaining.into());
     if let Ok(value) = HeaderValue::try_from(go_duration(reset)) {
-        headers.insert(RESET_REQUESTS, value);
+        headers.append(RESET_REQUESTS, value);
     }
-    let window = rate.per.as_secs().max(1);
-    if let Ok(value) = HeaderValue::try_from(format!("\"requests\";q={};w={window}", rate.requests))
-    {
-        headers.insert(RATELIMIT_POLICY, value);
+    if let Some(policy) = policy {
+        headers.append(RATELIMIT_POLICY, policy);
     }
     let reset_secs = if reset.is_zero() {
         0
@@ -201,8 +205,14 @@ fn set_headers(headers: &mut HeaderMap, rate: RateConfig, remaining: u32, reset:
         retry_after_secs(reset)
     };
     if let Ok(value) = HeaderValue::try_from(format!("\"requests\";r={remaining};t={reset_secs}")) {
-        headers.insert(RATELIMIT, value);
+        headers.append(RATELIMIT, value);
     }
+}
+
+/// The rate's `RateLimit-Policy` value: `"requests";q=600;w=60`.
+fn rate_policy(rate: RateConfig) -> Option<HeaderValue> {
+    let window = rate.per.as_secs().max(1);
+    HeaderValue::try_from(format!("\"requests\";q={};w={window}", rate.requests)).ok()
 }
 
 /// A duration the way OpenAI writes `x-ratelimit-reset-*`: `120ms`, `1s`, `6m0s`, `1h2m3s`.
@@ -214,16 +224,19 @@ pub(crate) fn go_duration(d: Duration) -> String {
     let hours = total_ms / 3_600_000;
     let minutes = (total_ms / 60_000) % 60;
     let millis = total_ms % 60_000;
-    let seconds = if millis.is_multiple_of(1000) {
-        format!("{}s", millis / 1000)
-    } else {
-        format!("{}s", (millis as f64 / 1000.0))
-    };
+    // One string, written once (this is on every answer of a limited key).
+    let mut out = String::with_capacity(16);
     match (hours, minutes) {
-        (0, 0) => seconds,
-        (0, m) => format!("{m}m{seconds}"),
-        (h, m) => format!("{h}h{m}m{seconds}"),
+        (0, 0) => {}
+        (0, m) => write!(out, "{m}m").unwrap_or_default(),
+        (h, m) => write!(out, "{h}h{m}m").unwrap_or_default(),
     }
+    if millis.is_multiple_of(1000) {
+        write!(out, "{}s", millis / 1000).unwrap_or_default();
+    } else {
+        write!(out, "{}s", millis as f64 / 1000.0).unwrap_or_default();
+    }
+    out
 }
 
 #[cfg(test)]

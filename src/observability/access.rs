@@ -18,15 +18,26 @@ pub(crate) fn record(metrics: &Metrics, context: &RequestContext, ending: &Endin
     let key = context.key_label();
     let model = context.model_label();
 
-    metrics
-        .requests_total
-        .with_label_values(&[key, model, endpoint, ending.status.as_str()])
-        .inc();
-    if context.endpoint().is_some() {
-        metrics
-            .request_duration_seconds
-            .with_label_values(&[key, model, endpoint])
-            .observe(elapsed.as_secs_f64());
+    match (context.key(), context.endpoint()) {
+        // The key's own handles: no label lookup.
+        (Some(entry), Some(_)) => entry.series.model(model).answered(
+            metrics,
+            (key, model),
+            (endpoint, ending.status),
+            elapsed.as_secs_f64(),
+        ),
+        (_, route) => {
+            metrics
+                .requests_total
+                .with_label_values(&[key, model, endpoint, ending.status.as_str()])
+                .inc();
+            if route.is_some() {
+                metrics
+                    .request_duration_seconds
+                    .with_label_values(&[key, model, endpoint])
+                    .observe(elapsed.as_secs_f64());
+            }
+        }
     }
     metrics.timeline.record(Sample {
         status: ending.status.as_u16(),
@@ -49,4 +60,22 @@ pub(crate) fn record(metrics: &Metrics, context: &RequestContext, ending: &Endin
         outcome = %ending.outcome.log_label(),
         error = ending.error.as_ref().map(|e| e.0.as_str()),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::http::context::Endpoint;
+    use crate::observability::key_series::ENDPOINTS;
+
+    /// Every routed endpoint counts through a key's handles, none by label lookups.
+    #[test]
+    fn every_endpoint_has_a_kept_handle() {
+        for endpoint in [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Models,
+        ] {
+            assert!(ENDPOINTS.contains(&endpoint.label()), "{endpoint:?}");
+        }
+    }
 }

@@ -18,7 +18,7 @@ use strum::IntoEnumIterator;
 use super::labels::{LedgerErrorReason, Rejection, StateOp, TokenKind, UpstreamErrorKind};
 use super::timeline::Timeline;
 use crate::config::Unit;
-use crate::state::window::{Scope, WindowId};
+use crate::state::window::{Scope, UsedGauge, Window};
 
 /// Nano-units per currency unit: cost figures are kept in nano-units, shown in units.
 pub(crate) const NANO: f64 = 1e9;
@@ -256,34 +256,30 @@ impl Metrics {
             .remove_label_values(&[upstream, endpoint]);
     }
 
-    /// Sets the used-in-window gauge of `window` (tokens, or nano-units of cost shown in units).
-    pub(crate) fn set_window_used(&self, window: &WindowId, label: &str, used: u64) {
-        let labels = [&*window.name, label];
-        let whole = i64::try_from(used).unwrap_or(i64::MAX);
-        match (window.scope, window.unit) {
-            (Scope::Key, Unit::Tokens) => {
-                self.quota_used_tokens.with_label_values(&labels).set(whole)
+    /// Sets the used-in-window gauge of `window` (tokens, or nano-units of cost shown in units),
+    /// through the handle the window keeps (looked up on its first use only).
+    pub(crate) fn set_window_used(&self, window: &Window, used: u64) {
+        let gauge = window.gauge.get_or_init(|| {
+            let labels = [&*window.id.name, &*window.label];
+            match (window.id.scope, window.id.unit) {
+                (Scope::Key, Unit::Tokens) => {
+                    UsedGauge::Tokens(self.quota_used_tokens.with_label_values(&labels))
+                }
+                (Scope::Group, Unit::Tokens) => {
+                    UsedGauge::Tokens(self.group_quota_used_tokens.with_label_values(&labels))
+                }
+                (Scope::Key, Unit::Cost) => {
+                    UsedGauge::Cost(self.quota_used_cost.with_label_values(&labels))
+                }
+                (Scope::Group, Unit::Cost) => {
+                    UsedGauge::Cost(self.group_quota_used_cost.with_label_values(&labels))
+                }
             }
-            (Scope::Group, Unit::Tokens) => self
-                .group_quota_used_tokens
-                .with_label_values(&labels)
-                .set(whole),
-            (Scope::Key, Unit::Cost) => self
-                .quota_used_cost
-                .with_label_values(&labels)
-                .set(used as f64 / NANO),
-            (Scope::Group, Unit::Cost) => self
-                .group_quota_used_cost
-                .with_label_values(&labels)
-                .set(used as f64 / NANO),
+        });
+        match gauge {
+            UsedGauge::Tokens(gauge) => gauge.set(i64::try_from(used).unwrap_or(i64::MAX)),
+            UsedGauge::Cost(gauge) => gauge.set(used as f64 / NANO),
         }
-    }
-
-    /// Counts one request's cost (nano-units).
-    pub(crate) fn add_cost(&self, key: &str, model: &str, nano: u64) {
-        self.cost_total
-            .with_label_values(&[key, model])
-            .inc_by(nano as f64 / NANO);
     }
 
     /// Counts one failed state-backend call.

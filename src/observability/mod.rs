@@ -4,6 +4,7 @@
 //! recent past: the per-second [`timeline`] and the [`recent`] requests.
 
 pub(crate) mod access;
+pub(crate) mod key_series;
 pub(crate) mod labels;
 pub(crate) mod log_format;
 pub(crate) mod log_writer;

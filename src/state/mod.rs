@@ -430,6 +430,6 @@ impl Backend {
 /// `tollgate_group_quota_used_cost`.
 fn set_gauges(metrics: &Metrics, windows: &[Window], used: impl Iterator<Item = u64>) {
     for (window, used) in windows.iter().zip(used) {
-        metrics.set_window_used(&window.id, &window.label, used);
+        metrics.set_window_used(window, used);
     }
 }

@@ -9,7 +9,9 @@
 //! line alike; the tests check the Rust one against humantime's calendar over many years, and the
 //! Redis tests check the Lua one against the Rust one.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use prometheus::{Gauge, IntGauge};
 
 use crate::config::{Period, Quota, Unit};
 
@@ -40,12 +42,35 @@ pub struct WindowId {
 }
 
 /// A counter and its limit: what a reservation must find room in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Window {
     pub(crate) id: WindowId,
     pub(crate) limit: u64,
     /// `id.per`'s label (`1h`, `month`), made once: the gauges are set on every request.
     pub(crate) label: Arc<str>,
+    /// Its used-in-window gauge, looked up on first use and then kept (the gauge is set on every
+    /// request); shared by the window's clones, so a group's window looks it up once for all
+    /// its keys.
+    pub(crate) gauge: Arc<OnceLock<UsedGauge>>,
+    /// Its `RateLimit-Policy` field, made by the first answer that names it (it is on every
+    /// answer) and kept with the length it was made for: a month's length changes.
+    pub(crate) policy_header: Arc<OnceLock<PolicyHeader>>,
+}
+
+/// A window's name in the IETF fields (`tokens-1h`) and its `RateLimit-Policy` value.
+#[derive(Debug)]
+pub(crate) struct PolicyHeader {
+    pub(crate) name: String,
+    pub(crate) length: std::time::Duration,
+    /// `None` if it could not be a field value (it always can: a name and digits).
+    pub(crate) value: Option<http::HeaderValue>,
+}
+
+/// The used-in-window gauge of a token window, or of a cost window (in currency units).
+#[derive(Debug)]
+pub(crate) enum UsedGauge {
+    Tokens(IntGauge),
+    Cost(Gauge),
 }
 
 impl Window {
@@ -62,6 +87,8 @@ impl Window {
                 },
                 limit: quota.limit,
                 label: Arc::from(quota.per.label()),
+                gauge: Arc::default(),
+                policy_header: Arc::default(),
             })
             .collect()
     }

@@ -1,6 +1,7 @@
-//! The ledger file (`[ledger] path`): a dedicated thread appends the lines it is handed and
-//! flushes whenever its queue runs dry, so a line is on disk within moments of its request
-//! ending, and on shutdown every line is written before the process exits.
+//! The ledger file (`[ledger] path`): a dedicated thread appends the lines it is handed, in
+//! batches: a line is on disk at most [`WRITE_INTERVAL`] after its request ended, and on shutdown
+//! every line is written before the process exits. The thread wakes on its timer, not per line
+//! (see [`Writer::run`]): a request never has to wake it.
 //!
 //! [`FileSink::reopen`] (SIGHUP) makes the writer close the file and open `path` again, so that a
 //! log rotation that moved the file away (`mv usage.jsonl usage.jsonl.1`) gets a new file from
@@ -15,13 +16,14 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Intake, LedgerError, QUEUE};
+use super::{Intake, LedgerError, IDLE_AFTER, QUEUE, WRITE_INTERVAL};
 use crate::observability::labels::LedgerErrorReason;
 use crate::observability::metrics::Metrics;
 
@@ -115,11 +117,34 @@ struct Writer {
 }
 
 impl Writer {
+    /// While lines come, wakes every [`WRITE_INTERVAL`] and writes what gathered, so that a
+    /// request never wakes it; after a quiet [`IDLE_AFTER`] it sleeps until the next line does
+    /// (one wake-up then, not one per line). Ends when the queue is closed and empty.
     fn run(mut self, file: File, receiver: Receiver<Message>) {
         let mut out = BufWriter::with_capacity(64 * 1024, file);
-        while let Ok(first) = receiver.recv() {
-            let mut next = Some(first);
-            while let Some(message) = next.take() {
+        let mut last_line = Instant::now();
+        let mut open = true;
+        while open {
+            let mut next = None;
+            if last_line.elapsed() >= IDLE_AFTER {
+                match receiver.recv() {
+                    Ok(message) => next = Some(message),
+                    Err(_) => break,
+                }
+            } else {
+                std::thread::sleep(WRITE_INTERVAL);
+            }
+            let mut wrote = false;
+            loop {
+                let message = match next.take().map_or_else(|| receiver.try_recv(), Ok) {
+                    Ok(message) => message,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                };
+                wrote = true;
                 match message {
                     Message::Line(line) => match out.write_all(&line) {
                         Ok(()) => self.pending += 1,
@@ -127,10 +152,12 @@ impl Writer {
                     },
                     Message::Reopen => out = self.reopen(out),
                 }
-                next = receiver.try_recv().ok();
             }
-            // The queue ran dry: put what we have on disk.
-            out = self.flush(out);
+            if wrote {
+                // What gathered is on disk at most one interval after its request ended.
+                out = self.flush(out);
+                last_line = Instant::now();
+            }
             if self.reopen_requested.swap(false, Ordering::Relaxed) {
                 out = self.reopen(out);
             }

@@ -17,7 +17,7 @@ async fn every_line_is_on_disk_after_close() {
     let ledger = Ledger::open(&file_only(&path), Arc::new(Metrics::new()))
         .await
         .expect("open");
-    let entries: Vec<LedgerEntry> = (0..1000).map(sample_entry).collect();
+    let entries: Vec<Arc<LedgerEntry>> = (0..1000).map(|n| Arc::new(sample_entry(n))).collect();
     for entry in &entries {
         ledger.record(entry);
     }
@@ -44,12 +44,12 @@ async fn a_reopen_after_a_rename_starts_a_new_file_in_line_order() {
         .await
         .expect("open");
     for n in 0..10 {
-        ledger.record(&sample_entry(n));
+        ledger.record(&Arc::new(sample_entry(n)));
     }
     std::fs::rename(&path, dir.path().join("usage.jsonl.1")).expect("rotate");
     ledger.reopen();
     for n in 10..15 {
-        ledger.record(&sample_entry(n));
+        ledger.record(&Arc::new(sample_entry(n)));
     }
     ledger.close(Duration::from_secs(5));
     let tokens = |name: &str| -> Vec<u64> {
@@ -107,7 +107,7 @@ async fn a_full_disk_is_counted_not_fatal() {
         .await
         .expect("open");
     for n in 0..10 {
-        ledger.record(&sample_entry(n));
+        ledger.record(&Arc::new(sample_entry(n)));
     }
     ledger.close(Duration::from_secs(5));
     let text = String::from_utf8(metrics.render()).expect("utf-8");
@@ -115,4 +115,40 @@ async fn a_full_disk_is_counted_not_fatal() {
         text.contains("tollgate_ledger_errors_total{reason=\"write\"} 10"),
         "every lost line counted: {text}"
     );
+}
+
+/// The lines of the ledger file at `path`, once it has `n` (waiting boundedly for the writer).
+fn wait_for_lines(path: &Path, n: usize) -> usize {
+    let deadline = Instant::now() + WRITE_INTERVAL * 40;
+    loop {
+        let lines = std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
+        if lines >= n || Instant::now() >= deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[tokio::test]
+async fn lines_reach_the_file_on_the_writers_timer_also_after_it_went_idle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("usage.jsonl");
+    let ledger = Ledger::open(&file_only(&path), Arc::new(Metrics::new()))
+        .await
+        .expect("open");
+    // While lines come, the writer takes them on its timer (no request wakes it).
+    for n in 0..3 {
+        ledger.record(&Arc::new(sample_entry(n)));
+    }
+    assert_eq!(wait_for_lines(&path, 3), 3, "on disk without a close");
+    // Quiet for longer than IDLE_AFTER: the writer sleeps until a line wakes it.
+    std::thread::sleep(IDLE_AFTER + WRITE_INTERVAL * 2);
+    ledger.record(&Arc::new(sample_entry(3)));
+    assert_eq!(
+        wait_for_lines(&path, 4),
+        4,
+        "the first line after a quiet spell"
+    );
+    ledger.close(Duration::from_secs(5));
+    assert_eq!(wait_for_lines(&path, 4), 4, "nothing doubled by the close");
 }

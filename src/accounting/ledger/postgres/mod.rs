@@ -21,10 +21,10 @@ pub(crate) use self::connect::{connect, describe, parse as parse_url, tls};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::spool::Spool;
+use super::LedgerEntry;
 use super::{Intake, LedgerError, QUEUE};
 use crate::config::PostgresLedger;
 use crate::observability::labels::LedgerErrorReason;
@@ -32,7 +32,7 @@ use crate::observability::metrics::Metrics;
 
 /// The handle of the PostgreSQL writer.
 pub(super) struct PostgresSink {
-    sender: Intake<mpsc::Sender<Bytes>>,
+    sender: Intake<mpsc::Sender<Arc<LedgerEntry>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -97,9 +97,9 @@ impl PostgresSink {
         })
     }
 
-    /// Queues a line; never blocks.
-    pub(super) fn send(&self, line: Bytes) {
-        self.sender.send(|sender| match sender.try_send(line) {
+    /// Queues an entry; never blocks.
+    pub(super) fn send(&self, entry: Arc<LedgerEntry>) {
+        self.sender.send(|sender| match sender.try_send(entry) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => Err(LedgerErrorReason::QueueFull),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(LedgerErrorReason::Closed),

@@ -28,12 +28,13 @@ use super::rows::{insert_sql, Columns};
 use super::schema::{self, SchemaError};
 use super::{connect, describe, LedgerError};
 use crate::accounting::ledger::spool::Spool;
+use crate::accounting::ledger::{LedgerEntry, IDLE_AFTER, WRITE_INTERVAL};
 use crate::observability::labels::LedgerErrorReason;
 use crate::observability::metrics::Metrics;
 
 /// How long lines gather before a batch is written: the writer wakes once per window, not once
 /// per request.
-const BATCH_WINDOW: Duration = Duration::from_millis(50);
+const BATCH_WINDOW: Duration = WRITE_INTERVAL;
 /// The most lines in one insert.
 const MAX_BATCH: usize = 4096;
 /// A write that takes longer counts as failed ("slow"): its lines go to the spool.
@@ -59,7 +60,7 @@ struct Link {
 
 /// What ended a wait in [`Writer::gather`].
 enum Woke {
-    Line(Option<Bytes>),
+    Line(Option<Arc<LedgerEntry>>),
     Connected(Result<Result<Link, SchemaError>, tokio::task::JoinError>),
     Retry,
 }
@@ -72,7 +73,7 @@ struct Outage {
 
 pub(super) struct Writer {
     settings: Arc<Settings>,
-    receiver: mpsc::Receiver<Bytes>,
+    receiver: mpsc::Receiver<Arc<LedgerEntry>>,
     spool: Spool,
     metrics: Arc<Metrics>,
     link: Option<Link>,
@@ -82,12 +83,14 @@ pub(super) struct Writer {
     outage: Option<Outage>,
     /// Whether spool writes are failing, so that it is logged once.
     spool_failing: bool,
+    /// When the last line was taken: the writer waits on its timer for a while after.
+    last_line: Instant,
 }
 
 impl Writer {
     pub(super) fn new(
         settings: Arc<Settings>,
-        receiver: mpsc::Receiver<Bytes>,
+        receiver: mpsc::Receiver<Arc<LedgerEntry>>,
         spool: Spool,
         metrics: Arc<Metrics>,
     ) -> Writer {
@@ -102,6 +105,7 @@ impl Writer {
             next_retry: Instant::now(),
             outage: None,
             spool_failing: false,
+            last_line: Instant::now(),
         }
     }
 
@@ -142,7 +146,11 @@ impl Writer {
 
     /// Waits for lines and gathers a batch; also returns (empty) when a connection attempt
     /// ends or one is due while the spool holds lines. `false` at the end of the queue.
-    async fn gather(&mut self, batch: &mut Vec<Bytes>) -> bool {
+    ///
+    /// While lines come and the table takes them, the writer wakes on its timer (every
+    /// [`BATCH_WINDOW`]) and takes what gathered, so that a request never wakes it; after a quiet
+    /// [`IDLE_AFTER`] it waits for the next line, which wakes it once.
+    async fn gather(&mut self, batch: &mut Vec<Arc<LedgerEntry>>) -> bool {
         let first = if !self.spool.is_empty() || self.link.is_none() {
             let retry_armed = self.connecting.is_none() && !self.spool.is_empty();
             let retry = self.next_retry;
@@ -166,6 +174,9 @@ impl Writer {
                 }
                 Woke::Retry => return true,
             }
+        } else if self.last_line.elapsed() < IDLE_AFTER {
+            tokio::time::sleep(BATCH_WINDOW).await;
+            return self.take_queued(batch);
         } else {
             self.receiver.recv().await
         };
@@ -174,19 +185,32 @@ impl Writer {
         };
         batch.push(first);
         tokio::time::sleep(BATCH_WINDOW).await;
+        self.take_queued(batch)
+    }
+
+    /// Moves what is queued into `batch` (up to [`MAX_BATCH`]); `false` at the end of the queue.
+    fn take_queued(&mut self, batch: &mut Vec<Arc<LedgerEntry>>) -> bool {
+        let mut open = true;
         while batch.len() < MAX_BATCH {
             match self.receiver.try_recv() {
                 Ok(line) => batch.push(line),
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
             }
         }
-        true
+        if !batch.is_empty() {
+            self.last_line = Instant::now();
+        }
+        open
     }
 
     /// Inserts the batch, or spools it; empties `batch`.
-    async fn write(&mut self, batch: &mut Vec<Bytes>) {
+    async fn write(&mut self, batch: &mut Vec<Arc<LedgerEntry>>) {
         if let (true, Some(link)) = (self.spool.is_empty(), &self.link) {
-            let columns = Columns::parse(batch.iter().map(|line| &line[..]));
+            let columns = Columns::of_entries(batch.iter().map(|entry| &**entry));
             let inserted = timeout(
                 WRITE_TIMEOUT,
                 columns.insert(&link.client, &link.insert, &self.settings.replica),
@@ -285,12 +309,13 @@ impl Writer {
         self.spool_batch(&mut batch);
     }
 
-    /// Appends the batch to the spool (fsynced); empties `batch`.
-    fn spool_batch(&mut self, batch: &mut Vec<Bytes>) {
+    /// Appends the batch's lines to the spool (fsynced); empties `batch`.
+    fn spool_batch(&mut self, batch: &mut Vec<Arc<LedgerEntry>>) {
         if batch.is_empty() {
             return;
         }
-        match self.spool.append(batch) {
+        let lines: Vec<Bytes> = batch.iter().map(|entry| entry.to_line()).collect();
+        match self.spool.append(&lines) {
             Ok(()) => {
                 if self.spool_failing {
                     tracing::info!(path = %self.spool.path().display(), "ledger spool writes succeed again");

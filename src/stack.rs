@@ -61,6 +61,7 @@ use crate::layers::request_head::RequestHeadLayer;
 use crate::layers::route::RouteLayer;
 use crate::layers::validate::{validate_layer, Schemas};
 use crate::observability::metrics::Metrics;
+use crate::observability::traces::SharedTraces;
 use crate::proxy::pool::SharedPools;
 use crate::proxy::Proxy;
 
@@ -75,6 +76,7 @@ pub(crate) fn build_stack(
     schemas: Arc<Schemas>,
     accounting: Accounting,
     metrics: Arc<Metrics>,
+    traces: SharedTraces,
 ) -> Result<
     impl Service<
             Request<Incoming>,
@@ -90,7 +92,7 @@ pub(crate) fn build_stack(
     Ok(ServiceBuilder::new()
         // Outside everything that can answer, so that every answer carries the request's id and
         // is settled, logged and counted once.
-        .layer(ObserveLayer::new(metrics.clone()))
+        .layer(ObserveLayer::new(metrics.clone(), traces))
         // Inside Observe, so a panic's 500 is still logged and counted.
         .layer(CatchPanicLayer::custom(panic_response))
         // First of the checks: an oversized head is refused before anything reads it.

@@ -30,20 +30,22 @@ use http_body::Body;
 use crate::http::body::BoxError;
 use crate::http::context::{Ending, Outcome, RequestContext, SharedContext, UpstreamReached};
 use crate::http::end::{End, Hook, HookBody, OnEnd};
-use crate::http::error::ErrorSource;
+use crate::http::error::{ErrorReason, ErrorSource};
 use crate::http::headers::X_REQUEST_ID;
 use crate::http::CLIENT_CLOSED_REQUEST;
 use crate::observability::access;
 use crate::observability::metrics::Metrics;
+use crate::observability::traces::{self, SharedTraces};
 
 #[derive(Clone)]
 pub(crate) struct ObserveLayer {
     metrics: Arc<Metrics>,
+    traces: SharedTraces,
 }
 
 impl ObserveLayer {
-    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
-        ObserveLayer { metrics }
+    pub(crate) fn new(metrics: Arc<Metrics>, traces: SharedTraces) -> Self {
+        ObserveLayer { metrics, traces }
     }
 }
 
@@ -54,6 +56,7 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             metrics: self.metrics.clone(),
+            traces: self.traces.clone(),
         }
     }
 }
@@ -62,6 +65,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub(crate) struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    traces: SharedTraces,
 }
 
 impl<S, B, ResBody> Service<Request<B>> for Observe<S>
@@ -86,11 +90,11 @@ where
                 id
             }
         };
-        let context = Arc::new(RequestContext::new(
-            id,
-            request.method().clone(),
-            request.uri().path(),
-        ));
+        let mut context = RequestContext::new(id, request.method().clone(), request.uri().path());
+        if let Some(traces) = &self.traces {
+            context = context.with_trace(traces.start_request(request.headers(), request.method()));
+        }
+        let context = Arc::new(context);
         request.extensions_mut().insert(context.clone());
         let finish = Finish {
             context,
@@ -147,6 +151,8 @@ struct Head {
     status: StatusCode,
     upstream_reached: bool,
     error: Option<ErrorSource>,
+    /// The gateway's reason for its error answer (a span's `error.type`).
+    reason: Option<&'static str>,
 }
 
 impl Head {
@@ -155,6 +161,7 @@ impl Head {
             status: response.status(),
             upstream_reached: response.extensions().get::<UpstreamReached>().is_some(),
             error: response.extensions().get::<ErrorSource>().cloned(),
+            reason: response.extensions().get::<ErrorReason>().map(|r| r.0),
         }
     }
 }
@@ -200,9 +207,11 @@ impl Finish {
 
 impl OnEnd for Finish {
     fn on_end(self, end: End<'_>) {
+        let reason = self.head.as_ref().and_then(|head| head.reason);
         let ending = Finish::ending(self.head, end);
         self.context.run_end_actions(&ending);
         access::record(&self.metrics, &self.context, &ending);
+        traces::end_request(&self.context, &ending, reason);
     }
 }
 
@@ -271,7 +280,7 @@ mod tests {
     #[tokio::test]
     async fn end_actions_run_once_when_the_body_ends_innermost_first() {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let service = ObserveLayer::new(Arc::new(Metrics::new()))
+        let service = ObserveLayer::new(Arc::new(Metrics::new()), None)
             .layer(registering(log.clone(), std::future::ready(())));
         let request = Request::builder()
             .header(X_REQUEST_ID, "client-id")
@@ -299,7 +308,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_gone_before_the_headers_ends_the_request_with_499() {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let service = ObserveLayer::new(Arc::new(Metrics::new()))
+        let service = ObserveLayer::new(Arc::new(Metrics::new()), None)
             .layer(registering(log.clone(), std::future::pending::<()>()));
         let mut future = Box::pin(service.oneshot(Request::new(())));
         let polled = futures_util::poll!(future.as_mut());

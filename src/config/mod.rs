@@ -16,9 +16,9 @@ mod load;
 mod raw;
 mod read;
 mod source;
+mod telemetry;
 #[cfg(test)]
 mod tests;
-mod telemetry;
 pub(crate) mod tls;
 mod upstreams;
 

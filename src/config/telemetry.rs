@@ -184,6 +184,66 @@ fn headers(env: &Spanned<String>, src: &Source) -> Result<Vec<(String, Secret)>,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    fn parse(telemetry: &str) -> Result<Config, ConfigError> {
+        let text = format!("[server]\n[upstream]\nurl = \"http://a\"\n[telemetry]\n{telemetry}\n");
+        Config::parse(&text, "test.toml")
+    }
+
+    #[test]
+    fn the_section_reads_into_the_exporter_settings_and_bad_values_are_refused() {
+        std::env::set_var(
+            "TOLLGATE_TELEMETRY_TEST_HEADERS",
+            "x-token=s3cret, x-org = 7",
+        );
+        let config = parse(
+            "otlp_endpoint = \"http://collector:4318\"\nservice_name = \"gw\"\n\
+             sample_ratio = 0.25\nheaders_env = \"TOLLGATE_TELEMETRY_TEST_HEADERS\"\n\
+             batch_delay = \"100ms\"\nqueue_size = 10",
+        )
+        .expect("valid");
+        let telemetry = config.telemetry.expect("[telemetry] is on");
+        assert_eq!(telemetry.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(telemetry.service_name, "gw");
+        assert_eq!(telemetry.sample_ratio, 0.25);
+        assert_eq!(telemetry.batch_delay, Duration::from_millis(100));
+        assert_eq!(telemetry.queue_size, 10);
+        let headers: Vec<(&str, &str)> = telemetry
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.expose()))
+            .collect();
+        assert_eq!(headers, [("x-token", "s3cret"), ("x-org", "7")]);
+        assert!(
+            !format!("{:?}", telemetry.headers).contains("s3cret"),
+            "header values never print"
+        );
+
+        for (bad, says) in [
+            (
+                "sample_ratio = 1.5",
+                "test.toml:5: telemetry.sample_ratio: must be between",
+            ),
+            (
+                "otlp_endpoint = \"collector:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
+            ("queue_size = 0", "telemetry.queue_size: must be at least 1"),
+            (
+                "service_name = \" \"",
+                "telemetry.service_name: must not be empty",
+            ),
+            (
+                "headers_env = \"TOLLGATE_TELEMETRY_TEST_UNSET\"",
+                "TOLLGATE_TELEMETRY_TEST_UNSET is not set",
+            ),
+            ("sample_rate = 0.5", "unknown field `sample_rate`"),
+        ] {
+            let error = parse(bad).expect_err(bad).to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn a_base_url_gets_the_traces_path_and_a_full_one_is_kept() {

@@ -2,7 +2,8 @@
 //! `x-request-id`, or a new UUID — and its clock), and owns the request's one end-of-request
 //! [`Hook`]. The hook runs when the response's last frame has gone, its body failed, or the
 //! client left (before the response headers too): first the end actions inner layers registered
-//! (settlement, then the in-flight slot), then the access line and the request metrics — exactly
+//! (settlement, then the in-flight slot), then the access line and the request metrics, and —
+//! when the request is traced — its SERVER span ([`crate::observability::traces`]) — exactly
 //! once.
 //!
 //! Every response carries the id the gateway logged as `x-request-id`, replacing any other (the

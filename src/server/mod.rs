@@ -38,6 +38,7 @@ use crate::keys::registry::KeyRegistry;
 use crate::keys::{KeyStore, SharedKeys};
 use crate::layers::validate::Schemas;
 use crate::observability::metrics::Metrics;
+use crate::observability::traces::{SharedTraces, Traces};
 use crate::proxy::pool::{Pools, SharedPools};
 use crate::server::admin::Admin;
 use crate::server::reload::Reloader;
@@ -45,7 +46,6 @@ use crate::server::tls::CertResolver;
 use crate::server::worker::{
     ConnectionLimit, ConnectionSettings, Phase, ResponseBody, Stack, Worker,
 };
-use crate::observability::traces::{SharedTraces, Traces};
 use crate::stack::build_stack;
 use crate::state::clock::Clock;
 use crate::state::local::LocalState;

@@ -34,7 +34,10 @@ pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = server_changes(server, &new.server);
     changed.extend(state_changes(state, &new.state));
     changed.extend(ledger_changes(ledger.as_ref(), new.ledger.as_ref()));
-    changed.extend(telemetry_changes(telemetry.as_ref(), new.telemetry.as_ref()));
+    changed.extend(telemetry_changes(
+        telemetry.as_ref(),
+        new.telemetry.as_ref(),
+    ));
     changed
 }
 
@@ -254,6 +257,25 @@ mod tests {
             changed(&config("", ""), &new),
             ["state.backend"],
             "from local to Redis: the backend, not each of its settings"
+        );
+    }
+
+    #[test]
+    fn telemetry_is_start_only_and_each_changed_key_is_named() {
+        let traced = |tail: &str| {
+            let text = format!(
+                "[server]\n[upstream]\nurl = \"http://a\"\n[telemetry]\notlp_endpoint = \"http://c\"\n{tail}"
+            );
+            Config::parse(&text, "test.toml").expect("valid config")
+        };
+        assert_eq!(changed(&config("", ""), &traced("")), ["telemetry"]);
+        assert_eq!(changed(&traced(""), &config("", "")), ["telemetry"]);
+        assert_eq!(
+            changed(
+                &traced(""),
+                &traced("sample_ratio = 0.5\nservice_name = \"x\"")
+            ),
+            ["telemetry.service_name", "telemetry.sample_ratio"]
         );
     }
 

@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use self::export::{Dropped, Exporting};
 use crate::config::TelemetryConfig;
 use crate::http::body::BoxError;
-use crate::http::context::{Endpoint, Ending, Outcome, RequestContext};
+use crate::http::context::{Ending, Endpoint, Outcome, RequestContext};
 use crate::http::trace::RequestTrace;
 use crate::observability::labels::SpanDrop;
 use crate::observability::metrics::Metrics;
@@ -164,10 +164,19 @@ pub(crate) fn end_request(context: &RequestContext, ending: &Ending, reason: Opt
     }
     let status = ending.status.as_u16();
     let mut attributes = Vec::with_capacity(20);
-    attributes.push(KeyValue::new("http.request.method", context.method().to_string()));
+    attributes.push(KeyValue::new(
+        "http.request.method",
+        context.method().to_string(),
+    ));
     attributes.push(KeyValue::new("url.path", context.path().to_owned()));
-    attributes.push(KeyValue::new("http.response.status_code", i64::from(status)));
-    attributes.push(KeyValue::new("tollgate.request.id", context.id().to_owned()));
+    attributes.push(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    attributes.push(KeyValue::new(
+        "tollgate.request.id",
+        context.id().to_owned(),
+    ));
     match span_name(context, trace) {
         Some(name) => span.update_name(name),
         None => span.update_name(format!("{} {}", context.method(), context.path())),
@@ -301,8 +310,10 @@ impl Attempt {
             i64::from(status.as_u16()),
         ));
         if status.is_server_error() {
-            self.span.set_attribute(KeyValue::new("error.type", status.as_str().to_owned()));
-            self.span.set_status(Status::error(status.as_str().to_owned()));
+            self.span
+                .set_attribute(KeyValue::new("error.type", status.as_str().to_owned()));
+            self.span
+                .set_status(Status::error(status.as_str().to_owned()));
         }
         trace.keep_answered(self.span);
     }

@@ -22,6 +22,9 @@ pub(crate) struct RequestTrace {
     pub(crate) cx: Context,
     requested: OnceLock<Requested>,
     charged: OnceLock<Charged>,
+    /// What the answer said of itself: the model that answered, why its choices stopped.
+    response_model: OnceLock<String>,
+    finish_reasons: Mutex<Vec<String>>,
     /// The CLIENT span of the attempt that answered, ended with the request.
     answered: Mutex<Option<Span>>,
 }
@@ -52,8 +55,16 @@ impl RequestTrace {
             cx,
             requested: OnceLock::new(),
             charged: OnceLock::new(),
+            response_model: OnceLock::new(),
+            finish_reasons: Mutex::new(Vec::new()),
             answered: Mutex::new(None),
         }
+    }
+
+    /// Whether the request's span is sampled (kept and exported).
+    pub(crate) fn is_recording(&self) -> bool {
+        use opentelemetry::trace::TraceContextExt;
+        self.cx.span().is_recording()
     }
 
     pub(crate) fn requested(&self) -> Option<&Requested> {
@@ -72,6 +83,34 @@ impl RequestTrace {
     /// Set once, by the settlement.
     pub(crate) fn set_charged(&self, charged: Charged) {
         let _ = self.charged.set(charged);
+    }
+
+    pub(crate) fn response_model(&self) -> Option<&str> {
+        self.response_model.get().map(String::as_str)
+    }
+
+    /// Set once, from the answer's first `model`.
+    pub(crate) fn set_response_model(&self, model: &str) {
+        let _ = self.response_model.set(model.to_owned());
+    }
+
+    /// The answer's distinct finish reasons, in the order they came.
+    pub(crate) fn finish_reasons(&self) -> Vec<String> {
+        self.finish_reasons
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Adds `reason` unless it is known already or `max` are.
+    pub(crate) fn add_finish_reason(&self, reason: &str, max: usize) {
+        let mut reasons = self
+            .finish_reasons
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if reasons.len() < max && !reasons.iter().any(|r| r == reason) {
+            reasons.push(reason.to_owned());
+        }
     }
 
     /// Keeps the span of the attempt whose answer the client gets.

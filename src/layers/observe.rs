@@ -26,7 +26,9 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use bytes::Bytes;
 use http_body::Body;
+use http_body_util::Either;
 
 use crate::http::body::BoxError;
 use crate::http::context::{Ending, Outcome, RequestContext, SharedContext, UpstreamReached};
@@ -36,7 +38,11 @@ use crate::http::headers::X_REQUEST_ID;
 use crate::http::CLIENT_CLOSED_REQUEST;
 use crate::observability::access;
 use crate::observability::metrics::Metrics;
+use crate::observability::traces::answer::AnswerScan;
 use crate::observability::traces::{self, SharedTraces};
+
+/// The answer's body, read for its span when the request is sampled.
+type Answer<B> = Either<B, AnswerScan<B>>;
 
 #[derive(Clone)]
 pub(crate) struct ObserveLayer {
@@ -72,9 +78,9 @@ pub(crate) struct Observe<S> {
 impl<S, B, ResBody> Service<Request<B>> for Observe<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>, Error = Infallible>,
-    ResBody: Body<Error = BoxError>,
+    ResBody: Body<Data = Bytes, Error = BoxError>,
 {
-    type Response = Response<HookBody<ResBody, Finish>>;
+    type Response = Response<HookBody<Answer<ResBody>, Finish>>;
     type Error = Infallible;
     type Future = ResponseFuture<S::Future>;
 
@@ -129,21 +135,29 @@ pin_project! {
 impl<F, B> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, Infallible>>,
-    B: Body<Error = BoxError>,
+    B: Body<Data = Bytes, Error = BoxError>,
 {
-    type Output = Result<Response<HookBody<B, Finish>>, Infallible>;
+    type Output = Result<Response<HookBody<Answer<B>, Finish>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(mut response) = ready!(this.inner.poll(cx));
         let mut hook = std::mem::replace(this.hook, Hook::fired());
+        let mut scanned = None;
         if let Some(finish) = hook.get_mut() {
             finish.head = Some(Head::of(&response));
             response
                 .headers_mut()
                 .insert(X_REQUEST_ID, finish.context.id_header().clone());
+            // A sampled request's answer is read for its span's model and finish reasons.
+            let sampled = finish.context.trace().is_some_and(|t| t.is_recording());
+            scanned = sampled.then(|| finish.context.clone());
         }
-        Poll::Ready(Ok(response.map(|body| HookBody::new(body, hook))))
+        let body = response.map(|body| match scanned {
+            Some(context) => Either::Right(AnswerScan::new(body, context)),
+            None => Either::Left(body),
+        });
+        Poll::Ready(Ok(body.map(|body| HookBody::new(body, hook))))
     }
 }
 

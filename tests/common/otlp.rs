@@ -50,6 +50,16 @@ impl Received {
             Value::IntValue(i) => i.to_string(),
             Value::BoolValue(b) => b.to_string(),
             Value::DoubleValue(d) => d.to_string(),
+            // An array of strings, comma-separated.
+            Value::ArrayValue(array) => array
+                .values
+                .iter()
+                .filter_map(|v| match v.value.as_ref()? {
+                    Value::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join(","),
             other => format!("{other:?}"),
         })
     }

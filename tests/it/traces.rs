@@ -114,6 +114,8 @@ async fn a_json_request_has_a_server_and_a_client_span_with_the_genai_attributes
         ("gen_ai.operation.name", "chat".to_owned()),
         ("gen_ai.request.model", "mock-model".to_owned()),
         ("gen_ai.request.max_tokens", "7".to_owned()),
+        ("gen_ai.response.model", "mock-model".to_owned()),
+        ("gen_ai.response.finish_reasons", "length".to_owned()),
         ("gen_ai.usage.input_tokens", prompt.to_string()),
         ("gen_ai.usage.output_tokens", completion.to_string()),
         ("tollgate.usage.source", "reported".to_owned()),
@@ -163,6 +165,8 @@ async fn a_stream_marks_its_first_token_and_counts_the_streamed_usage() {
         completion.to_string()
     );
     assert_eq!(attr(server, "tollgate.usage.source"), "reported");
+    assert_eq!(attr(server, "gen_ai.response.model"), "mock-model");
+    assert_eq!(attr(server, "gen_ai.response.finish_reasons"), "stop");
     let events: Vec<&str> = server.span.events.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(
         events,

@@ -2,7 +2,8 @@
 //! semantic conventions for generative AI, one CLIENT span per attempt at the upstream, and the
 //! W3C trace context carried both ways — continued from the client's `traceparent`/`tracestate`,
 //! and sent to the upstream as the attempt's own, so that the model server's spans join the
-//! trace. Spans leave in batches from a bounded queue ([`export`]).
+//! trace. Spans leave in batches from a bounded queue ([`export`]); a sampled answer is read for
+//! its model and finish reasons as it passes ([`answer`]).
 //!
 //! | span | kind | name | attributes |
 //! |------|------|------|------------|
@@ -21,6 +22,7 @@
 //! error (`error.type = body_error`); a client `traceparent` that does not parse starts a new
 //! trace.
 
+pub(crate) mod answer;
 mod export;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,7 +31,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
-use opentelemetry::KeyValue;
+use opentelemetry::{Array, KeyValue, StringValue, Value};
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -193,6 +195,17 @@ pub(crate) fn end_request(context: &RequestContext, ending: &Ending, reason: Opt
             let max = i64::try_from(max).unwrap_or(i64::MAX);
             attributes.push(KeyValue::new("gen_ai.request.max_tokens", max));
         }
+    }
+    if let Some(model) = trace.response_model() {
+        attributes.push(KeyValue::new("gen_ai.response.model", model.to_owned()));
+    }
+    let reasons = trace.finish_reasons();
+    if !reasons.is_empty() {
+        let reasons: Vec<StringValue> = reasons.into_iter().map(StringValue::from).collect();
+        attributes.push(KeyValue::new(
+            "gen_ai.response.finish_reasons",
+            Value::Array(Array::String(reasons)),
+        ));
     }
     if let Some(key) = context.key() {
         attributes.push(KeyValue::new("tollgate.key", key.name.to_string()));

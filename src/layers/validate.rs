@@ -263,7 +263,8 @@ impl ValidateRequest<Bytes> for ValidateBody {
             .schemas
             .check(endpoint, request.body())
             .map_err(GatewayError::into_response)?;
-        if let Some(trace) = RequestContext::of(request).and_then(|c| c.trace()) {
+        let trace = RequestContext::of(request).and_then(|c| c.trace());
+        if let Some(trace) = trace.filter(|t| t.is_recording()) {
             trace.set_requested(crate::http::trace::Requested {
                 model: parsed.model.clone(),
                 max_tokens: parsed.generation.standard_max_tokens(),

@@ -109,6 +109,7 @@ impl Traces {
     /// trace when it sent one.
     pub(crate) fn start_request(&self, headers: &HeaderMap, method: &http::Method) -> RequestTrace {
         let parent = self.propagator.extract(&HeaderExtractor(headers));
+        // Named at the end, when the model is known.
         let span = self
             .tracer
             .span_builder(method.as_str().to_owned())
@@ -275,6 +276,15 @@ impl Attempt {
         https: bool,
         upstream: &str,
     ) -> Attempt {
+        // An unsampled attempt only needs its ids, for the upstream's `traceparent`.
+        if !trace.is_recording() {
+            let span = trace
+                .tracer
+                .span_builder("")
+                .with_kind(SpanKind::Client)
+                .start_with_context(&trace.tracer, &trace.cx);
+            return Attempt { span };
+        }
         let name = span_name(context, trace).unwrap_or_else(|| context.method().to_string());
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let attributes = vec![

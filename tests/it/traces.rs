@@ -2,7 +2,8 @@
 //! decodes them — a JSON request, a stream, refusals (401, 429, 400) and an upstream failure,
 //! with their GenAI attributes and token counts equal to the mock upstream's usage; a client's
 //! `traceparent` continued and the gateway's reaching the upstream; sampling at 0.0; and a dead
-//! or hanging collector that changes no answer while the dropped-span count rises.
+//! or hanging collector that changes no answer while the dropped-span count rises; a failover
+//! that is a second attempt span.
 
 use std::time::Duration;
 
@@ -384,4 +385,70 @@ async fn a_dead_or_hanging_collector_changes_no_answer_and_the_dropped_spans_are
 
 async fn gateway_with_queue(upstream: &str, collector: &str) -> TestGateway {
     gateway(upstream, collector, "queue_size = 2").await
+}
+
+#[tokio::test]
+async fn a_failover_is_a_second_attempt_span_in_the_same_trace() {
+    let mock = MockUpstream::start().await.expect("mock");
+    let receiver = OtlpReceiver::start().await;
+    let dead = format!("http://127.0.0.1:{}", common::closed_port());
+    // Round robin over a dead and a live endpoint: of two requests, one starts at the dead one.
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [[upstreams]]\nname = \"pair\"\nmodels = [\"*\"]\nendpoints = [\"{dead}\", \"{}\"]\n\
+         balance = \"round_robin\"\n[state]\npath = \"{}\"\n{}\n\
+         [telemetry]\notlp_endpoint = \"{}\"\nbatch_delay = \"20ms\"\n",
+        mock.url(),
+        common::state_path().display(),
+        key_entry("test", TEST_KEY, ""),
+        receiver.url(),
+    );
+    let gateway = TestGateway::start_toml(&toml).await;
+    for _ in 0..2 {
+        let (status, _, _) =
+            common::post(&format!("{}{CHAT}", gateway.url()), &chat_json(5), &[]).await;
+        assert_eq!(
+            status, 200,
+            "delivered, on the second endpoint if not the first"
+        );
+    }
+    let spans = receiver.wait_for(|spans| spans.len() >= 5, WAIT).await;
+    let server = spans
+        .iter()
+        .find(|s| {
+            s.kind() == SERVER
+                && spans
+                    .iter()
+                    .filter(|c| c.kind() == CLIENT && c.parent_id() == s.span_id())
+                    .count()
+                    == 2
+        })
+        .unwrap_or_else(|| panic!("a request with two attempts: {spans:#?}"));
+    let attempts: Vec<&Received> = spans
+        .iter()
+        .filter(|c| c.parent_id() == server.span_id())
+        .collect();
+    let failed = attempts
+        .iter()
+        .find(|a| a.attr("error.type").as_deref() == Some("connect"))
+        .expect("the attempt at the dead endpoint failed to connect");
+    let answered = attempts
+        .iter()
+        .find(|a| a.attr("http.response.status_code").as_deref() == Some("200"))
+        .expect("the retry was answered");
+    assert_ne!(failed.span_id(), answered.span_id());
+    assert_eq!(
+        attr(answered, "server.port"),
+        mock.addr().port().to_string()
+    );
+    assert_eq!(attr(server, "tollgate.upstream"), "pair");
+    let parents: Vec<String> = (0..2).map(|i| upstream_traceparent(&mock, i)).collect();
+    assert!(
+        parents.contains(&format!(
+            "00-{}-{}-01",
+            server.trace_id(),
+            answered.span_id()
+        )),
+        "the upstream got the answered attempt's traceparent: {parents:?}"
+    );
 }

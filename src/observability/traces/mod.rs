@@ -97,6 +97,12 @@ impl Traces {
             .with_resource(resource)
             .build();
         let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "tollgate");
+        tracing::info!(
+            endpoint = %config.endpoint,
+            service = %config.service_name,
+            sample_ratio = config.sample_ratio,
+            "sending traces"
+        );
         Ok(Traces {
             tracer,
             _provider: provider,

@@ -118,7 +118,7 @@ impl Traces {
         // Named at the end, when the model is known.
         let span = self
             .tracer
-            .span_builder(method.as_str().to_owned())
+            .span_builder(method_name(method))
             .with_kind(SpanKind::Server)
             .start_with_context(&self.tracer, &parent);
         RequestTrace::new(self.tracer.clone(), parent.with_span(span))
@@ -142,6 +142,15 @@ fn span_name(context: &RequestContext, trace: &RequestTrace) -> Option<String> {
     let operation = operation(context.endpoint()?)?;
     let model = trace.requested().map_or("", |r| r.model.as_str());
     Some(format!("{operation} {model}").trim_end().to_owned())
+}
+
+/// A span's first name: the method, without an allocation for the usual ones.
+fn method_name(method: &http::Method) -> std::borrow::Cow<'static, str> {
+    match *method {
+        http::Method::POST => "POST".into(),
+        http::Method::GET => "GET".into(),
+        _ => method.as_str().to_owned().into(),
+    }
 }
 
 /// `gen_ai.operation.name` of an endpoint that generates.
@@ -312,14 +321,17 @@ impl Attempt {
     /// in place of any the client sent.
     pub(crate) fn inject(&self, headers: &mut HeaderMap) {
         let cx = self.span.span_context();
-        let parent = format!(
-            "00-{}-{}-{:02x}",
-            cx.trace_id(),
-            cx.span_id(),
-            cx.trace_flags().to_u8()
+        // `00-{trace id}-{span id}-{flags}`, hex, written in place: every request sends one.
+        let mut parent = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        let ids = (
+            hex::encode_to_slice(cx.trace_id().to_bytes(), &mut parent[3..35]),
+            hex::encode_to_slice(cx.span_id().to_bytes(), &mut parent[36..52]),
+            hex::encode_to_slice([cx.trace_flags().to_u8()], &mut parent[53..55]),
         );
-        if let Ok(value) = HeaderValue::from_str(&parent) {
-            headers.insert("traceparent", value);
+        if let (Ok(()), Ok(()), Ok(())) = ids {
+            if let Ok(value) = HeaderValue::from_bytes(&parent) {
+                headers.insert("traceparent", value);
+            }
         }
         let state = cx.trace_state().header();
         match HeaderValue::from_str(&state) {

@@ -17,6 +17,8 @@
 #   tollgate-file  the ledger to a file
 #   tollgate-pg    the ledger to PostgreSQL (a database of its own on 127.0.0.1:5432, dropped after)
 #   tollgate-old   the binary of --old-bin, on the tollgate row's config
+#   traces-1       [telemetry] on, every trace kept (sample_ratio 1.0), spans sent to a local OTLP sink
+#   traces-0.01    the same at sample_ratio 0.01 (what a traceparent upstream and unsampled spans cost)
 # --old-bin adds tollgate-old to the rows. Every row is printed with its ratio to the first.
 # --profile prints the hottest functions of the first row's JSON requests and streams (self cost).
 set -euo pipefail
@@ -68,6 +70,30 @@ for _ in 1 2 3; do
     mock_ports+=("$port")
 done
 
+# A local OTLP/HTTP sink for the traces rows: answers every POST with 200 and counts the bytes.
+otlp_port=""
+if [[ ",$rows," == *",traces-"* ]]; then
+    otlp_port=$(free_port)
+    python3 - "$otlp_port" "$dir/otlp.log" >/dev/null 2>&1 <<'PY' &
+import http.server, sys
+port, log = int(sys.argv[1]), sys.argv[2]
+class Sink(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        with open(log, "a") as out:
+            out.write(f"{self.path} {len(body)}\n")
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Sink).serve_forever()
+PY
+    pids+=($!)
+    wait_port "$otlp_port"
+fi
+
 # Sends N requests one after another on one keep-alive connection and reads every answer whole.
 drive() { python3 - "$@" <<'PY'
 import re, socket, sys
@@ -114,6 +140,9 @@ row_config() {
             printf '[state]\npath = "%s/state.json"\n[ledger]\npath = "%s/usage.jsonl"\n' "$out" "$out" ;;
         tollgate-pg)
             printf '[state]\npath = "%s/state.json"\n[ledger]\npostgres_url_env = "TOLLGATE_BENCH_LEDGER_URL"\n' "$out" ;;
+        traces-*)
+            printf '[telemetry]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = %s\nbatch_delay = "100ms"\n' \
+                "$otlp_port" "${row#traces-}" ;;
     esac
     printf '[[keys]]\nname = "bench"\nsha256 = "3afc714881401d7d9a57454c7e41f3583337c49a0258b640b031d09e4a83c0bd"\n'
     # Limits that never refuse the bench, but are all checked and charged.

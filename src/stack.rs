@@ -5,9 +5,10 @@
 //! what each layer sets in the context (+) or reads from it (?):
 //!
 //! 1. `Observe`          + the context: id (the client's `x-request-id`, or a new UUID), start,
-//!    method, path; `x-request-id` on every response. Owns the one end-of-request hook: when the
-//!    answer ends (or the client leaves, before the headers too) it runs the context's end
-//!    actions, then writes the access line and the request metrics
+//!    method, path, and with `[telemetry]` the trace (the SERVER span, continuing the client's
+//!    `traceparent`); `x-request-id` on every response. Owns the one end-of-request hook: when
+//!    the answer ends (or the client leaves, before the headers too) it runs the context's end
+//!    actions, then writes the access line and the request metrics, and ends the span
 //! 2. `CatchPanic`       a panic below becomes a 500 in the error shape, not a dropped connection
 //! 3. `RequestHead`      request line and header fields within `max_header_bytes`, 431 otherwise
 //! 4. `Route`            + endpoint; 404/405 otherwise
@@ -15,8 +16,8 @@
 //! 6. `RateLimit`        ? key; in-flight slot (given back by an end action) and request rate,
 //!    429 otherwise
 //! 7. `RequestBody`      reads the body whole, capped (413), into `Request<Bytes>`
-//! 8. `ValidateBody`     ? endpoint; + the [`ParsedRequest`] extension; JSON and schema, 400
-//!    otherwise
+//! 8. `ValidateBody`     ? endpoint; + the [`ParsedRequest`] extension (and the trace's requested
+//!    model and `max_tokens`); JSON and schema, 400 otherwise
 //! 9. `EnforcePolicy`    ? key, ? [`ParsedRequest`]; + model label; models and max_tokens cap,
 //!    400 otherwise
 //! 10. `PickPool`        ? [`ParsedRequest`]; + upstream (the pool whose models match), 400
@@ -25,9 +26,10 @@
 //!     window (429 otherwise); sets `include_usage` upstream when the client did not, and the
 //!     key's cap as `max_tokens` when the request names none; + the settlement as an end action,
 //!     and watches the answer for usage ([`WatchedBody`])
-//! 12. `Proxy`           ? endpoint, ? start, ? upstream; picks the pool's endpoint, forwards
-//!     (failing over to another endpoint while nothing was delivered) and streams the answer
-//!     back, marked [`UpstreamReached`]
+//! 12. `Proxy`           ? endpoint, ? start, ? upstream, ? trace; picks the pool's endpoint,
+//!     forwards (failing over to another endpoint while nothing was delivered; one CLIENT span
+//!     per attempt, whose `traceparent` the upstream gets) and streams the answer back, marked
+//!     [`UpstreamReached`]
 //!
 //! [`RequestContext`]: crate::http::context::RequestContext
 //! [`ParsedRequest`]: crate::http::context::ParsedRequest
@@ -61,12 +63,17 @@ use crate::layers::request_head::RequestHeadLayer;
 use crate::layers::route::RouteLayer;
 use crate::layers::validate::{validate_layer, Schemas};
 use crate::observability::metrics::Metrics;
+use crate::observability::traces::SharedTraces;
 use crate::proxy::pool::SharedPools;
 use crate::proxy::Proxy;
 
 /// Builds worker `worker`'s request stack for `config`, with the live key table `keys` (whose
 /// clock the limiters read) and the upstream pools in force, recording into `metrics`. Each
 /// worker's stack uses its own slot of every endpoint's idle connections.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is a distinct shared part of the gateway; a struct of them would only rename them"
+)]
 pub(crate) fn build_stack(
     config: &Config,
     pools: SharedPools,
@@ -75,6 +82,7 @@ pub(crate) fn build_stack(
     schemas: Arc<Schemas>,
     accounting: Accounting,
     metrics: Arc<Metrics>,
+    traces: SharedTraces,
 ) -> Result<
     impl Service<
             Request<Incoming>,
@@ -90,7 +98,7 @@ pub(crate) fn build_stack(
     Ok(ServiceBuilder::new()
         // Outside everything that can answer, so that every answer carries the request's id and
         // is settled, logged and counted once.
-        .layer(ObserveLayer::new(metrics.clone()))
+        .layer(ObserveLayer::new(metrics.clone(), traces))
         // Inside Observe, so a panic's 500 is still logged and counted.
         .layer(CatchPanicLayer::custom(panic_response))
         // First of the checks: an oversized head is refused before anything reads it.

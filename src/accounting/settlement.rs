@@ -87,6 +87,14 @@ impl AtEnd for Settlement {
             .first_data
             .map(|first| (first - context.start()).as_secs_f64());
         self.count(context, &charge, cost, ttft);
+        if let Some(trace) = context.trace() {
+            trace.set_charged(crate::http::trace::Charged {
+                input_tokens: charge.prompt,
+                output_tokens: charge.completion,
+                source: charge.source(),
+                first_data: observed.first_data,
+            });
+        }
         let group = key.group.as_ref().map(|g| g.name.to_string());
         let entry = Arc::new(ledger_entry(context, ending, &charge, (group, cost), ttft));
         if let Some(ledger) = &self.ledger {

@@ -28,6 +28,15 @@ pub fn run(path: &Path) -> ExitCode {
     for pool in &config.upstreams {
         print_pool(pool);
     }
+    if let Some(telemetry) = &config.telemetry {
+        println!(
+            "  traces            to {} as {:?}, sample_ratio {}, queue {}",
+            telemetry.endpoint,
+            telemetry.service_name,
+            telemetry.sample_ratio,
+            telemetry.queue_size
+        );
+    }
     println!("  keys              {}", config.keys.len());
     for key in &config.keys {
         let concurrency = key

@@ -49,6 +49,10 @@ impl Config {
             Some(raw) => Some(ledger(raw, &state, &src)?),
             None => None,
         };
+        let telemetry = match raw.telemetry {
+            Some(raw) => Some(super::telemetry::telemetry(raw, &src)?),
+            None => None,
+        };
         Ok(Config {
             server,
             upstreams,
@@ -57,6 +61,7 @@ impl Config {
             budgets,
             state,
             ledger,
+            telemetry,
         })
     }
 }

@@ -16,6 +16,7 @@ mod load;
 mod raw;
 mod read;
 mod source;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 pub(crate) mod tls;
@@ -23,6 +24,7 @@ mod upstreams;
 
 pub(crate) use self::keys::{Policies, TOKEN_PREFIX};
 pub(crate) use self::limits::is_valid_key_name;
+pub use self::telemetry::TelemetryConfig;
 pub(crate) use self::upstreams::{Balance, EndpointUrl, PoolConfig};
 
 use std::fmt;
@@ -65,6 +67,8 @@ pub struct Config {
     pub state: StateConfig,
     /// Where one JSON line per finished request goes; `None`: no ledger.
     pub ledger: Option<LedgerConfig>,
+    /// Where OpenTelemetry spans go; `None`: no tracing.
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 /// `[ledger]`: a file, a PostgreSQL table, or both.

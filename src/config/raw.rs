@@ -35,6 +35,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) state: RawState,
     pub(super) ledger: Option<RawLedger>,
+    /// OpenTelemetry spans ([`super::telemetry`]); none: no tracing.
+    pub(super) telemetry: Option<super::telemetry::RawTelemetry>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -18,7 +18,8 @@
 //! Other request extensions: [`ParsedRequest`] (validate → policy, quota); on the response,
 //! [`UpstreamReached`] (proxy → the end).
 //!
-//! Later facts (group, trace span) belong here too.
+//! A traced request also carries its [`RequestTrace`] (observe; read by validate, quota's
+//! settlement, proxy and the end); an untraced one has none, and pays nothing for spans.
 //!
 //! Edge cases: a layer that finds no context answers 500 (the stack is mis-assembled) rather
 //! than let the request through unaccounted; end actions run in reverse order of registration,
@@ -32,6 +33,7 @@ use tokio::time::Instant;
 
 use crate::http::error::ErrorSource;
 use crate::http::generation::Generation;
+use crate::http::trace::RequestTrace;
 use crate::keys::KeyEntry;
 use crate::observability::metrics::{OTHER_MODEL, UNAUTHENTICATED};
 use crate::proxy::pool::Pool;
@@ -50,6 +52,8 @@ pub struct RequestContext {
     model: OnceLock<Arc<str>>,
     /// The pool that serves the request's model.
     pool: OnceLock<Arc<Pool>>,
+    /// Set when the request is traced (`[telemetry]`).
+    trace: Option<RequestTrace>,
     at_end: Mutex<Vec<Box<dyn AtEnd>>>,
 }
 
@@ -67,8 +71,20 @@ impl RequestContext {
             key: OnceLock::new(),
             model: OnceLock::new(),
             pool: OnceLock::new(),
+            trace: None,
             at_end: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The request, traced.
+    pub(crate) fn with_trace(mut self, trace: RequestTrace) -> RequestContext {
+        self.trace = Some(trace);
+        self
+    }
+
+    /// The request's spans and their facts; `None` when it is not traced.
+    pub(crate) fn trace(&self) -> Option<&RequestTrace> {
+        self.trace.as_ref()
     }
 
     /// The context the outer layer gave `request`.

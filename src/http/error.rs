@@ -149,6 +149,10 @@ pub struct FieldError {
 #[derive(Debug, Clone)]
 pub struct ErrorSource(pub String);
 
+/// The gateway's reason for an error answer (its metric label): a span's `error.type`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ErrorReason(pub(crate) &'static str);
+
 impl GatewayError {
     /// The metric and log label of this error.
     pub(crate) fn reason(&self) -> &'static str {
@@ -358,6 +362,7 @@ impl GatewayError {
         response
             .extensions_mut()
             .insert(ErrorSource(self.log_detail()));
+        response.extensions_mut().insert(ErrorReason(self.reason()));
         response
     }
 }

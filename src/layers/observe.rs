@@ -2,7 +2,8 @@
 //! `x-request-id`, or a new UUID — and its clock), and owns the request's one end-of-request
 //! [`Hook`]. The hook runs when the response's last frame has gone, its body failed, or the
 //! client left (before the response headers too): first the end actions inner layers registered
-//! (settlement, then the in-flight slot), then the access line and the request metrics — exactly
+//! (settlement, then the in-flight slot), then the access line and the request metrics, and —
+//! when the request is traced — its SERVER span ([`crate::observability::traces`]) — exactly
 //! once.
 //!
 //! Every response carries the id the gateway logged as `x-request-id`, replacing any other (the
@@ -25,25 +26,33 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use bytes::Bytes;
 use http_body::Body;
+use http_body_util::Either;
 
 use crate::http::body::BoxError;
 use crate::http::context::{Ending, Outcome, RequestContext, SharedContext, UpstreamReached};
 use crate::http::end::{End, Hook, HookBody, OnEnd};
-use crate::http::error::ErrorSource;
+use crate::http::error::{ErrorReason, ErrorSource};
 use crate::http::headers::X_REQUEST_ID;
 use crate::http::CLIENT_CLOSED_REQUEST;
 use crate::observability::access;
 use crate::observability::metrics::Metrics;
+use crate::observability::traces::answer::AnswerScan;
+use crate::observability::traces::{self, SharedTraces};
+
+/// The answer's body, read for its span when the request is sampled.
+type Answer<B> = Either<B, AnswerScan<B>>;
 
 #[derive(Clone)]
 pub(crate) struct ObserveLayer {
     metrics: Arc<Metrics>,
+    traces: SharedTraces,
 }
 
 impl ObserveLayer {
-    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
-        ObserveLayer { metrics }
+    pub(crate) fn new(metrics: Arc<Metrics>, traces: SharedTraces) -> Self {
+        ObserveLayer { metrics, traces }
     }
 }
 
@@ -54,6 +63,7 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             metrics: self.metrics.clone(),
+            traces: self.traces.clone(),
         }
     }
 }
@@ -62,14 +72,15 @@ impl<S> Layer<S> for ObserveLayer {
 pub(crate) struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    traces: SharedTraces,
 }
 
 impl<S, B, ResBody> Service<Request<B>> for Observe<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>, Error = Infallible>,
-    ResBody: Body<Error = BoxError>,
+    ResBody: Body<Data = Bytes, Error = BoxError>,
 {
-    type Response = Response<HookBody<ResBody, Finish>>;
+    type Response = Response<HookBody<Answer<ResBody>, Finish>>;
     type Error = Infallible;
     type Future = ResponseFuture<S::Future>;
 
@@ -86,11 +97,11 @@ where
                 id
             }
         };
-        let context = Arc::new(RequestContext::new(
-            id,
-            request.method().clone(),
-            request.uri().path(),
-        ));
+        let mut context = RequestContext::new(id, request.method().clone(), request.uri().path());
+        if let Some(traces) = &self.traces {
+            context = context.with_trace(traces.start_request(request.headers(), request.method()));
+        }
+        let context = Arc::new(context);
         request.extensions_mut().insert(context.clone());
         let finish = Finish {
             context,
@@ -124,21 +135,29 @@ pin_project! {
 impl<F, B> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, Infallible>>,
-    B: Body<Error = BoxError>,
+    B: Body<Data = Bytes, Error = BoxError>,
 {
-    type Output = Result<Response<HookBody<B, Finish>>, Infallible>;
+    type Output = Result<Response<HookBody<Answer<B>, Finish>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(mut response) = ready!(this.inner.poll(cx));
         let mut hook = std::mem::replace(this.hook, Hook::fired());
+        let mut scanned = None;
         if let Some(finish) = hook.get_mut() {
             finish.head = Some(Head::of(&response));
             response
                 .headers_mut()
                 .insert(X_REQUEST_ID, finish.context.id_header().clone());
+            // A sampled request's answer is read for its span's model and finish reasons.
+            let sampled = finish.context.trace().is_some_and(|t| t.is_recording());
+            scanned = sampled.then(|| finish.context.clone());
         }
-        Poll::Ready(Ok(response.map(|body| HookBody::new(body, hook))))
+        let body = response.map(|body| match scanned {
+            Some(context) => Either::Right(AnswerScan::new(body, context)),
+            None => Either::Left(body),
+        });
+        Poll::Ready(Ok(body.map(|body| HookBody::new(body, hook))))
     }
 }
 
@@ -147,6 +166,8 @@ struct Head {
     status: StatusCode,
     upstream_reached: bool,
     error: Option<ErrorSource>,
+    /// The gateway's reason for its error answer (a span's `error.type`).
+    reason: Option<&'static str>,
 }
 
 impl Head {
@@ -155,6 +176,7 @@ impl Head {
             status: response.status(),
             upstream_reached: response.extensions().get::<UpstreamReached>().is_some(),
             error: response.extensions().get::<ErrorSource>().cloned(),
+            reason: response.extensions().get::<ErrorReason>().map(|r| r.0),
         }
     }
 }
@@ -200,9 +222,11 @@ impl Finish {
 
 impl OnEnd for Finish {
     fn on_end(self, end: End<'_>) {
+        let reason = self.head.as_ref().and_then(|head| head.reason);
         let ending = Finish::ending(self.head, end);
         self.context.run_end_actions(&ending);
         access::record(&self.metrics, &self.context, &ending);
+        traces::end_request(&self.context, &ending, reason);
     }
 }
 
@@ -271,7 +295,7 @@ mod tests {
     #[tokio::test]
     async fn end_actions_run_once_when_the_body_ends_innermost_first() {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let service = ObserveLayer::new(Arc::new(Metrics::new()))
+        let service = ObserveLayer::new(Arc::new(Metrics::new()), None)
             .layer(registering(log.clone(), std::future::ready(())));
         let request = Request::builder()
             .header(X_REQUEST_ID, "client-id")
@@ -299,7 +323,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_gone_before_the_headers_ends_the_request_with_499() {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let service = ObserveLayer::new(Arc::new(Metrics::new()))
+        let service = ObserveLayer::new(Arc::new(Metrics::new()), None)
             .layer(registering(log.clone(), std::future::pending::<()>()));
         let mut future = Box::pin(service.oneshot(Request::new(())));
         let polled = futures_util::poll!(future.as_mut());

@@ -263,6 +263,14 @@ impl ValidateRequest<Bytes> for ValidateBody {
             .schemas
             .check(endpoint, request.body())
             .map_err(GatewayError::into_response)?;
+        let trace = RequestContext::of(request).and_then(|c| c.trace());
+        if let Some(trace) = trace.filter(|t| t.is_recording()) {
+            trace.set_requested(crate::http::trace::Requested {
+                model: parsed.model.clone(),
+                max_tokens: parsed.generation.standard_max_tokens(),
+                stream: parsed.stream,
+            });
+        }
         request.extensions_mut().insert(Arc::new(parsed));
         Ok(())
     }

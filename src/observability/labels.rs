@@ -103,3 +103,15 @@ impl Rejection {
         }
     }
 }
+
+/// `tollgate_trace_spans_dropped_total{reason}`: why a finished span never reached the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub(crate) enum SpanDrop {
+    /// The export queue was full (the collector is slow or down, or spans come too fast).
+    QueueFull,
+    /// The collector refused the batch, or did not answer in time.
+    ExportFailed,
+    /// The exporter had already shut down.
+    Closed,
+}

@@ -15,7 +15,9 @@ use prometheus::{
 };
 use strum::IntoEnumIterator;
 
-use super::labels::{LedgerErrorReason, Rejection, StateOp, TokenKind, UpstreamErrorKind};
+use super::labels::{
+    LedgerErrorReason, Rejection, SpanDrop, StateOp, TokenKind, UpstreamErrorKind,
+};
 use super::timeline::Timeline;
 use crate::config::Unit;
 use crate::state::window::{Scope, UsedGauge, Window};
@@ -63,6 +65,7 @@ pub struct Metrics {
     pub(crate) ledger_errors_total: IntCounterVec,
     pub(crate) ledger_spooled_lines: IntGauge,
     pub(crate) state_errors_total: IntCounterVec,
+    pub(crate) trace_spans_dropped_total: IntCounterVec,
     /// The last 15 minutes, second by second, for the console (not exported to Prometheus).
     pub(crate) timeline: Timeline,
 }
@@ -186,6 +189,11 @@ impl Metrics {
                 "Calls to the shared state backend (Redis) that failed, by operation.",
                 &["op"],
             ),
+            trace_spans_dropped_total: r.counters(
+                "tollgate_trace_spans_dropped_total",
+                "Finished spans that never reached the OpenTelemetry collector: queue_full (the export queue was full), export_failed (the collector refused them or did not answer in time), closed (exported after shutdown).",
+                &["reason"],
+            ),
             timeline: Timeline::new(),
             // Last: every field above is made through `r`.
             registry: r.0,
@@ -206,6 +214,10 @@ impl Metrics {
         for kind in TokenKind::iter() {
             self.usage_unreadable_counts_total
                 .with_label_values(&[label(kind)]);
+        }
+        for reason in SpanDrop::iter() {
+            self.trace_spans_dropped_total
+                .with_label_values(&[label(reason)]);
         }
         for reason in Rejection::iter().filter(|r| !r.is_per_key()) {
             self.rejections_total

@@ -1,7 +1,8 @@
 //! What the gateway tells its operators: Prometheus [`metrics`] (with their fixed [`labels`]), each request's access line and
 //! request metrics ([`access`]), the log lines — their text layout ([`log_format`]) and the
 //! batched writer that puts them on stdout ([`log_writer`]) — and what the console shows of the
-//! recent past: the per-second [`timeline`] and the [`recent`] requests.
+//! recent past: the per-second [`timeline`] and the [`recent`] requests; and OpenTelemetry spans
+//! ([`traces`]).
 
 pub(crate) mod access;
 pub(crate) mod key_series;
@@ -10,6 +11,7 @@ pub(crate) mod log_format;
 pub(crate) mod log_writer;
 pub mod metrics;
 pub mod timeline;
+pub(crate) mod traces;
 
 use self::log_format::PlainText;
 use self::log_writer::{BatchedStdout, FlushGuard};

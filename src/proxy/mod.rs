@@ -64,6 +64,7 @@ use crate::http::headers::own_upstream_headers;
 use crate::http::headers::CLIENT_CREDENTIALS;
 use crate::observability::labels::UpstreamErrorKind;
 use crate::observability::metrics::Metrics;
+use crate::observability::traces::Attempt;
 use crate::proxy::client::{SendError, UpstreamRequest};
 use crate::proxy::endpoint::Endpoint;
 use crate::proxy::pool::{Pool, SharedPools};
@@ -233,7 +234,10 @@ impl Shared {
                     reached,
                 });
             };
-            let failure = match self.attempt(&pool, index, &outgoing, deadline).await {
+            let failure = match self
+                .attempt(&context, &pool, index, &outgoing, deadline)
+                .await
+            {
                 Ok(response) => return Ok(response),
                 Err(failure) => failure,
             };
@@ -255,6 +259,7 @@ impl Shared {
     /// found dead before any response byte.
     async fn attempt(
         &self,
+        context: &RequestContext,
         pool: &Arc<Pool>,
         index: usize,
         outgoing: &Outgoing,
@@ -264,9 +269,17 @@ impl Shared {
         let inflight = endpoint.start();
         let mut fresh = false;
         loop {
-            let request = outgoing
+            let mut request = outgoing
                 .to(endpoint)
                 .map_err(|e| Failure::Broken(e.into()))?;
+            // One CLIENT span per send, whose trace context the upstream gets.
+            let span = context.trace().map(|trace| {
+                let url = &endpoint.url;
+                let https = url.scheme == http::uri::Scheme::HTTPS;
+                let span = Attempt::start(context, trace, &url.authority, https, &pool.config.name);
+                span.inject(request.headers_mut());
+                (span, trace)
+            });
             let sent = timeout_at(
                 deadline,
                 pool.connector.send(endpoint, self.slot, request, fresh),
@@ -276,6 +289,9 @@ impl Shared {
                 Ok(Ok(response)) => {
                     let status = response.status();
                     endpoint.count_status(&self.metrics, status.as_str());
+                    if let Some((span, trace)) = span {
+                        span.answered(trace, status);
+                    }
                     if status == StatusCode::BAD_GATEWAY
                         || status == StatusCode::SERVICE_UNAVAILABLE
                     {
@@ -296,6 +312,9 @@ impl Shared {
                     error,
                     reused: true,
                 })) if !fresh => {
+                    if let Some((span, _)) = span {
+                        span.failed(UpstreamErrorKind::Broken.into());
+                    }
                     tracing::debug!(%error, "a pooled connection was found dead; sending on a fresh one");
                     self.metrics
                         .upstream_error(&pool.config.name, UpstreamErrorKind::Retried);
@@ -308,6 +327,9 @@ impl Shared {
             };
             endpoint.failed(&pool.config);
             endpoint.count_status(&self.metrics, failure.label());
+            if let Some((span, _)) = span {
+                span.failed(failure.label());
+            }
             return Err(failure);
         }
     }

@@ -38,6 +38,7 @@ use crate::keys::registry::KeyRegistry;
 use crate::keys::{KeyStore, SharedKeys};
 use crate::layers::validate::Schemas;
 use crate::observability::metrics::Metrics;
+use crate::observability::traces::{SharedTraces, Traces};
 use crate::proxy::pool::{Pools, SharedPools};
 use crate::server::admin::Admin;
 use crate::server::reload::Reloader;
@@ -78,6 +79,8 @@ pub struct Server {
     tls: Option<Arc<CertResolver>>,
     admin_tls: Option<Arc<CertResolver>>,
     reloader: Option<Arc<Reloader>>,
+    /// Spans, when `[telemetry]` is set.
+    traces: SharedTraces,
     listener: TcpListener,
     admin_listener: TcpListener,
 }
@@ -160,7 +163,12 @@ impl Server {
             ledger,
             recent: Arc::new(RecentRequests::new()),
         };
+        let traces = match &config.telemetry {
+            Some(telemetry) => Some(Arc::new(Traces::start(telemetry, &metrics)?)),
+            None => None,
+        };
         Ok(Server {
+            traces,
             config,
             metrics,
             keys,
@@ -204,6 +212,7 @@ impl Server {
                     self.schemas.clone(),
                     self.accounting.clone(),
                     self.metrics.clone(),
+                    self.traces.clone(),
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -260,6 +269,9 @@ impl Server {
         // Every request has settled (or was cut at the deadline, and settled as it dropped):
         // write what was charged, and the ledger's last lines.
         self.accounting.backend.drain(Duration::from_secs(5)).await;
+        if let Some(traces) = &self.traces {
+            traces.shutdown(Duration::from_secs(5)).await;
+        }
         phase.send_replace(Phase::Exit);
         let _ =
             tokio::task::spawn_blocking(move || workers.into_iter().for_each(Worker::join)).await;

@@ -1,5 +1,5 @@
 //! The settings a reload cannot apply: everything read only when the gateway starts (listeners,
-//! connection limits, state, ledger, workers, the admin token), named
+//! connection limits, state, ledger, workers, the admin token, telemetry), named
 //! by their config key so that a reload can log each one that changed and was left as it was.
 //!
 //! What a reload does apply, and so is not listed: keys and policies, prices and groups, the
@@ -10,7 +10,9 @@
 //! Every field of the runtime config is destructured here without `..`: a new setting does not
 //! compile until it says whether a reload applies it.
 
-use crate::config::{Config, LedgerConfig, PostgresLedger, RedisConfig, ServerConfig, StateConfig};
+use crate::config::{
+    Config, LedgerConfig, PostgresLedger, RedisConfig, ServerConfig, StateConfig, TelemetryConfig,
+};
 
 /// The config keys of the start-only settings that differ between `current` and `new`, in the
 /// order of the reference in README.
@@ -27,11 +29,49 @@ pub(crate) fn changed(current: &Config, new: &Config) -> Vec<&'static str> {
         policies: _,
         state,
         ledger,
+        telemetry,
     } = current;
     let mut changed = server_changes(server, &new.server);
     changed.extend(state_changes(state, &new.state));
     changed.extend(ledger_changes(ledger.as_ref(), new.ledger.as_ref()));
+    changed.extend(telemetry_changes(
+        telemetry.as_ref(),
+        new.telemetry.as_ref(),
+    ));
     changed
+}
+
+/// The exporter and its sampler are made once, at start: every `[telemetry]` key is start-only.
+fn telemetry_changes(
+    current: Option<&TelemetryConfig>,
+    new: Option<&TelemetryConfig>,
+) -> Vec<&'static str> {
+    let (current, new) = match (current, new) {
+        (None, None) => return Vec::new(),
+        (Some(current), Some(new)) => (current, new),
+        // Added or removed: the section as a whole.
+        _ => return vec!["telemetry"],
+    };
+    let TelemetryConfig {
+        endpoint,
+        service_name,
+        sample_ratio,
+        headers,
+        headers_env,
+        batch_delay,
+        queue_size,
+    } = current;
+    names(&[
+        ("telemetry.otlp_endpoint", *endpoint != new.endpoint),
+        ("telemetry.service_name", *service_name != new.service_name),
+        ("telemetry.sample_ratio", *sample_ratio != new.sample_ratio),
+        (
+            "telemetry.headers_env",
+            (headers, headers_env) != (&new.headers, &new.headers_env),
+        ),
+        ("telemetry.batch_delay", *batch_delay != new.batch_delay),
+        ("telemetry.queue_size", *queue_size != new.queue_size),
+    ])
 }
 
 fn ledger_changes(current: Option<&LedgerConfig>, new: Option<&LedgerConfig>) -> Vec<&'static str> {
@@ -217,6 +257,25 @@ mod tests {
             changed(&config("", ""), &new),
             ["state.backend"],
             "from local to Redis: the backend, not each of its settings"
+        );
+    }
+
+    #[test]
+    fn telemetry_is_start_only_and_each_changed_key_is_named() {
+        let traced = |tail: &str| {
+            let text = format!(
+                "[server]\n[upstream]\nurl = \"http://a\"\n[telemetry]\notlp_endpoint = \"http://c\"\n{tail}"
+            );
+            Config::parse(&text, "test.toml").expect("valid config")
+        };
+        assert_eq!(changed(&config("", ""), &traced("")), ["telemetry"]);
+        assert_eq!(changed(&traced(""), &config("", "")), ["telemetry"]);
+        assert_eq!(
+            changed(
+                &traced(""),
+                &traced("sample_ratio = 0.5\nservice_name = \"x\"")
+            ),
+            ["telemetry.service_name", "telemetry.sample_ratio"]
         );
     }
 

@@ -2,6 +2,7 @@
 //! [`mock_upstream::MockUpstream`] (the workspace's `mock-upstream` crate), and small HTTP
 //! client helpers.
 
+pub mod otlp;
 pub mod postgres_server;
 pub mod redis_server;
 pub mod webdriver;

@@ -22,5 +22,6 @@ mod quota_caps;
 mod real_upstream;
 mod redis;
 mod report;
+mod traces;
 mod upstream_answer;
 mod validate;

@@ -15,8 +15,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -36,22 +36,24 @@ enum Message {
 
 /// The handle of the file's writer thread.
 pub(super) struct FileSink {
-    sender: Intake<SyncSender<Message>>,
+    sender: Intake<Sender<Message>>,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
-    /// A reopen asked for while the queue was full: the writer does it after its next flush.
-    reopen_requested: Arc<AtomicBool>,
+    /// Lines queued and not yet taken by the writer: the queue's bound. Counted beside an
+    /// unbounded channel because `sync_channel(QUEUE)` allocates and touches all its slots up
+    /// front (~3 MB of resident memory for a queue that is almost always nearly empty).
+    queued: Arc<AtomicUsize>,
 }
 
 impl FileSink {
     /// Opens (creating) the ledger file for appending and starts its writer thread.
     pub(super) fn open(path: &Path, metrics: Arc<Metrics>) -> Result<FileSink, LedgerError> {
         let file = open_file(path)?;
-        let (sender, receiver) = mpsc::sync_channel(QUEUE);
-        let reopen_requested = Arc::new(AtomicBool::new(false));
+        let (sender, receiver) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             path: path.to_owned(),
             metrics: metrics.clone(),
-            reopen_requested: reopen_requested.clone(),
+            queued: queued.clone(),
             failing: false,
             pending: 0,
         };
@@ -62,26 +64,29 @@ impl FileSink {
         Ok(FileSink {
             sender: Intake::new(sender, metrics, "the ledger file"),
             writer: std::sync::Mutex::new(Some(writer)),
-            reopen_requested,
+            queued,
         })
     }
 
     /// Queues a line; never blocks.
     pub(super) fn send(&self, line: Bytes) {
-        self.sender
-            .send(|sender| match sender.try_send(Message::Line(line)) {
-                Ok(()) => Ok(()),
-                Err(TrySendError::Full(_)) => Err(LedgerErrorReason::QueueFull),
-                Err(TrySendError::Disconnected(_)) => Err(LedgerErrorReason::Closed),
-            });
+        self.sender.send(|sender| {
+            if self.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                return Err(LedgerErrorReason::QueueFull);
+            }
+            sender.send(Message::Line(line)).map_err(|_| {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                LedgerErrorReason::Closed
+            })
+        });
     }
 
     /// Makes the writer open the path again, after the lines already queued; never blocks.
     pub(super) fn reopen(&self) {
         self.sender.with(|sender| {
-            if let Err(TrySendError::Full(_)) = sender.try_send(Message::Reopen) {
-                self.reopen_requested.store(true, Ordering::Relaxed);
-            }
+            // Fails only once the writer is gone, when there is nothing left to reopen.
+            let _ = sender.send(Message::Reopen);
         });
     }
 
@@ -109,7 +114,8 @@ fn open_file(path: &Path) -> Result<File, LedgerError> {
 struct Writer {
     path: PathBuf,
     metrics: Arc<Metrics>,
-    reopen_requested: Arc<AtomicBool>,
+    /// The sink's count of queued lines, taken down as the writer takes them.
+    queued: Arc<AtomicUsize>,
     /// Whether writes are failing now, so that a failure is logged once, not per line.
     failing: bool,
     /// Lines written to the buffer since the last successful flush.
@@ -146,10 +152,13 @@ impl Writer {
                 };
                 wrote = true;
                 match message {
-                    Message::Line(line) => match out.write_all(&line) {
-                        Ok(()) => self.pending += 1,
-                        Err(error) => self.report(&error, 1),
-                    },
+                    Message::Line(line) => {
+                        self.queued.fetch_sub(1, Ordering::Relaxed);
+                        match out.write_all(&line) {
+                            Ok(()) => self.pending += 1,
+                            Err(error) => self.report(&error, 1),
+                        }
+                    }
                     Message::Reopen => out = self.reopen(out),
                 }
             }
@@ -157,9 +166,6 @@ impl Writer {
                 // What gathered is on disk at most one interval after its request ended.
                 out = self.flush(out);
                 last_line = Instant::now();
-            }
-            if self.reopen_requested.swap(false, Ordering::Relaxed) {
-                out = self.reopen(out);
             }
         }
         self.flush(out);

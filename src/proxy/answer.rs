@@ -16,6 +16,12 @@
 //! - An error, trailers or the end that come right after data in the same poll are kept for the
 //!   next poll, after the data; `is_end_stream` is true with the last data frame when the end
 //!   was seen with it, so the client's last chunk and the end of the body can leave together.
+//! - An error is handed on one turn after it came (the task is woken at once, nothing waits on
+//!   a timer): hyper's server writes the response head, and the data before the break, into its
+//!   buffer and flushes only when the body is not ready, but aborts the connection on a body
+//!   error without flushing. Read inline, the break can come in the same poll as the head: the
+//!   client would get a closed connection and no answer at all, instead of the 200 and the
+//!   broken body that reached it before.
 //! - HTTP/2 answers have no connection here to drive (their connection has a task of its own,
 //!   which queues what it reads on the stream): the frames queued are joined the same way.
 
@@ -68,6 +74,8 @@ pub(crate) struct Answer {
     after: Option<Result<Frame<Bytes>, hyper::Error>>,
     /// The upstream's body ended (it may still have `after` to hand on).
     ended: bool,
+    /// An error in `after` waited its one turn, so that what came before it was flushed.
+    error_waited: bool,
 }
 
 impl Answer {
@@ -77,6 +85,7 @@ impl Answer {
             conn,
             after: None,
             ended: false,
+            error_waited: false,
         };
         if answer.incoming.is_end_stream() {
             answer.end();
@@ -115,6 +124,22 @@ impl Answer {
     }
 }
 
+impl Answer {
+    /// Hands on the trailers or the error kept in `after`; an error only after one turn in which
+    /// the body is not ready (and the task woken at once), so that the server flushes first.
+    fn hand_on_after(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if matches!(self.after, Some(Err(_))) && !self.error_waited {
+            self.error_waited = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(self.after.take())
+    }
+}
+
 impl Body for Answer {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -124,8 +149,8 @@ impl Body for Answer {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(after) = this.after.take() {
-            return Poll::Ready(Some(after));
+        if this.after.is_some() {
+            return this.hand_on_after(cx);
         }
         if this.ended {
             return Poll::Ready(None);
@@ -152,11 +177,9 @@ impl Body for Answer {
         }
         match joined.into_bytes() {
             Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-            None => match this.after.take() {
-                Some(after) => Poll::Ready(Some(after)),
-                None if this.ended => Poll::Ready(None),
-                None => Poll::Pending,
-            },
+            None if this.after.is_some() => this.hand_on_after(cx),
+            None if this.ended => Poll::Ready(None),
+            None => Poll::Pending,
         }
     }
 

@@ -172,3 +172,43 @@ async fn data_read_before_a_broken_chunk_is_handed_on_before_the_error() {
         "a broken connection is not given back"
     );
 }
+
+#[tokio::test]
+async fn an_error_waits_one_turn_so_that_what_came_before_is_flushed_first() {
+    // The head and a broken chunk in one read: the error must not be the body's first answer,
+    // or hyper's server would abort the connection before flushing the head it buffered.
+    let piece = format!("{HEAD}zz\r\n");
+    let (port, _gates, _upstream) = scripted_upstream(vec![piece]).await;
+    let (mut answer, _endpoint) = get(port).await;
+    let woken = std::sync::Arc::new(Woken::default());
+    let waker = std::task::Waker::from(woken.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut pending = 0;
+    let error = loop {
+        match Pin::new(&mut answer).poll_frame(&mut cx) {
+            Poll::Ready(Some(Err(error))) => break error,
+            Poll::Ready(other) => panic!("expected the error, got {:?}", other.map(|f| f.is_ok())),
+            Poll::Pending => {
+                pending += 1;
+                assert!(pending < 1_000, "the error never came");
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    drop(error);
+    assert!(pending >= 1, "the error waited a turn");
+    assert!(
+        woken.0.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "and the task was woken for it, not left waiting"
+    );
+}
+
+/// A waker that counts its wakes.
+#[derive(Default)]
+struct Woken(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Woken {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -133,7 +133,7 @@ impl<'a> Cursor<'a> {
     /// the key's opening quote is, and the cursor at the value, and must skip or read the value.
     pub(super) fn object(
         &mut self,
-        mut member: impl FnMut(&'a [u8], usize, &mut Self) -> Option<()>,
+        member: impl FnMut(&'a [u8], usize, &mut Self) -> Option<()>,
     ) -> Option<()> {
         if self.peek()? != b'{' {
             return None;
@@ -145,6 +145,20 @@ impl<'a> Cursor<'a> {
             self.skip_ws();
             return Some(());
         }
+        self.members(member)
+    }
+
+    /// A cursor at `pos` of `json`, where an earlier walk of the same bytes stood.
+    pub(super) fn resume(json: &'a [u8], pos: usize) -> Self {
+        Cursor { json, pos }
+    }
+
+    /// The rest of an object read by [`Cursor::object`], from the key at the cursor on: where a
+    /// walk resumes in the middle of an object.
+    pub(super) fn members(
+        &mut self,
+        mut member: impl FnMut(&'a [u8], usize, &mut Self) -> Option<()>,
+    ) -> Option<()> {
         loop {
             let key_start = self.pos;
             let key = self.string()?;

@@ -46,6 +46,24 @@ pub(super) struct ChunkScan {
 /// Scans a JSON chunk or body. `None` when it is not a JSON object as far as the walk can tell
 /// (the walk does not validate what it skips, so a broken event may still count its text).
 pub(super) fn scan_chunk(json: &[u8]) -> Option<ChunkScan> {
+    scan_chunk_after(json, None)
+}
+
+/// The bytes a stream's last chunk had before its `choices` key, and that key's opening quote,
+/// kept by [`scan_chunk_after`].
+/// A stream's chunks repeat their metadata (`id`, `object`, `created`, `model`, …), so a chunk
+/// that starts with those same bytes is walked from its `choices` on: the walk is forward-only
+/// and reads nothing but the bytes it passes, so over the same bytes it reaches `choices` in the
+/// same state, and skipping them changes nothing it finds.
+#[derive(Debug, Default)]
+pub(super) struct Prefix(Vec<u8>);
+
+/// Longer metadata is walked every time: the prefix copy should stay small.
+const MAX_PREFIX: usize = 512;
+
+/// [`scan_chunk`] for a stream's chunk: skips the bytes before `choices` when they repeat the
+/// last chunk's (see [`Prefix`]), and keeps this chunk's for the next.
+pub(super) fn scan_chunk_after(json: &[u8], prefix: Option<&mut Prefix>) -> Option<ChunkScan> {
     let mut scan = ChunkScan {
         chars: 0,
         usage_object: false,
@@ -55,8 +73,14 @@ pub(super) fn scan_chunk(json: &[u8]) -> Option<ChunkScan> {
     // follows (llama.cpp puts `choices` first).
     let may_have_usage = may_hold_usage_object(json);
     let mut stopped = false;
-    let walked = Cursor::new(json).object(|key, _, c| match key {
+    // Where `choices` starts, when nothing before it touched `scan` (no `usage` member).
+    let mut choices_at = None;
+    let mut usage_before = false;
+    let mut member = |key: &[u8], key_start: usize, c: &mut Cursor| match key {
         b"choices" => {
+            if !usage_before {
+                choices_at.get_or_insert(key_start);
+            }
             c.each_element(|c| {
                 scan.chars += choice_chars(c)?;
                 Some(())
@@ -69,12 +93,30 @@ pub(super) fn scan_chunk(json: &[u8]) -> Option<ChunkScan> {
             }
         }
         b"usage" => {
+            usage_before = true;
             scan.usage_object = c.peek() == Some(b'{');
             c.skip_value()
         }
         _ => c.skip_value(),
-    });
-    (walked.is_some() || stopped).then_some(scan)
+    };
+    let known = prefix
+        .as_deref()
+        .map(|p| p.0.as_slice())
+        .filter(|p| !p.is_empty() && json.starts_with(p))
+        .map(|p| p.len() - 1);
+    let walked = match known {
+        Some(at) => Cursor::resume(json, at).members(&mut member),
+        None => Cursor::new(json).object(&mut member),
+    };
+    let scanned = (walked.is_some() || stopped).then_some(scan);
+    if let (Some(prefix), None) = (prefix, known) {
+        prefix.0.clear();
+        if let Some(at) = choices_at.filter(|&at| at <= MAX_PREFIX) {
+            // With the key's opening quote: the walk's last look (where whitespace ends).
+            prefix.0.extend_from_slice(&json[..=at]);
+        }
+    }
+    scanned
 }
 
 /// `choices[i]`: `delta` (streams), `message` (bodies), `text` (legacy completions).

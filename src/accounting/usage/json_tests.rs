@@ -307,3 +307,91 @@ proptest! {
         prop_assert_eq!(scan.usage_object, usage_object, "usage object in {}", json);
     }
 }
+
+/// A chunk that starts like `a` (up to `a`'s first `"choices"`, or its first `cut` bytes) and
+/// goes on like `c`: the next chunk of a stream, whose metadata repeats, or nearly does.
+fn next_chunk(a: &[u8], c: &[u8], cut: usize, at_choices: bool, pad: &str) -> Vec<u8> {
+    let find = |json: &[u8]| json.windows(9).position(|w| w == b"\"choices\"");
+    let (head, tail) = match (at_choices, find(a), find(c)) {
+        (true, Some(in_a), Some(in_c)) => (&a[..in_a], &c[in_c..]),
+        _ => (&a[..cut.min(a.len())], &c[cut.min(c.len())..]),
+    };
+    [head, pad.as_bytes(), tail].concat()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// Skipping the repeated metadata before `choices` finds what the whole walk finds, chunk
+    /// after chunk, whether the metadata repeats exactly, nearly (a space more) or not at all.
+    #[test]
+    fn a_walk_resumed_at_choices_finds_what_the_whole_walk_finds(
+        chunks in prop::collection::vec((chunk_value(), any::<bool>()), 1..4),
+        cuts in prop::collection::vec((0usize..200, any::<bool>(), prop::sample::select(&["", "", " ", "\n"][..])), 4),
+    ) {
+        let written: Vec<Vec<u8>> = chunks
+            .iter()
+            .map(|(chunk, pretty)| {
+                if *pretty { serde_json::to_vec_pretty(chunk) } else { serde_json::to_vec(chunk) }
+                    .expect("a Value serializes")
+            })
+            .collect();
+        let mut stream = vec![written[0].clone()];
+        for (i, (cut, at_choices, pad)) in cuts.iter().enumerate() {
+            let previous = stream.last().expect("one chunk at least").clone();
+            let next = &written[i % written.len()];
+            stream.push(previous.clone());
+            stream.push(next_chunk(&previous, next, *cut, *at_choices, pad));
+        }
+        let mut prefix = Prefix::default();
+        for json in &stream {
+            let whole = scan_chunk(json).map(|s| (s.chars, s.usage_object));
+            let resumed = scan_chunk_after(json, Some(&mut prefix)).map(|s| (s.chars, s.usage_object));
+            prop_assert_eq!(resumed, whole, "{}", show(json));
+        }
+    }
+}
+
+#[test]
+fn a_walk_resumed_at_choices_sees_what_differs_after_the_metadata() {
+    let first = br#"{"id":"c1","model":"m","choices":[{"delta":{"content":"ab"}}]}"#;
+    let mut prefix = Prefix::default();
+    let scan = scan_chunk_after(first, Some(&mut prefix)).map(|s| s.chars);
+    assert_eq!(scan, Some(2));
+    assert_eq!(
+        show(&prefix.0),
+        r#"{"id":"c1","model":"m",""#,
+        "kept up to the key's quote"
+    );
+    for (json, chars) in [
+        (
+            &br#"{"id":"c1","model":"m","choices":[{"delta":{"content":"xyz"}}]}"#[..],
+            Some(3),
+        ),
+        (
+            br#"{"id":"c1","model":"m", "choices":[{"delta":{"content":"xyz"}}]}"#,
+            Some(3),
+        ),
+        (
+            br#"{"id":"c1","model":"m","usage":{"prompt_tokens":1},"choices":[]}"#,
+            Some(0),
+        ),
+        // Nothing after `choices` is read without a usage object: the broken end is not seen.
+        (
+            br#"{"id":"c1","model":"m","choices":[{"delta":{"content":"xyz"}}],"#,
+            Some(3),
+        ),
+        (
+            br#"{"id":"c1","model":"m","choices":[{"delta":{"content":"xyz"}}"#,
+            None,
+        ),
+        (
+            br#"{"id":"c2","model":"m","choices":[{"text":"xy"}]}"#,
+            Some(2),
+        ),
+    ] {
+        let resumed = scan_chunk_after(json, Some(&mut prefix)).map(|s| s.chars);
+        assert_eq!(resumed, chars, "{}", show(json));
+        assert_eq!(resumed, scan_chunk(json).map(|s| s.chars), "{}", show(json));
+    }
+}

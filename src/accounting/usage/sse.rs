@@ -2,7 +2,7 @@
 //! whether `[DONE]` came, and how much text was generated. See the [`super`] module doc for where
 //! usage rides in each server's streams and the edge cases of line breaks and cuts.
 
-use super::json::{scan_chunk, UsageField, UsageOnly};
+use super::json::{scan_chunk_after, Prefix, UsageField, UsageOnly};
 use super::search::find_either;
 use super::Usage;
 
@@ -23,6 +23,8 @@ pub(crate) struct SseObserver {
     in_event: bool,
     usage: Option<Usage>,
     completion_chars: u64,
+    /// The last chunk's bytes before `choices`, which the next chunk's walk need not pass again.
+    prefix: Prefix,
     /// What the tests check the scan by; not kept in a release build (nothing else reads it).
     #[cfg(test)]
     seen: Seen,
@@ -49,6 +51,7 @@ impl SseObserver {
             in_event: false,
             usage: None,
             completion_chars: 0,
+            prefix: Prefix::default(),
             #[cfg(test)]
             seen: Seen::default(),
         }
@@ -178,7 +181,7 @@ impl SseObserver {
             {
                 self.seen.saw_done = true;
             }
-        } else if let Some(scan) = scan_chunk(value) {
+        } else if let Some(scan) = scan_chunk_after(value, Some(&mut self.prefix)) {
             self.completion_chars += scan.chars;
             if scan.usage_object {
                 // About once per stream: read it properly.

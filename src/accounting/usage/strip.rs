@@ -238,6 +238,13 @@ fn event_fate(event: &[u8]) -> Fate {
         return Fate::Keep;
     };
     let json = &event[data.clone()];
+    if let Some(cut) = null_usage_last(json) {
+        // OpenAI's `"usage":null` on every chunk: its fixed shape, without the walk.
+        return match serde_json::from_slice::<IgnoredAny>(json) {
+            Ok(_) => Fate::Cut(data.start + cut.start..data.start + cut.end),
+            Err(_) => Fate::Keep,
+        };
+    }
     let Some(object) = TopLevel::scan(json) else {
         return Fate::Keep;
     };
@@ -258,6 +265,43 @@ fn event_fate(event: &[u8]) -> Fate {
         return Fate::Keep;
     }
     fate
+}
+
+/// The cut [`TopLevel::scan`] would make for `"usage": null` as the last member of `json`, found
+/// from the end without walking the object: `None` (the walk decides) for any other shape.
+///
+/// Why this is the walk's answer whenever `json` is valid JSON (the caller checks): the first
+/// `"usage"` byte run is followed only by `: null }`, so it is the only one and no other member is
+/// written `usage`; `choices` is written at most once, so it is not doubled; the opening quote
+/// follows `{` or `,` (so it is no escaped quote, and opens a string that `:` makes a key); and
+/// the `}` after `null` is the text's last byte, so it closes the outermost object, whose member
+/// this is. Other shapes (`usage` not last, as no server sends it) are left to the walk.
+fn null_usage_last(json: &[u8]) -> Option<Range<usize>> {
+    const KEY: &[u8] = b"\"usage\"";
+    let key_start = find_usage_key(json)?;
+    let value = json[key_start + KEY.len()..]
+        .trim_ascii_start()
+        .strip_prefix(b":")?;
+    let value = value.trim_ascii_start();
+    if value.strip_prefix(b"null")?.trim_ascii() != b"}" {
+        return None;
+    }
+    let value_end = json.len() - value.len() + b"null".len();
+    if find_choices_twice(json) {
+        return None;
+    }
+    let before = json[..key_start].trim_ascii_end();
+    match before.split_last()? {
+        (b',', prev) => Some(prev.trim_ascii_end().len()..value_end),
+        (b'{', opening) if opening.trim_ascii().is_empty() => Some(key_start..value_end),
+        _ => None,
+    }
+}
+
+/// Whether `"choices"` occurs twice or more in `json` (so it may be a doubled key).
+fn find_choices_twice(json: &[u8]) -> bool {
+    let finder = memchr::memmem::find_iter(json, b"\"choices\"");
+    finder.take(2).count() == 2
 }
 
 /// What the stripper needs to know about a JSON object's top-level members.

@@ -207,3 +207,97 @@ fn stripper_forwards_an_over_long_event_unchanged() {
         assert!(stripper.held.len() <= max, "held bytes stay within the cap");
     }
 }
+
+// === The `"usage": null` fast path against the walk ===
+
+/// The cut the full walk makes for a top-level `"usage": null`, as [`event_fate`] did before the
+/// fast path.
+fn walked_null_cut(json: &[u8]) -> Option<Range<usize>> {
+    let usage = TopLevel::scan(json)?.usage?;
+    (&json[usage.value.clone()] == b"null").then(|| usage.cut())
+}
+
+/// Members of a chunk, the tricky ones included: `usage` inside strings (escaped quotes and
+/// all), nested, doubled, with an escaped quote before it in a key, and whitespace variants.
+const MEMBERS: &[&str] = &[
+    r#""usage":null"#,
+    r#""usage" : null"#,
+    "\"usage\"\t: \t null",
+    r#""usage":{"prompt_tokens":1}"#,
+    r#""usage":"null""#,
+    r#""choices":[]"#,
+    r#""choices":[{"index":0,"delta":{"content":"\"usage\":null}"}}]"#,
+    r#""x\"usage":null"#,
+    r#""a":"say \"usage""#,
+    r#""a":"\\","b":"usage""#,
+    r#""a":{"usage":null}"#,
+    r#""a":["usage",null]"#,
+    r#""content":"\"usage\": null }""#,
+    r#""\u0075sage":null"#,
+    r#""id":"chatcmpl-1""#,
+    r#""n":1"#,
+];
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+    #[test]
+    fn null_usage_fast_path_agrees_with_the_walk(
+        picks in proptest::collection::vec(0..MEMBERS.len(), 0..5),
+        spaces in proptest::collection::vec(proptest::sample::select(&["", " ", "\t "][..]), 8),
+        unclosed in proptest::bool::ANY,
+    ) {
+        let space = |i: usize| spaces[i % spaces.len()];
+        let mut json = format!("{}{{{}", space(0), space(1));
+        for (i, &pick) in picks.iter().enumerate() {
+            if i > 0 {
+                json += &format!("{},{}", space(i + 2), space(i + 3));
+            }
+            json += MEMBERS[pick];
+        }
+        json += &format!("{}{}{}", space(2), if unclosed { "" } else { "}" }, space(3));
+        let json = json.as_bytes();
+        let fast = null_usage_last(json);
+        if serde_json::from_slice::<IgnoredAny>(json).is_ok() {
+            if let Some(cut) = fast.clone() {
+                proptest::prop_assert_eq!(Some(cut), walked_null_cut(json), "{}", show(json));
+            }
+        }
+        // And the stripper's output as a whole: the fast path only ever saves the walk.
+        let event = format!("data: {}\n\n", show(json));
+        let out = show(&strip_frames([event.as_bytes()], 4096));
+        let want = match (serde_json::from_slice::<IgnoredAny>(json).is_ok(), walked_null_cut(json)) {
+            (true, Some(cut)) => format!(
+                "data: {}{}\n\n",
+                show(&json[..cut.start]),
+                show(&json[cut.end..])
+            ),
+            _ if fast.is_some() => event.clone(),
+            _ => out.clone(), // another rule (a usage chunk dropped): not this test's business
+        };
+        proptest::prop_assert_eq!(out, want, "{}", show(json));
+    }
+}
+
+#[test]
+fn null_usage_fast_path_takes_only_the_fixed_shape() {
+    for (json, fast) in [
+        (r#"{"a":1,"usage":null}"#, true),
+        (r#"{"a":1 , "usage" : null }"#, true),
+        (r#"{ "usage": null } "#, true),
+        (r#"{"usage":null,"a":1}"#, false),
+        (r#"{"a":"\"usage\"","usage":null}"#, true),
+        ("{\"a\":1,\r\n\"usage\"\r\n:\nnull\r\n}", true),
+        (r#"{"a":"say \"usage","usage":null}"#, false),
+        (r#"{"x\"usage":null}"#, false),
+        (r#"{"a":{"usage":null}}"#, false),
+        (r#"{"choices":[],"choices":[],"usage":null}"#, false),
+        (r#"{"a":1,"usage":nulls}"#, false),
+    ] {
+        let cut = null_usage_last(json.as_bytes());
+        assert_eq!(cut.is_some(), fast, "{json}");
+        if let Some(cut) = cut {
+            assert_eq!(Some(cut), walked_null_cut(json.as_bytes()), "{json}");
+        }
+    }
+}

@@ -19,7 +19,7 @@ use http::StatusCode;
 use crate::client::{connect, exchange, Endpoint};
 use crate::mock::Mock;
 use crate::options::Options;
-use crate::targets::{Kind, Target, Variant, TARGETS, UPSTREAM_KEY, UPSTREAM_KEY_ENV};
+use crate::targets::{Kind, Target, Variant, MOCK_URL, TARGETS, UPSTREAM_KEY, UPSTREAM_KEY_ENV};
 
 const NGINX_TEMPLATE: &str = include_str!("../../bench/nginx.conf");
 
@@ -175,7 +175,7 @@ impl Tollgate<'_> {
              {tables}",
             server = variant.server,
             lines = variant.upstream,
-            tables = (variant.tables)(),
+            tables = (variant.tables)().replace(MOCK_URL, &mock.url),
         );
         let config_path = home.join("tollgate.toml");
         fs::write(&config_path, config)?;

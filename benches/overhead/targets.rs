@@ -92,6 +92,25 @@ fn ten_thousand_keys() -> String {
     tables
 }
 
+/// Stands for the mock upstream's URL in a variant's tables (the row writer puts it in).
+pub const MOCK_URL: &str = "@MOCK_URL@";
+
+/// The bench key, and traces sent to the mock's OTLP sink with every trace kept.
+fn one_key_traced_all() -> String {
+    format!(
+        "{}[telemetry]\notlp_endpoint = \"{MOCK_URL}\"\nsample_ratio = 1.0\n",
+        one_key()
+    )
+}
+
+/// The same, one trace in a hundred kept (the others still send a `traceparent` upstream).
+fn one_key_traced_one_in_100() -> String {
+    format!(
+        "{}[telemetry]\notlp_endpoint = \"{MOCK_URL}\"\nsample_ratio = 0.01\n",
+        one_key()
+    )
+}
+
 /// The rows, in table order. `direct` must stay first: it is the baseline.
 pub const TARGETS: &[Target] = &[
     Target {
@@ -174,6 +193,28 @@ pub const TARGETS: &[Target] = &[
             upstream: "inject_usage = false",
             endpoints: 1,
             tables: one_key,
+        }),
+        headers: &[CLIENT_KEY_HEADER],
+        by_default: false,
+    },
+    Target {
+        name: "tollgate-traces-1",
+        kind: Kind::Tollgate(Variant {
+            server: "",
+            upstream: "",
+            endpoints: 1,
+            tables: one_key_traced_all,
+        }),
+        headers: &[CLIENT_KEY_HEADER],
+        by_default: false,
+    },
+    Target {
+        name: "tollgate-traces-0.01",
+        kind: Kind::Tollgate(Variant {
+            server: "",
+            upstream: "",
+            endpoints: 1,
+            tables: one_key_traced_one_in_100,
         }),
         headers: &[CLIENT_KEY_HEADER],
         by_default: false,

@@ -11,6 +11,8 @@
 //! * `POST {prefix}/v1/completions` – the same for `text_completion`.
 //! * `GET {prefix}/v1/models` – a one-model list (`mock-model`), or [`MockOptions::models`].
 //! * `GET /health` – 200 `{"status":"ok"}`, as llama.cpp and vLLM answer their health check.
+//! * `POST /v1/traces` – 200 with an empty body: an OTLP/HTTP trace sink that discards what it
+//!   is sent (the overhead bench's traced rows export here).
 //! * anything else – 404 with llama.cpp's `File Not Found` error body; a body
 //!   that is not a JSON object – 400 with an OpenAI-style error body.
 //!

@@ -91,6 +91,16 @@ pub(crate) async fn handle(
             MockBody::full(Bytes::from_static(HEALTH_BODY.as_bytes())),
         ));
     }
+    // An OTLP/HTTP trace sink (benches point a gateway's `[telemetry]` here): every export is
+    // taken and discarded, answered as a collector does (an empty ExportTraceServiceResponse).
+    if parts.method == Method::POST && parts.uri.path() == "/v1/traces" {
+        let mut response = Response::new(MockBody::full(Bytes::new()));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-protobuf"),
+        );
+        return Ok(response);
+    }
     if let Some(delay) = shared.opts.delay {
         tokio::time::sleep(delay).await;
     }

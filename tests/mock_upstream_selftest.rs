@@ -931,3 +931,33 @@ async fn h2c_prior_knowledge() {
     );
     task.abort();
 }
+
+#[tokio::test]
+async fn otlp_trace_exports_are_taken_and_discarded() {
+    let mock = MockUpstream::start().await.expect("start mock");
+    let export = fetch(
+        &mock,
+        request(
+            Method::POST,
+            "/v1/traces",
+            &[("content-type", "application/x-protobuf")],
+            "\n\0",
+        ),
+    )
+    .await;
+    assert_eq!(export.status, StatusCode::OK, "an export is taken");
+    assert!(
+        export.body.is_empty(),
+        "answered with an empty response message"
+    );
+    assert_eq!(
+        export.headers.get("content-type").map(|v| v.as_bytes()),
+        Some(&b"application/x-protobuf"[..])
+    );
+    let elsewhere = fetch(&mock, request(Method::GET, "/v1/traces", &[], "")).await;
+    assert_eq!(
+        elsewhere.status,
+        StatusCode::NOT_FOUND,
+        "only POST is a sink"
+    );
+}

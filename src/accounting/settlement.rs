@@ -214,8 +214,12 @@ impl Settlement {
             series.add_cost(&self.metrics, labels, cost);
         }
         for (kind, tokens, source) in [
-            ("prompt", charge.prompt, charge.prompt_source),
-            ("completion", charge.completion, charge.completion_source),
+            (TokenKind::Prompt, charge.prompt, charge.prompt_source),
+            (
+                TokenKind::Completion,
+                charge.completion,
+                charge.completion_source,
+            ),
         ] {
             if tokens > 0 {
                 series.add_tokens(&self.metrics, labels, (kind, source), tokens);

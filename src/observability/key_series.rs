@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use prometheus::{Counter, Histogram, IntCounter};
 
+use super::labels::TokenKind;
 use super::metrics::{Metrics, OTHER_MODEL};
 
 /// The series of one key.
@@ -29,7 +30,7 @@ pub(crate) struct KeySeries {
 /// The series of one key and model label.
 #[derive(Default)]
 pub(crate) struct ModelSeries {
-    /// `tollgate_tokens_total` by kind (prompt, completion) and source (reported, estimated).
+    /// `tollgate_tokens_total` by kind (in [`TokenKind`]'s order) and source (in `SOURCES`').
     tokens: [[OnceLock<IntCounter>; 2]; 2],
     time_to_first_token: OnceLock<Histogram>,
     cost: OnceLock<Counter>,
@@ -43,8 +44,7 @@ pub(crate) struct ModelSeries {
 /// labels each time.
 pub(crate) const ENDPOINTS: [&str; 3] = ["chat_completions", "completions", "models"];
 
-/// The label of a token kind, and of a charge's source, with their indexes.
-const KINDS: [&str; 2] = ["prompt", "completion"];
+/// The labels of a charge's source, with their indexes (a token kind is its [`TokenKind`]).
 const SOURCES: [&str; 2] = ["reported", "estimated"];
 
 impl KeySeries {
@@ -89,19 +89,18 @@ impl KeySeries {
 }
 
 impl ModelSeries {
-    /// Counts `tokens` of `kind` (`prompt` or `completion`) charged as `source` (`reported` or
-    /// `estimated`), for `key` and `model`.
+    /// Counts `tokens` of `kind` charged as `source` (`reported` or `estimated`), for `key` and
+    /// `model`.
     pub(crate) fn add_tokens(
         &self,
         metrics: &Metrics,
         (key, model): (&str, &str),
-        (kind, source): (&str, &str),
+        (kind, source): (TokenKind, &str),
         tokens: u64,
     ) {
-        let (Some(k), Some(s)) = (
-            KINDS.iter().position(|x| *x == kind),
-            SOURCES.iter().position(|x| *x == source),
-        ) else {
+        let k = kind as usize;
+        let kind: &'static str = kind.into();
+        let Some(s) = SOURCES.iter().position(|x| *x == source) else {
             metrics
                 .tokens_total
                 .with_label_values(&[key, model, kind, source])
@@ -198,13 +197,19 @@ mod tests {
         let series = KeySeries::new(Some(&["gpt-4o".to_owned(), "llama-*".to_owned()]));
         let labels = ("k", "gpt-4o");
         for _ in 0..3 {
-            series
-                .model("gpt-4o")
-                .add_tokens(&metrics, labels, ("prompt", "reported"), 10);
+            series.model("gpt-4o").add_tokens(
+                &metrics,
+                labels,
+                (TokenKind::Prompt, "reported"),
+                10,
+            );
         }
-        series
-            .model("other")
-            .add_tokens(&metrics, ("k", "other"), ("completion", "estimated"), 4);
+        series.model("other").add_tokens(
+            &metrics,
+            ("k", "other"),
+            (TokenKind::Completion, "estimated"),
+            4,
+        );
         let answered = ("chat_completions", http::StatusCode::OK);
         series
             .model("gpt-4o")

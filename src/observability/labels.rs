@@ -58,7 +58,8 @@ pub(crate) enum StateOp {
     ManagedKeys,
 }
 
-/// `tollgate_usage_unreadable_counts_total{kind}`: which count of a usage object.
+/// Which count of a usage object: `kind` of `tollgate_usage_unreadable_counts_total` and of
+/// `tollgate_tokens_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Display, EnumIter, IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
 pub(crate) enum TokenKind {
